@@ -576,6 +576,20 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def make_agents(obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_agents: int, seed: int):
+    """Actor [N] and critics [2N] where agent k is initialised under seed + k, as in a run of its own."""
+    actor, critic = Actor(obs_dim, act_dim, hidden, num_agents), Critic(obs_dim, act_dim, hidden, 2 * num_agents)
+    with torch.no_grad():
+        for k in range(num_agents):
+            torch.manual_seed(seed + k)
+            single_actor, single_critic = Actor(obs_dim, act_dim, hidden, 1), Critic(obs_dim, act_dim, hidden, 2)
+            rows = agent_slices(k)
+            for big, small, part in ((actor, single_actor, rows["actor"]), (critic, single_critic, rows["critic"])):
+                for param, value in zip(big.parameters(), small.parameters()):
+                    param[part] = value
+    return actor, critic
+
+
 # ---------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     if args.num_agents < 1 or args.batch_size < 1 or args.total_steps < 0 or args.eval_episodes < 1:
@@ -601,18 +615,8 @@ def main(args: Args) -> None:
     hidden = tuple(args.hidden_sizes)
     n = args.num_agents
 
-    # Agent k's parameters are drawn under seed + k, so they do not depend on N
-    actor_parts, critic_parts = [], []
-    for k in range(n):
-        torch.manual_seed(args.seed + k)
-        actor_parts.append(Actor(obs_dim, act_dim, hidden, 1))
-        critic_parts.append(Critic(obs_dim, act_dim, hidden, 2))
-    actor = Actor(obs_dim, act_dim, hidden, n).to(device)
-    critic = Critic(obs_dim, act_dim, hidden, 2 * n).to(device)
-    with torch.no_grad():
-        for big, parts in ((actor, actor_parts), (critic, critic_parts)):
-            for name, param in big.named_parameters():
-                param.copy_(torch.cat([dict(p.named_parameters())[name] for p in parts]))
+    actor, critic = make_agents(obs_dim, act_dim, hidden, n, args.seed)
+    actor, critic = actor.to(device), critic.to(device)
     target_critic = Critic(obs_dim, act_dim, hidden, 2 * n).to(device)
     target_critic.load_state_dict(critic.state_dict())
     target_critic.requires_grad_(False)

@@ -1,0 +1,388 @@
+"""cql_pretrain.py: each piece of Eq. (1) against hand computations, the N-agent wiring against a
+per-agent loop, data loading, checkpoints, determinism/resume and the command-line behaviour."""
+
+import csv
+import math
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import cql_pretrain as cql
+from conftest import write_random_hopper_hdf5
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def f64(values):
+    """Hand computations run in double precision."""
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- the math, by hand
+def test_tanh_gaussian_log_prob_matches_change_of_variables():
+    mean = f64([[0.3, -1.2]])
+    log_std = f64([[-0.5, 0.4]])
+    noise = f64([[0.7, -0.2]])
+    action, log_prob = cql.tanh_gaussian_sample(mean, log_std, noise)
+    u = mean + log_std.exp() * noise
+    gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum()
+    expected = gaussian - torch.log(1 - torch.tanh(u) ** 2).sum()
+    assert torch.allclose(action, torch.tanh(u))
+    assert torch.allclose(log_prob, expected.reshape(1), atol=1e-10)
+    # the dataset-action version inverts tanh to the same pre-activation
+    assert torch.allclose(cql.action_log_prob(mean, log_std, action), log_prob, atol=1e-8)
+
+
+def test_cql_logsumexp_by_hand():
+    # one state, R = 2 actions per group, |A| = 3: uniform density 0.5^3
+    q_random = f64([[1.0], [2.0]])
+    q_current = f64([[0.5], [-1.0]])
+    q_next = f64([[3.0], [0.0]])
+    logp_current = f64([[-1.0], [0.5]])
+    logp_next = f64([[2.0], [-0.5]])
+    values = [1 - 3 * math.log(0.5), 2 - 3 * math.log(0.5), 3.0 - 2.0, 0.0 + 0.5, 0.5 + 1.0, -1.0 - 0.5]
+    expected = math.log(sum(math.exp(v) for v in values))
+    got = cql.cql_logsumexp(q_random, q_current, q_next, logp_current, logp_next, act_dim=3, temperature=1.0)
+    assert got.shape == (1,)
+    assert got.item() == pytest.approx(expected, abs=1e-12)
+    # temperature t: t * log sum exp(v / t)
+    hot = cql.cql_logsumexp(q_random, q_current, q_next, logp_current, logp_next, act_dim=3, temperature=2.0)
+    assert hot.item() == pytest.approx(2.0 * math.log(sum(math.exp(v / 2.0) for v in values)), abs=1e-12)
+
+
+def test_gap_target_and_policy_loss_by_hand():
+    logsumexp = f64([2.0, 4.0, 6.0])
+    q_data = f64([1.0, 1.0, 4.0])
+    assert cql.conservative_gap(logsumexp, q_data).item() == pytest.approx(4.0 - 2.0)
+    target = cql.bellman_target(f64([1.0, 2.0]), f64([0.0, 1.0]), f64([10.0, 10.0]), 0.9)
+    assert target.tolist() == pytest.approx([1.0 + 0.9 * 10.0, 2.0])
+    alpha, log_prob = f64([[0.5]]), f64([[-2.0, 0.0]])
+    q, bc = f64([[3.0, 5.0]]), f64([[-1.0, -3.0]])
+    assert cql.policy_loss(alpha, log_prob, q, bc, behaviour_cloning=False).item() == pytest.approx((-1 - 3 + 0 - 5) / 2)
+    assert cql.policy_loss(alpha, log_prob, q, bc, behaviour_cloning=True).item() == pytest.approx((-1 + 1 + 0 + 3) / 2)
+
+
+def test_normalized_score_uses_d4rl_reference_returns():
+    low, high = cql.D4RL_REF_SCORES["hopper"]
+    assert cql.normalized_score([low, high, 1000.0], low, high).tolist() == pytest.approx(
+        [0.0, 100.0, 100 * (1000.0 + 20.272305) / (3234.3 + 20.272305)])
+    assert np.isnan(cql.normalized_score([1.0], None, None)).all()
+
+
+# --------------------------------------------------------------------------- N agents vs a loop
+def mlp_member(seq, member, x):
+    """Apply member `member` of a vectorized MLP to x [B, in] the slow way."""
+    for layer in seq:
+        if isinstance(layer, cql.VectorizedLinear):
+            x = x @ layer.weight[member] + layer.bias[member, 0]
+        else:
+            x = torch.relu(x)
+    return x
+
+
+def reference_losses(actor, critic, target_critic, log_alpha, batch, noise, args, behaviour_cloning):
+    """Per-agent CQL losses written out state by state, sample by sample."""
+    obs, actions, rewards, next_obs, terminals = batch
+    num_agents, batch_size = rewards.shape
+    R, A = args.num_random, actions.shape[-1]
+    out = {"critic": [], "actor": [], "alpha": []}
+    for k in range(num_agents):
+        def policy(states, eps):
+            mean, log_std = mlp_member(actor.net, k, states).chunk(2, -1)
+            log_std = log_std.clamp(-5, 2)
+            u = mean + log_std.exp() * eps
+            logp = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
+            return torch.tanh(u), logp
+
+        def q(net, j, states, acts):
+            return mlp_member(net.net, 2 * k + j, torch.cat([states, acts], -1)).squeeze(-1)
+
+        s_eps = noise["s"][k].view(1 + R, batch_size, A)
+        next_eps = noise["next"][k].view(1 + R, batch_size, A)
+        uniform = noise["uniform"][k].view(R, batch_size, A)
+        a_pi, logp_pi = policy(obs[k], s_eps[0])
+        a_target, _ = policy(next_obs[k], next_eps[0])
+        target = rewards[k] + args.gamma * (1 - terminals[k]) * torch.minimum(
+            q(target_critic, 0, next_obs[k], a_target), q(target_critic, 1, next_obs[k], a_target))
+        critic_loss = 0.0
+        for j in range(2):
+            q_data = q(critic, j, obs[k], actions[k])
+            lse = []
+            for b in range(batch_size):
+                values = []
+                for r in range(R):
+                    values.append(q(critic, j, obs[k][b:b + 1], uniform[r, b:b + 1])[0] - A * math.log(0.5))
+                for r in range(R):
+                    a_n, lp_n = policy(next_obs[k][b:b + 1], next_eps[1 + r, b:b + 1])
+                    values.append(q(critic, j, obs[k][b:b + 1], a_n)[0] - lp_n[0])
+                for r in range(R):
+                    a_c, lp_c = policy(obs[k][b:b + 1], s_eps[1 + r, b:b + 1])
+                    values.append(q(critic, j, obs[k][b:b + 1], a_c)[0] - lp_c[0])
+                lse.append(torch.logsumexp(torch.stack(values), 0))
+            gap = torch.stack(lse).mean() - q_data.mean()
+            critic_loss = critic_loss + ((q_data - target) ** 2).mean() + args.min_q_weight * gap
+        q_pi = torch.minimum(q(critic, 0, obs[k], a_pi), q(critic, 1, obs[k], a_pi))
+        alpha = log_alpha[k].exp()
+        if behaviour_cloning:
+            mean, log_std = mlp_member(actor.net, k, obs[k]).chunk(2, -1)
+            u = torch.atanh(actions[k].clamp(-1 + 1e-6, 1 - 1e-6))
+            log_std = log_std.clamp(-5, 2)
+            bc = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
+            actor_loss = (alpha * logp_pi - bc).mean()
+        else:
+            actor_loss = (alpha * logp_pi - q_pi).mean()
+        out["critic"].append(critic_loss)
+        out["actor"].append(actor_loss)
+        out["alpha"].append(-(log_alpha[k] * (logp_pi + args.target_entropy)).mean())
+    return {key: torch.stack(value) for key, value in out.items()}
+
+
+def small_problem(num_agents=2, batch_size=3, num_random=2, obs_dim=4, act_dim=3, hidden=(8,)):
+    torch.manual_seed(0)
+    actor = cql.Actor(obs_dim, act_dim, hidden, num_agents).double()
+    critic = cql.Critic(obs_dim, act_dim, hidden, 2 * num_agents).double()
+    target_critic = cql.Critic(obs_dim, act_dim, hidden, 2 * num_agents).double()
+    log_alpha = torch.tensor([0.1, -0.3][:num_agents], dtype=torch.float64, requires_grad=True)
+    double = dict(dtype=torch.float64)
+    batch = (
+        torch.randn(num_agents, batch_size, obs_dim, **double),
+        torch.rand(num_agents, batch_size, act_dim, **double) * 2 - 1,
+        torch.randn(num_agents, batch_size, **double),
+        torch.randn(num_agents, batch_size, obs_dim, **double),
+        torch.tensor([[0.0, 1.0, 0.0]] * num_agents, **double)[:, :batch_size],
+    )
+    generators = [torch.Generator().manual_seed(10 + k) for k in range(num_agents)]
+    noise = cql.draw_noise(generators, batch_size, act_dim, num_random, "cpu")
+    noise = {key: value.to(torch.float64) for key, value in noise.items()}
+    args = SimpleNamespace(num_random=num_random, gamma=0.99, cql_temperature=1.0, min_q_weight=5.0,
+                           lagrange_threshold=None, bc_steps=5, target_entropy=-float(act_dim))
+    return actor, critic, target_critic, log_alpha, batch, noise, args
+
+
+@pytest.mark.parametrize("step, behaviour_cloning", [(0, True), (5, False)])
+def test_vectorized_losses_equal_per_agent_loop(step, behaviour_cloning):
+    actor, critic, target_critic, log_alpha, batch, noise, args = small_problem()
+    total, metrics = cql.cql_losses(actor, critic, target_critic, log_alpha, None, batch, noise, args, 3, step)
+    expected = reference_losses(actor, critic, target_critic, log_alpha, batch, noise, args, behaviour_cloning)
+    assert torch.allclose(metrics["critic_loss"], expected["critic"], atol=1e-9)
+    assert torch.allclose(metrics["actor_loss"], expected["actor"], atol=1e-9)
+    assert total.item() == pytest.approx(sum(v.sum().item() for v in expected.values()), abs=1e-8)
+
+
+def test_one_backward_gives_each_network_its_own_gradient():
+    actor, critic, target_critic, log_alpha, batch, noise, args = small_problem()
+    total, metrics = cql.cql_losses(actor, critic, target_critic, log_alpha, None, batch, noise, args, 3, step=10)
+    critic_grads = torch.autograd.grad(total, list(critic.parameters()), retain_graph=True)
+    actor_grads = torch.autograd.grad(total, list(actor.parameters()), retain_graph=True)
+    only_critic = torch.autograd.grad(metrics["critic_loss"].sum(), list(critic.parameters()), retain_graph=True)
+    only_actor = torch.autograd.grad(metrics["actor_loss"].sum(), list(actor.parameters()))
+    for got, want in zip(critic_grads + actor_grads, only_critic + only_actor):
+        assert torch.allclose(got, want, atol=1e-12)
+    # and agent 0's loss moves no parameter of agent 1
+    grads = torch.autograd.grad(metrics["critic_loss"][0], list(critic.parameters()))
+    assert all(g[2:].abs().max() == 0 for g in grads) and any(g[:2].abs().max() > 0 for g in grads)
+
+
+def test_lagrange_term_pushes_alpha_prime_towards_threshold():
+    actor, critic, target_critic, log_alpha, batch, noise, args = small_problem()
+    args.lagrange_threshold = -1e3  # far below any gap: alpha' must grow
+    log_alpha_prime = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    total, _ = cql.cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args, 3, 10)
+    (grad,) = torch.autograd.grad(total, [log_alpha_prime])
+    assert (grad < 0).all()  # gradient descent increases log alpha'
+
+
+# --------------------------------------------------------------------------- data loading
+def test_hdf5_transitions_keep_termination_and_truncation_apart(tiny_hopper_hdf5):
+    with h5py.File(tiny_hopper_hdf5) as f:
+        terminals, timeouts = f["terminals"][()], f["timeouts"][()]
+    assert terminals.any() and timeouts.any()  # the fixture exercises both flags
+    data = cql.load_offline_data(str(tiny_hopper_hdf5))
+    assert data.gym_env_id == "Hopper-v5" and len(data.rewards) == 1500
+    assert np.array_equal(data.terminals, terminals.astype(np.float32))  # a timeout is not a terminal
+    assert data.ref_min_score == cql.D4RL_REF_SCORES["hopper"][0]
+
+
+def test_hdf5_without_next_observations_drops_episode_ends(tmp_path):
+    rewards = np.arange(6, dtype=np.float32)
+    with h5py.File(tmp_path / "hopper_small.hdf5", "w") as f:
+        f["observations"] = np.tile(rewards[:, None], (1, 11))
+        f["actions"] = np.zeros((6, 3), np.float32)
+        f["rewards"] = rewards
+        f["terminals"] = np.array([0, 1, 0, 0, 0, 0], bool)
+        f["timeouts"] = np.array([0, 0, 0, 1, 0, 0], bool)
+    data = cql.load_offline_data(str(tmp_path / "hopper_small.hdf5"))
+    assert data.rewards.tolist() == [0, 1, 2, 4]  # row 3 timed out, row 5 is last: no next state
+    assert data.next_observations[:, 0].tolist() == [1, 2, 3, 5]
+    assert data.terminals.tolist() == [0, 1, 0, 0]
+
+
+def test_d4rl_name_found_in_cache_folder(tmp_path, monkeypatch):
+    write_random_hopper_hdf5(tmp_path / "hopper_medium_replay-v2.hdf5", num_steps=50, max_episode_steps=20)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    data = cql.load_offline_data("hopper-medium-replay-v2")
+    assert len(data.rewards) == 50 and data.gym_env_id == "Hopper-v5"
+    assert cql.d4rl_file_name("halfcheetah-medium-expert-v2") == "halfcheetah_medium_expert-v2.hdf5"
+
+
+def test_local_minari_dataset_loads_with_its_flags(tmp_path, monkeypatch):
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    env = gym.make("Hopper-v5")
+    buffers = []
+    for episode, length in enumerate((4, 3)):
+        obs = np.full((length + 1, 11), episode, np.float32)
+        obs[:, 1] = np.arange(length + 1)
+        buffers.append(EpisodeBuffer(
+            id=episode, observations=list(obs), actions=list(np.zeros((length, 3), np.float32)),
+            rewards=list(np.ones(length)), terminations=[False] * (length - 1) + [episode == 0],
+            truncations=[False] * (length - 1) + [episode == 1], infos={}))
+    minari.create_dataset_from_buffers("local/hopper/test-v0", buffers, env="Hopper-v5", ref_min_score=1.0,
+                                       ref_max_score=11.0)
+    data = cql.load_offline_data("local/hopper/test-v0")
+    assert data.terminals.tolist() == [0, 0, 0, 1, 0, 0, 0]
+    assert data.next_observations[:, 1].tolist() == [1, 2, 3, 4, 1, 2, 3]
+    assert (data.ref_min_score, data.ref_max_score, data.gym_env_id) == (1.0, 11.0, "Hopper-v5")
+    assert cql.normalized_score([6.0], data.ref_min_score, data.ref_max_score).tolist() == [50.0]
+    del env
+
+
+# --------------------------------------------------------------------------- the script, end to end
+TINY = ["--num-agents", "2", "--hidden-sizes", "16", "16", "--batch-size", "16", "--num-random", "2",
+        "--eval-episodes", "1", "--bc-steps", "5", "--log-every", "10"]
+
+
+def read_eval(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def params_of(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt, torch.cat([v.flatten() for v in (*ckpt["actor"].values(), *ckpt["critic"].values())])
+
+
+@pytest.fixture(scope="module")
+def trained(run_script, tiny_hopper_hdf5, tmp_path_factory):
+    """Two identical 30-step runs, and the same run interrupted at step 20 and resumed."""
+    root = tmp_path_factory.mktemp("cql")
+    common = ["--env", tiny_hopper_hdf5, *TINY, "--eval-every", "20", "--save-every", "20"]
+    for name in ("a", "b"):
+        result = run_script("cql_pretrain.py", *common, "--total-steps", "30", "--save-dir", root / name,
+                            "--run-dir", root / f"run_{name}")
+        assert result.returncode == 0, result.stderr
+    first = run_script("cql_pretrain.py", *common, "--total-steps", "20", "--save-dir", root / "c", "--run-dir", root / "run_c")
+    assert first.returncode == 0, first.stderr
+    resumed = run_script("cql_pretrain.py", *common, "--total-steps", "30", "--save-dir", root / "c",
+                         "--run-dir", root / "run_c", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    return root, result.stdout
+
+
+def test_smoke_run_writes_checkpoints_and_eval_csv(trained):
+    root, stdout = trained
+    assert sorted(p.name for p in (root / "a").iterdir()) == ["agent_0.pt", "agent_1.pt"]
+    rows = read_eval(root / "run_a" / "eval.csv")
+    assert [(r["step"], r["agent"]) for r in rows] == [(s, a) for s in ("0", "20", "30") for a in ("0", "1")]
+    low, high = cql.D4RL_REF_SCORES["hopper"]
+    for row in rows:
+        assert float(row["normalized_score"]) == pytest.approx(100 * (float(row["return"]) - low) / (high - low), abs=1e-2)
+    assert "updates/s" in stdout
+    ckpt = torch.load(root / "a" / "agent_1.pt", weights_only=True)
+    meta = ckpt["meta"]
+    assert (meta["format"], meta["gym_env_id"], meta["grad_steps"], meta["seed"]) == ("upq-cql-agent-v1", "Hopper-v5", 30, 2)
+    assert ckpt["actor"]["net.0.weight"].shape == (1, 11, 16) and ckpt["critic"]["net.0.weight"].shape == (2, 14, 16)
+
+
+def test_checkpoint_round_trip_reproduces_the_logged_evaluation(trained):
+    root, _ = trained
+    for k in range(2):
+        ckpt = torch.load(root / "a" / f"agent_{k}.pt", weights_only=True)
+        actor = cql.Actor(11, 3, (16, 16), 1)
+        actor.load_state_dict(ckpt["actor"])
+        returns = cql.evaluate(actor, "Hopper-v5", 1, 1, seed=1 + 10_000, device="cpu")
+        logged = [r for r in read_eval(root / "run_a" / "eval.csv") if r["step"] == "30" and r["agent"] == str(k)]
+        assert returns[0, 0] == pytest.approx(float(logged[0]["return"]), abs=1e-3)
+
+
+def test_agents_are_independent_and_runs_deterministic(trained):
+    root, _ = trained
+    _, a0 = params_of(root / "a" / "agent_0.pt")
+    _, a1 = params_of(root / "a" / "agent_1.pt")
+    _, b0 = params_of(root / "b" / "agent_0.pt")
+    assert not torch.equal(a0, a1)
+    assert torch.equal(a0, b0)
+    assert read_eval(root / "run_a" / "eval.csv") == read_eval(root / "run_b" / "eval.csv")
+
+
+def test_resume_equals_uninterrupted_run(trained):
+    root, _ = trained
+    for k in range(2):
+        straight, params = params_of(root / "a" / f"agent_{k}.pt")
+        resumed, resumed_params = params_of(root / "c" / f"agent_{k}.pt")
+        assert torch.equal(params, resumed_params)
+        assert torch.equal(straight["log_alpha"], resumed["log_alpha"])
+        for key in straight["target_critic"]:
+            assert torch.equal(straight["target_critic"][key], resumed["target_critic"][key])
+
+
+def test_agent_initialisation_does_not_depend_on_n():
+    """Agent k of N is initialised exactly as a single agent with seed + k (as N separate runs would be)."""
+    actor3, critic3 = cql.make_agents(4, 2, (8,), 3, seed=1)
+    actor1, critic1 = cql.make_agents(4, 2, (8,), 1, seed=2)
+    for big, small, rows in ((actor3, actor1, slice(1, 2)), (critic3, critic1, slice(2, 4))):
+        for param, single in zip(big.parameters(), small.parameters()):
+            assert torch.equal(param[rows], single)
+    assert not torch.equal(actor3.net[0].weight[0], actor3.net[0].weight[1])
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("dataset, message", [
+    ("hopper-mediocre-v2", "unknown dataset"),
+    ("hopper-medium-v2", "could not be downloaded"),
+    ("mujoco/hopper/medium-v0", "could not be downloaded"),
+    ("/nonexistent/hopper.hdf5", "does not exist"),
+])
+def test_bad_dataset_gives_one_clear_sentence(run_script, dataset, message):
+    result = run_script("cql_pretrain.py", "--env", dataset, "--total-steps", "1", timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_occupied_save_dir_and_corrupted_resume_are_refused(run_script, tiny_hopper_hdf5, trained, tmp_path):
+    root, _ = trained
+    before = (root / "b" / "agent_0.pt").read_bytes()
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *TINY, "--save-dir", root / "b",
+                        "--total-steps", "5", "--run-dir", tmp_path / "run")
+    assert result.returncode != 0 and "--resume" in result.stderr and "Traceback" not in result.stderr
+    assert (root / "b" / "agent_0.pt").read_bytes() == before
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for k in range(2):
+        (broken / f"agent_{k}.pt").write_bytes(before[: len(before) // 2])
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *TINY, "--save-dir", broken,
+                        "--total-steps", "5", "--resume", "--run-dir", tmp_path / "run")
+    assert result.returncode != 0 and "corrupted" in result.stderr and "Traceback" not in result.stderr
+    assert (broken / "agent_0.pt").read_bytes() == before[: len(before) // 2]
+
+
+def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, tmp_path):
+    root, _ = trained
+    cheetah = tmp_path / "halfcheetah_small.hdf5"
+    with h5py.File(cheetah, "w") as f:
+        f["observations"] = np.zeros((10, 17), np.float32)
+        f["next_observations"] = np.zeros((10, 17), np.float32)
+        f["actions"] = np.zeros((10, 6), np.float32)
+        f["rewards"] = np.zeros(10, np.float32)
+        f["terminals"] = np.zeros(10, bool)
+    result = run_script("cql_pretrain.py", "--env", cheetah, *TINY, "--save-dir", root / "b", "--resume",
+                        "--total-steps", "40", "--run-dir", tmp_path / "run")
+    assert result.returncode != 0 and "other shapes" in result.stderr and "Traceback" not in result.stderr
