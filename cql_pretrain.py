@@ -464,6 +464,19 @@ def cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, 
     return total, metrics
 
 
+def cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers, batch, noise, args, act_dim, step):
+    """One gradient step of all N agents: losses, one backward, Adam steps, soft target update (tau)."""
+    loss, metrics = cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args, act_dim, step)
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers.values():
+        opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
+    return loss, metrics
+
+
 def draw_noise(generators, batch_size, act_dim, num_random, device):
     """Each agent's action noise for one step, from its own generator: dict of [N, R*B, A]."""
     rep = 1 + num_random
@@ -703,15 +716,8 @@ def main(args: Args) -> None:
             timer, timer_step = time.perf_counter(), step
         batch = sample_batch(tensors, generators, args.batch_size)
         noise = draw_noise(generators, args.batch_size, act_dim, args.num_random, device)
-        loss, metrics = cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args,
-                                   act_dim, step)
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers.values():
-            opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
+        loss, metrics = cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers, batch, noise,
+                                   args, act_dim, step)
 
         done = step + 1
         if done % args.log_every == 0 or done % args.save_every == 0 or done == args.total_steps:
