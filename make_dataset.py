@@ -1,0 +1,520 @@
+"""D4RL-style offline datasets for any gymnasium MuJoCo env, written as standard Minari datasets.
+
+The UPQ paper (Jang, Kim, Noh) pre-trains on D4RL's medium, medium-replay and medium-expert
+datasets (Fu et al., 2020). This script rebuilds them the way D4RL did, for gymnasium v5 envs:
+
+- random:        a uniform random policy;
+- medium:        a SAC agent trained until its evaluation return reaches a target (default: the
+                 mean return of D4RL's medium-v2 dataset for the body), then rolled out;
+- medium-replay: every transition that SAC agent saw until it reached that target;
+- expert:        the same SAC run continued to a step budget; its best evaluated policy rolled out;
+- medium-expert: the medium and expert datasets, equal sizes, concatenated (as D4RL).
+
+The SAC behaviour agent is CleanRL's sac_continuous_action.py, inline. One SAC run per
+(dataset directory, seed) serves every kind: its whole state (networks, optimisers, RNG,
+replay, and the actor at every evaluation) is saved beside the datasets, e.g.
+~/.minari/datasets/local/hopper/sac-seed0.pt, so `--kind expert` continues the run that made
+`--kind medium`, and `--kind medium-replay` only reads it. Output root: Minari's own
+(MINARI_DATASETS_PATH, default ~/.minari/datasets).
+
+Example:
+    python make_dataset.py --env Hopper-v5 --kind medium --num-steps 200000
+    python -c "import minari; print(minari.load_dataset('local/hopper/medium-v0'))"
+"""
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import gymnasium as gym
+import minari
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from gymnasium.envs.mujoco import MujocoEnv
+from minari.data_collector import EpisodeBuffer
+from minari.dataset.minari_dataset import gen_dataset_id, parse_dataset_id
+from minari.storage import get_dataset_path
+
+
+@dataclass
+class Args:
+    env: str = "Hopper-v5"
+    """gymnasium MuJoCo env id with Box spaces (its spec is recorded, so dataset.recover_environment() works)"""
+    kind: Literal["random", "medium", "medium-replay", "expert", "medium-expert"] = "medium"
+    """which D4RL-style dataset to write (see the module docstring)"""
+    dataset_id: Optional[str] = None
+    """Minari id to write; default local/<body>/<kind>-v0, e.g. local/hopper/medium-v0"""
+    num_steps: int = 1_000_000
+    """transitions to collect (D4RL: 1M; medium-expert takes this many from medium and from expert; ignored by medium-replay)"""
+    seed: int = 0
+    """seed of env resets, actions and SAC; same seed and flags give identical datasets"""
+    overwrite: bool = False
+    """replace an existing dataset with the same id (otherwise refuse); never retrains a saved SAC run"""
+    max_episode_steps: Optional[int] = None
+    """time limit of an episode; default the env's own (1000 for the MuJoCo locomotion envs)"""
+    target_return: Optional[float] = None
+    """evaluation return at which SAC counts as 'medium'; default D4RL's medium-v2 mean return: hopper 1422, halfcheetah 4770, walker2d 3000 (required for other bodies)"""
+    total_timesteps: int = 1_000_000
+    """SAC step budget: the cap for reaching the medium target, and the training length for expert (D4RL: 1M)"""
+    eval_frequency: int = 10_000
+    """evaluate SAC at the end of the first episode after every this many env steps"""
+    eval_episodes: int = 10
+    """episodes per evaluation (stochastic policy, as it is rolled out); also episodes for measuring a random return"""
+    num_threads: int = 1
+    """torch CPU threads (2x256 networks gain little from more; 1 leaves a shared machine usable)"""
+    gamma: float = 0.99
+    """SAC discount factor (CleanRL)"""
+    tau: float = 0.005
+    """SAC target smoothing coefficient (CleanRL)"""
+    batch_size: int = 256
+    """SAC batch size (CleanRL)"""
+    learning_starts: int = 5_000
+    """uniform random actions and no updates for this many steps (CleanRL)"""
+    policy_lr: float = 3e-4
+    """actor learning rate (CleanRL)"""
+    q_lr: float = 3e-4
+    """critic and temperature learning rate (SAC paper; CleanRL's default is 1e-3)"""
+    policy_frequency: int = 2
+    """actor updated every this many steps, that many times (CleanRL's delayed update)"""
+    target_network_frequency: int = 1
+    """target networks soft-updated every this many steps (CleanRL)"""
+    alpha: float = 0.2
+    """entropy temperature when not auto-tuned (CleanRL)"""
+    autotune: bool = True
+    """auto-tune the temperature towards entropy -|A| (CleanRL)"""
+
+
+# D4RL normalisation (min = random, max = expert returns), keyed by body name.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+}
+# Mean episode return of D4RL's medium-v2 datasets: the default medium target.
+D4RL_MEDIUM_RETURN = {"hopper": 1422.0, "halfcheetah": 4770.0, "walker2d": 3000.0}
+# Episode i of a phase resets with seed + offset + i: phases never share start states, and every
+# episode of a dataset can be replayed from the seed recorded with it.
+COLLECT_SEED_OFFSET, TRAIN_SEED_OFFSET, EVAL_SEED_OFFSET = 0, 1_000_000, 2_000_000
+# Hyperparameters a saved SAC run must share with the current flags to be resumed.
+RUN_KEYS = ("env", "seed", "max_episode_steps", "eval_frequency", "eval_episodes", "gamma", "tau",
+            "batch_size", "learning_starts", "policy_lr", "q_lr", "policy_frequency",
+            "target_network_frequency", "alpha", "autotune")
+LOG_STD_MAX, LOG_STD_MIN = 2, -5
+
+
+def soft_q_target(rewards, terminations, next_q1, next_q2, next_log_prob, alpha, gamma):
+    """SAC soft Bellman target y = r + γ(1 − terminal)[min(Q̄1, Q̄2)(s', a') − α log π(a'|s')]."""
+    return rewards + gamma * (1.0 - terminations) * (torch.min(next_q1, next_q2) - alpha * next_log_prob)
+
+
+class SoftQNetwork(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(obs_dim + act_dim, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.fc3 = nn.Linear(256, 1)
+
+    def forward(self, obs, action):
+        x = F.relu(self.fc1(torch.cat([obs, action], 1)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
+class Actor(nn.Module):
+    def __init__(self, obs_dim: int, action_low: np.ndarray, action_high: np.ndarray):
+        super().__init__()
+        act_dim = len(action_low)
+        self.fc1 = nn.Linear(obs_dim, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.fc_mean = nn.Linear(256, act_dim)
+        self.fc_logstd = nn.Linear(256, act_dim)
+        self.register_buffer("action_scale", torch.tensor((action_high - action_low) / 2.0, dtype=torch.float32))
+        self.register_buffer("action_bias", torch.tensor((action_high + action_low) / 2.0, dtype=torch.float32))
+
+    def forward(self, obs):
+        x = F.relu(self.fc2(F.relu(self.fc1(obs))))
+        log_std = torch.tanh(self.fc_logstd(x))
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)
+        return self.fc_mean(x), log_std
+
+    def sample(self, obs, generator: Optional[torch.Generator] = None):
+        """Tanh-Gaussian sample (reparameterised), its log-probability, and the deterministic action."""
+        mean, log_std = self(obs)
+        std = log_std.exp()
+        x = mean + std * torch.randn(mean.shape, generator=generator)
+        y = torch.tanh(x)
+        action = y * self.action_scale + self.action_bias
+        log_prob = torch.distributions.Normal(mean, std).log_prob(x)
+        log_prob = (log_prob - torch.log(self.action_scale * (1 - y.pow(2)) + 1e-6)).sum(1, keepdim=True)
+        return action, log_prob, torch.tanh(mean) * self.action_scale + self.action_bias
+
+
+def update_critics(batch, actor, qf1, qf2, qf1_target, qf2_target, q_optimizer, alpha, gamma) -> float:
+    """One gradient step of both critics towards the soft Bellman target; returns the loss."""
+    with torch.no_grad():
+        next_action, next_log_prob, _ = actor.sample(batch["next_observations"])
+        target = soft_q_target(batch["rewards"], batch["terminations"],
+                               qf1_target(batch["next_observations"], next_action),
+                               qf2_target(batch["next_observations"], next_action), next_log_prob, alpha, gamma)
+    q_loss = F.mse_loss(qf1(batch["observations"], batch["actions"]), target) + F.mse_loss(
+        qf2(batch["observations"], batch["actions"]), target)
+    q_optimizer.zero_grad()
+    q_loss.backward()
+    q_optimizer.step()
+    return q_loss.item()
+
+
+def update_actor_and_alpha(obs, actor, qf1, qf2, actor_optimizer, log_alpha, a_optimizer, target_entropy, alpha):
+    """One step of the actor (α log π − min Q) and, if a_optimizer is given, of log α; returns α."""
+    action, log_prob, _ = actor.sample(obs)
+    actor_loss = (alpha * log_prob - torch.min(qf1(obs, action), qf2(obs, action))).mean()
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    actor_optimizer.step()
+    if a_optimizer is None:
+        return alpha
+    with torch.no_grad():
+        _, log_prob, _ = actor.sample(obs)
+    alpha_loss = (-log_alpha.exp() * (log_prob + target_entropy)).mean()
+    a_optimizer.zero_grad()
+    alpha_loss.backward()
+    a_optimizer.step()
+    return log_alpha.exp().item()
+
+
+def make_env(args: Args) -> gym.Env:
+    if args.max_episode_steps is None:
+        return gym.make(args.env)
+    return gym.make(args.env, max_episode_steps=args.max_episode_steps)
+
+
+def actor_policy(actor: Actor, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The stochastic SAC policy as obs -> action, with its own seeded noise."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def policy(obs):
+        with torch.no_grad():
+            return actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None], generator)[0][0].numpy()
+    return policy
+
+
+def evaluate(args: Args, policy: Callable, num_episodes: int) -> np.ndarray:
+    env = make_env(args)
+    returns = []
+    for j in range(num_episodes):
+        obs, _ = env.reset(seed=args.seed + EVAL_SEED_OFFSET + j)
+        done, episode_return = False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs))
+            episode_return += float(reward)
+            done = terminated or truncated
+        returns.append(episode_return)
+    return np.array(returns)
+
+
+def collect_episodes(args: Args, policy: Callable, num_steps: int, label: str) -> list[EpisodeBuffer]:
+    """Roll out `policy` for exactly num_steps transitions. As Minari's DataCollector does, the last
+    episode, cut by num_steps rather than by the env, is marked truncated. Infos are not kept."""
+    env = make_env(args)
+    episodes, start, steps, report_every = [], time.time(), 0, max(num_steps // 10, 1)
+    while steps < num_steps:
+        episode_seed = args.seed + COLLECT_SEED_OFFSET + len(episodes)
+        obs, _ = env.reset(seed=episode_seed)
+        observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
+        done = False
+        while not done and steps < num_steps:
+            action = policy(obs)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            for buffer, value in zip((observations, actions, rewards, terminations, truncations),
+                                     (obs, action, reward, terminated, truncated)):
+                buffer.append(value)
+            steps += 1
+            done = terminated or truncated
+            if steps % report_every == 0 or steps == num_steps:
+                finished = [float(np.sum(e.rewards)) for e in episodes]
+                print(f"[{label}] collected {steps}/{num_steps} steps | mean episode return "
+                      f"{np.mean(finished) if finished else float('nan'):.1f} | "
+                      f"{steps / (time.time() - start):.0f} steps/s", flush=True)
+        truncations[-1] = truncations[-1] or not terminations[-1]
+        episodes.append(EpisodeBuffer(
+            seed=episode_seed, observations=np.array(observations), actions=np.array(actions, dtype=np.float32),
+            rewards=np.array(rewards, dtype=np.float64), terminations=np.array(terminations),
+            truncations=np.array(truncations), infos={}))
+    return episodes
+
+
+def replay_episodes(args: Args, replay: dict, num_steps: int) -> list[EpisodeBuffer]:
+    """The first num_steps transitions of the SAC replay (which ends with an episode) as episodes."""
+    data = {key: value[:num_steps].numpy() for key, value in replay.items()}
+    rewards, terminations, truncations = data["rewards"][:, 0], data["terminations"][:, 0], data["truncations"][:, 0]
+    episodes, start = [], 0
+    for i, end in enumerate(np.flatnonzero(terminations | truncations) + 1):
+        episodes.append(EpisodeBuffer(
+            seed=args.seed + TRAIN_SEED_OFFSET + i,
+            observations=np.concatenate([data["observations"][start:end], data["next_observations"][end - 1:end]]),
+            actions=data["actions"][start:end], rewards=rewards[start:end],
+            terminations=terminations[start:end], truncations=truncations[start:end], infos={}))
+        start = end
+    return episodes
+
+
+def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) -> dict:
+    """CleanRL's SAC loop. Stops at the end of the first evaluation whose mean return reaches
+    target_return (None: never), else at args.total_timesteps. Resumes from run_path and saves the
+    whole run there at every evaluation; returns the saved run."""
+    torch.manual_seed(args.seed)
+    env = make_env(args)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    actor = Actor(obs_dim, env.action_space.low, env.action_space.high)
+    qf1, qf2 = SoftQNetwork(obs_dim, act_dim), SoftQNetwork(obs_dim, act_dim)
+    qf1_target, qf2_target = SoftQNetwork(obs_dim, act_dim), SoftQNetwork(obs_dim, act_dim)
+    qf1_target.load_state_dict(qf1.state_dict())
+    qf2_target.load_state_dict(qf2.state_dict())
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    target_entropy = -float(act_dim)
+    log_alpha = torch.zeros(1, requires_grad=True)
+    a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr) if args.autotune else None
+    modules = {"actor": actor, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target, "qf2_target": qf2_target,
+               "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer}
+    if a_optimizer is not None:
+        modules["a_optimizer"] = a_optimizer
+    run = {"config": {key: getattr(args, key) for key in RUN_KEYS}, "global_step": 0, "episodes": 0,
+           "evaluations": [], "replay": {}}
+    if run_path.exists():
+        run = torch.load(run_path, weights_only=True)
+        changed = [key for key in RUN_KEYS if run["config"][key] != getattr(args, key)]
+        if changed:
+            raise SystemExit(f"make_dataset.py: the saved SAC run {run_path} used other values of "
+                             f"{', '.join('--' + k.replace('_', '-') for k in changed)}; pass the same values, "
+                             f"another --seed, or delete that file to retrain.")
+        for name, module in modules.items():
+            module.load_state_dict(run[name])
+        log_alpha.data.copy_(run["log_alpha"])
+        torch.set_rng_state(run["rng_state"])
+        print(f"resuming SAC run {run_path} at step {run['global_step']}", flush=True)
+    alpha = log_alpha.exp().item() if args.autotune else args.alpha
+
+    # The replay keeps every transition (medium-replay is made of it), observations in the env's dtype.
+    capacity = max(args.total_timesteps, run["global_step"]) + env.spec.max_episode_steps
+    shapes = {"observations": (obs_dim,), "next_observations": (obs_dim,), "actions": (act_dim,),
+              "rewards": (1,), "terminations": (1,), "truncations": (1,)}
+    dtypes = {"observations": torch.float64, "next_observations": torch.float64, "actions": torch.float32,
+              "rewards": torch.float64, "terminations": torch.bool, "truncations": torch.bool}
+    replay = {key: torch.zeros((capacity, *shape), dtype=dtypes[key]) for key, shape in shapes.items()}
+    for key, saved in run["replay"].items():
+        replay[key][: len(saved)] = saved
+
+    def reached(evaluations):
+        return target_return is not None and any(e["mean_return"] >= target_return for e in evaluations)
+
+    def finished():
+        last_eval_step = run["evaluations"][-1]["step"] if run["evaluations"] else -1
+        return reached(run["evaluations"]) or (run["global_step"] >= args.total_timesteps
+                                               and last_eval_step == run["global_step"])
+
+    global_step, start_step, start_time, obs, episode_return = run["global_step"], run["global_step"], time.time(), None, 0.0
+    last_print_step = global_step
+    while not finished():
+        if obs is None:
+            obs, _ = env.reset(seed=args.seed + TRAIN_SEED_OFFSET + run["episodes"])
+        if global_step < args.learning_starts:
+            low, high = env.action_space.low, env.action_space.high
+            action = (low + torch.rand(act_dim).numpy() * (high - low)).astype(np.float32)
+        else:
+            with torch.no_grad():
+                action = actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None])[0][0].numpy()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        for key, value in zip(shapes, (obs, next_obs, action, reward, terminated, truncated)):
+            replay[key][global_step] = torch.as_tensor(np.asarray(value))
+        global_step += 1
+        episode_return += float(reward)
+        obs = next_obs
+
+        if global_step > args.learning_starts:
+            idx = torch.randint(0, global_step, (args.batch_size,))
+            batch = {key: replay[key][idx].float() for key in shapes}
+            update_critics(batch, actor, qf1, qf2, qf1_target, qf2_target, q_optimizer, alpha, args.gamma)
+            if global_step % args.policy_frequency == 0:
+                for _ in range(args.policy_frequency):
+                    alpha = update_actor_and_alpha(batch["observations"], actor, qf1, qf2, actor_optimizer,
+                                                   log_alpha, a_optimizer, target_entropy, alpha)
+            if global_step % args.target_network_frequency == 0:
+                for net, target_net in ((qf1, qf1_target), (qf2, qf2_target)):
+                    for param, target_param in zip(net.parameters(), target_net.parameters()):
+                        target_param.data.copy_(args.tau * param.data + (1 - args.tau) * target_param.data)
+
+        if terminated or truncated:
+            run["episodes"] += 1
+            if global_step - last_print_step >= 1000:
+                print(f"[SAC] step {global_step} | train episode return {episode_return:.1f} | "
+                      f"{(global_step - start_step) / (time.time() - start_time):.0f} steps/s", flush=True)
+                last_print_step = global_step
+            last_eval_step = run["evaluations"][-1]["step"] if run["evaluations"] else 0
+            if global_step >= args.total_timesteps or global_step // args.eval_frequency > last_eval_step // args.eval_frequency:
+                returns = evaluate(args, actor_policy(actor, args.seed + EVAL_SEED_OFFSET), args.eval_episodes)
+                run["evaluations"].append({"step": global_step, "mean_return": float(returns.mean()),
+                                           "std_return": float(returns.std()),
+                                           "actor": {k: v.clone() for k, v in actor.state_dict().items()}})
+                run.update({name: module.state_dict() for name, module in modules.items()})
+                run.update(global_step=global_step, log_alpha=log_alpha.detach().clone(), rng_state=torch.get_rng_state(),
+                           replay={key: value[:global_step].clone() for key, value in replay.items()})
+                run_path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(run, run_path)
+                print(f"[SAC] step {global_step} | eval return {returns.mean():.1f} ± {returns.std():.1f} | "
+                      f"last train episode return {episode_return:.1f} | alpha {alpha:.3f} | "
+                      f"{(global_step - start_step) / (time.time() - start_time):.0f} steps/s (incl. eval)", flush=True)
+            obs, episode_return = None, 0.0
+    if global_step > start_step:
+        elapsed = time.time() - start_time
+        print(f"[SAC] trained {global_step - start_step} steps in {elapsed:.0f} s "
+              f"({(global_step - start_step) / elapsed:.0f} steps/s incl. eval); run saved to {run_path}", flush=True)
+    return run
+
+
+def check_env(env_id: str) -> gym.Env:
+    try:
+        env = gym.make(env_id)
+    except (gym.error.Error, ImportError) as error:  # ImportError: v2/v3 envs that need mujoco-py
+        raise SystemExit(f"make_dataset.py: unknown or unavailable environment id {env_id!r} ({error}).")
+    if not (isinstance(env.unwrapped, MujocoEnv) and isinstance(env.observation_space, gym.spaces.Box)
+            and isinstance(env.action_space, gym.spaces.Box)):
+        raise SystemExit(f"make_dataset.py: {env_id} is not a MuJoCo environment with Box observation and "
+                         f"action spaces, which is all this script makes datasets for.")
+    return env
+
+
+def refuse_existing(dataset_id: str, overwrite: bool) -> None:
+    if get_dataset_path(dataset_id).exists() and not overwrite:
+        raise SystemExit(f"make_dataset.py: dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; "
+                         f"pass --overwrite to replace it.")
+
+
+def write_dataset(args: Args, dataset_id: str, episodes: list, kind: str, algorithm_name: str,
+                  ref_scores: Optional[tuple], extra_metadata: dict) -> minari.MinariDataset:
+    if get_dataset_path(dataset_id).exists():  # only reached with --overwrite
+        minari.delete_dataset(dataset_id)
+    num_steps = sum(len(e.rewards) for e in episodes)
+    description = (f"D4RL-style '{kind}' dataset for {args.env}: {num_steps} transitions in {len(episodes)} "
+                   f"episodes, made by make_dataset.py (seed {args.seed}).")
+    ref_min, ref_max = ref_scores if ref_scores is not None else (None, None)
+    if ref_scores is None:
+        print("note: no reference scores for this env yet (no SAC run to measure a best return); "
+              "ref_min_score/ref_max_score left out", flush=True)
+    with warnings.catch_warnings():  # Minari warns about every optional field left empty
+        warnings.filterwarnings("ignore", message=".*is set to None")
+        dataset = minari.create_dataset_from_buffers(
+            dataset_id, buffer=episodes, env=make_env(args), algorithm_name=algorithm_name,
+            ref_min_score=ref_min, ref_max_score=ref_max, description=description,
+            requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"])
+    dataset.storage.update_metadata({"seed": args.seed, "kind": kind, **extra_metadata})
+    finished = [float(np.sum(e.rewards)) for e in episodes if e.terminations[-1] or len(e.rewards) == dataset.env_spec.max_episode_steps]
+    print(f"wrote {dataset_id}: {dataset.total_steps} steps, {dataset.total_episodes} episodes, "
+          f"{dataset.storage.metadata['dataset_size']} MB, mean return of whole episodes "
+          f"{np.mean(finished) if finished else float('nan'):.1f} -> {get_dataset_path(dataset_id)}", flush=True)
+    return dataset
+
+
+def make_episodes(args: Args, kind: str, run_path: Path, target_return: Optional[float]):
+    """Episodes, algorithm name and extra metadata of one of the kinds random, medium, medium-replay, expert."""
+    if kind == "random":
+        env = make_env(args)
+        env.action_space.seed(args.seed)
+        episodes = collect_episodes(args, lambda obs: env.action_space.sample(), args.num_steps, "random")
+        return episodes, "uniform random policy", {}
+    run = train_behaviour(args, run_path, target_return if kind in ("medium", "medium-replay") else None)
+    if kind == "expert":
+        chosen = max(run["evaluations"], key=lambda e: e["mean_return"])
+    else:
+        reaching = [e for e in run["evaluations"] if e["mean_return"] >= target_return]
+        if not reaching:
+            best = max((e["mean_return"] for e in run["evaluations"]), default=float("nan"))
+            raise SystemExit(f"make_dataset.py: SAC reached an evaluation return of at most {best:.1f} < target "
+                             f"{target_return} within --total-timesteps {args.total_timesteps}; raise "
+                             f"--total-timesteps (training resumes from {run_path}) or lower --target-return.")
+        chosen = reaching[0]
+    metadata = {"behaviour_step": chosen["step"], "behaviour_eval_return": chosen["mean_return"],
+                "behaviour_eval_return_std": chosen["std_return"], "behaviour_run": str(run_path),
+                "target_return": target_return if kind != "expert" else None,
+                "sac_total_timesteps": run["global_step"]}
+    if kind == "medium-replay":
+        return replay_episodes(args, run["replay"], chosen["step"]), "SAC (CleanRL), replay until medium", metadata
+    env = make_env(args)
+    actor = Actor(env.observation_space.shape[0], env.action_space.low, env.action_space.high)
+    actor.load_state_dict(chosen["actor"])
+    print(f"rolling out the SAC policy of step {chosen['step']} (eval return {chosen['mean_return']:.1f})", flush=True)
+    episodes = collect_episodes(args, actor_policy(actor, args.seed + COLLECT_SEED_OFFSET), args.num_steps, kind)
+    return episodes, f"SAC (CleanRL), {kind} policy", metadata
+
+
+def load_episodes(args: Args, dataset_id: str) -> list[EpisodeBuffer]:
+    dataset = minari.load_dataset(dataset_id)
+    if dataset.env_spec.id != args.env or dataset.env_spec.max_episode_steps != make_env(args).spec.max_episode_steps:
+        raise SystemExit(f"make_dataset.py: existing dataset {dataset_id} was made for {dataset.env_spec.id} with "
+                         f"time limit {dataset.env_spec.max_episode_steps}, not for these flags; give another --dataset-id.")
+    seeds = [m.get("seed") for m in dataset.storage.get_episode_metadata(range(dataset.total_episodes))]
+    return [EpisodeBuffer(seed=seed, observations=e.observations, actions=e.actions, rewards=e.rewards,
+                          terminations=e.terminations, truncations=e.truncations, infos={})
+            for seed, e in zip(seeds, dataset.iterate_episodes())]
+
+
+def reference_scores(args: Args, body: str, run_path: Path) -> Optional[tuple]:
+    """D4RL's (min, max) for its three bodies; else the measured random return and the best SAC evaluation."""
+    if body in D4RL_REF_SCORES:
+        return D4RL_REF_SCORES[body]
+    if not run_path.exists():
+        return None
+    best = max(e["mean_return"] for e in torch.load(run_path, weights_only=True)["evaluations"])
+    env = make_env(args)
+    env.action_space.seed(args.seed)
+    random_return = evaluate(args, lambda obs: env.action_space.sample(), args.eval_episodes).mean()
+    return float(random_return), float(best)
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(args.num_threads)
+    body = check_env(args.env).spec.name.lower()
+    dataset_id = args.dataset_id or f"local/{body}/{args.kind}-v0"
+    try:
+        namespace, _, version = parse_dataset_id(dataset_id)
+    except ValueError as error:
+        raise SystemExit(f"make_dataset.py: {error}")
+    refuse_existing(dataset_id, args.overwrite)
+    target_return = args.target_return if args.target_return is not None else D4RL_MEDIUM_RETURN.get(body)
+    if target_return is None and args.kind != "random" and args.kind != "expert":
+        raise SystemExit(f"make_dataset.py: D4RL has no medium level for {args.env}; pass --target-return.")
+    run_path = get_dataset_path(dataset_id).parent / f"sac-seed{args.seed}.pt"
+
+    if args.kind == "medium-expert":
+        episodes, metadata = [], {}
+        for part in ("medium", "expert"):
+            part_id = gen_dataset_id(namespace, part, version)
+            if get_dataset_path(part_id).exists():
+                print(f"reusing {part_id}", flush=True)
+                part_episodes = load_episodes(args, part_id)
+                metadata.update({f"{part}_{k}": v for k, v in minari.load_dataset(part_id).storage.metadata.items()
+                                 if k.startswith("behaviour_")})
+            else:
+                part_episodes, algorithm, part_metadata = make_episodes(args, part, run_path, target_return)
+                write_dataset(args, part_id, part_episodes, part, algorithm, reference_scores(args, body, run_path),
+                              part_metadata)
+                metadata.update({f"{part}_{k}": v for k, v in part_metadata.items() if k.startswith("behaviour_")})
+            episodes.append(part_episodes)
+        sizes = [sum(len(e.rewards) for e in part) for part in episodes]
+        if sizes[0] != sizes[1]:
+            raise SystemExit(f"make_dataset.py: the medium and expert datasets have {sizes[0]} and {sizes[1]} steps; "
+                             f"medium-expert needs equal sizes, so regenerate one with the other's --num-steps.")
+        write_dataset(args, dataset_id, episodes[0] + episodes[1], "medium-expert", "SAC (CleanRL), medium + expert",
+                      reference_scores(args, body, run_path), metadata)
+    else:
+        episodes, algorithm, metadata = make_episodes(args, args.kind, run_path, target_return)
+        write_dataset(args, dataset_id, episodes, args.kind, algorithm, reference_scores(args, body, run_path), metadata)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,243 @@
+"""make_dataset.py: Minari datasets that load as is, with gymnasium's episode ends, seeded, and refusals."""
+
+import re
+import sys
+from pathlib import Path
+
+import minari
+import numpy as np
+import pytest
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import make_dataset as md  # noqa: E402
+
+TIME_LIMIT = 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def keep_torch_threads():
+    """main() sets torch's thread count; give the other test modules theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def minari_root(tmp_path_factory):
+    """A private MINARI_DATASETS_PATH for the whole module."""
+    root = tmp_path_factory.mktemp("minari")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINARI_DATASETS_PATH", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def random_dataset(minari_root):
+    """A tiny random-policy Hopper dataset: 300 steps, episodes cut at 20 steps by the time limit."""
+    md.main(md.Args(env="Hopper-v5", kind="random", num_steps=300, max_episode_steps=TIME_LIMIT, seed=3,
+                    dataset_id="test/hopper/random-v0"))
+    return minari.load_dataset("test/hopper/random-v0")
+
+
+def tiny_sac_args(**overrides) -> md.Args:
+    """SAC budgets small enough for a test; target -1000 is reached at the first evaluation."""
+    values = dict(env="Hopper-v5", num_steps=150, max_episode_steps=30, target_return=-1000.0, total_timesteps=300,
+                  learning_starts=60, batch_size=32, eval_frequency=60, eval_episodes=2, seed=1)
+    values.update(overrides)
+    return md.Args(**values)
+
+
+def episode_seeds(dataset):
+    return [m["seed"] for m in dataset.storage.get_episode_metadata(range(dataset.total_episodes))]
+
+
+def gymnasium_flags(dataset, episode, seed):
+    """Replay an episode's actions from its recorded seed; check observations and rewards match and
+    return what gymnasium reported as (terminated, truncated) at each step."""
+    env = dataset.recover_environment()
+    obs, _ = env.reset(seed=seed)
+    np.testing.assert_array_equal(obs, episode.observations[0])
+    flags = []
+    for t, action in enumerate(episode.actions):
+        obs, reward, terminated, truncated, _ = env.step(action)
+        np.testing.assert_array_equal(obs, episode.observations[t + 1])
+        assert reward == pytest.approx(episode.rewards[t], abs=1e-12)
+        flags.append((terminated, truncated))
+    return np.array(flags)
+
+
+def test_random_dataset_loads_with_size_env_spec_and_reference_scores(random_dataset):
+    assert random_dataset.total_steps == 300
+    assert random_dataset.env_spec.id == "Hopper-v5"
+    assert random_dataset.recover_environment().spec.max_episode_steps == TIME_LIMIT
+    metadata = random_dataset.storage.metadata
+    assert (metadata["ref_min_score"], metadata["ref_max_score"]) == (-20.272305, 3234.3)
+    assert metadata["seed"] == 3 and metadata["kind"] == "random"
+    assert metadata["algorithm_name"] == "uniform random policy"
+    assert minari.get_normalized_score(random_dataset, np.array([3234.3]))[0] == pytest.approx(1.0)
+
+
+def test_random_episodes_end_exactly_as_gymnasium_reported(random_dataset):
+    episodes = list(random_dataset.iterate_episodes())
+    kinds_of_end = set()
+    for episode, seed in zip(episodes, episode_seeds(random_dataset)):
+        flags = gymnasium_flags(random_dataset, episode, seed)
+        assert episode.observations.shape == (len(episode) + 1, 11)
+        assert not (episode.terminations[:-1].any() or episode.truncations[:-1].any())
+        np.testing.assert_array_equal(episode.terminations, flags[:, 0])
+        if episode is episodes[-1] and not flags[-1].any():  # cut by --num-steps: Minari marks it truncated
+            assert episode.truncations[-1] and len(episode) < TIME_LIMIT
+            continue
+        np.testing.assert_array_equal(episode.truncations, flags[:, 1])
+        assert episode.truncations[-1] == (len(episode) == TIME_LIMIT)  # gymnasium may report both at the limit
+        kinds_of_end.add("terminated" if episode.terminations[-1] else "truncated")
+    assert kinds_of_end == {"terminated", "truncated"}  # both kinds of end were exercised
+
+
+def test_same_seed_gives_identical_arrays_and_another_seed_does_not(random_dataset):
+    for seed, dataset_id in ((3, "test/hopper/random-again-v0"), (4, "test/hopper/random-seed4-v0")):
+        md.main(md.Args(env="Hopper-v5", kind="random", num_steps=300, max_episode_steps=TIME_LIMIT, seed=seed,
+                        dataset_id=dataset_id))
+    same, other = minari.load_dataset("test/hopper/random-again-v0"), minari.load_dataset("test/hopper/random-seed4-v0")
+    for a, b in zip(random_dataset.iterate_episodes(), same.iterate_episodes(), strict=True):
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert not np.array_equal(random_dataset[0].actions, other[0].actions)
+
+
+def test_existing_dataset_is_refused_without_overwrite_and_replaced_with_it(random_dataset, minari_root, run_script):
+    data_file = minari_root / "test/hopper/random-v0/data/main_data.hdf5"
+    before = data_file.read_bytes()
+    result = run_script("make_dataset.py", "--env", "Hopper-v5", "--kind", "random", "--num-steps", "50",
+                        "--dataset-id", "test/hopper/random-v0", env={"MINARI_DATASETS_PATH": str(minari_root)})
+    assert result.returncode != 0
+    assert "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert data_file.read_bytes() == before
+
+    md.main(md.Args(env="Hopper-v5", kind="random", num_steps=40, seed=0, dataset_id="test/hopper/replaced-v0"))
+    md.main(md.Args(env="Hopper-v5", kind="random", num_steps=60, seed=0, dataset_id="test/hopper/replaced-v0",
+                    overwrite=True))
+    assert minari.load_dataset("test/hopper/replaced-v0").total_steps == 60
+
+
+def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path, run_script):
+    result = run_script("make_dataset.py", "--env", "NoSuchBody-v5", env={"MINARI_DATASETS_PATH": str(tmp_path)})
+    assert result.returncode != 0
+    assert "unknown or unavailable environment id 'NoSuchBody-v5'" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env", "CartPole-v1"], "CartPole-v1 is not a MuJoCo environment"),
+    (["--env", "Pendulum-v1"], "Pendulum-v1 is not a MuJoCo environment"),
+    (["--kind", "expertish"], "invalid choice 'expertish'"),
+    (["--dataset-id", "no version"], "Malformed dataset ID"),
+    (["--env", "Ant-v5", "--kind", "medium"], "D4RL has no medium level for Ant-v5; pass --target-return"),
+])
+def test_bad_input_is_a_system_exit_with_a_message(flags, message, minari_root, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        md.main(tyro.cli(md.Args, args=[*flags, "--num-steps", "10"]))
+    assert exit_info.value.code != 0
+    assert message in " ".join(f"{exit_info.value.code} {capsys.readouterr().err}".split())
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tyro.cli(md.Args, args=["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    for name in md.Args.__dataclass_fields__:
+        flag = "--" + name.replace("_", "-")
+        assert f"{flag} " in text or f"{flag}, " in text, f"{flag} missing from --help"
+        help_text = re.split(f"{flag}[ ,]", text, maxsplit=1)[1].split("(default:")[0]
+        assert len(help_text.split()) >= 4, f"{flag} has no help text"
+
+
+def test_soft_q_target_matches_hand_computation():
+    rewards, terminations = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [1.0]])
+    next_q1, next_q2, next_log_prob = torch.tensor([[5.0], [7.0]]), torch.tensor([[4.0], [9.0]]), torch.tensor([[-1.0], [3.0]])
+    target = md.soft_q_target(rewards, terminations, next_q1, next_q2, next_log_prob, alpha=0.5, gamma=0.9)
+    # row 0: 1 + 0.9 * (min(5, 4) - 0.5 * -1) = 5.05; row 1 is terminal: 2
+    torch.testing.assert_close(target, torch.tensor([[5.05], [2.0]]))
+
+
+def test_critic_update_reduces_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    obs_dim, act_dim = 5, 2
+    actor = md.Actor(obs_dim, -np.ones(act_dim, np.float32), np.ones(act_dim, np.float32))
+    qf1, qf2, qf1_target, qf2_target = (md.SoftQNetwork(obs_dim, act_dim) for _ in range(4))
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=3e-4)
+    batch = {"observations": torch.randn(64, obs_dim), "next_observations": torch.randn(64, obs_dim),
+             "actions": torch.rand(64, act_dim) * 2 - 1, "rewards": torch.randn(64, 1),
+             "terminations": (torch.rand(64, 1) < 0.1).float()}
+    losses = [md.update_critics(batch, actor, qf1, qf2, qf1_target, qf2_target, q_optimizer, 0.2, 0.99)
+              for _ in range(100)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_actor_update_raises_q_of_its_actions():
+    torch.manual_seed(0)
+    obs_dim, act_dim = 5, 2
+    actor = md.Actor(obs_dim, -np.ones(act_dim, np.float32), np.ones(act_dim, np.float32))
+    qf1, qf2 = md.SoftQNetwork(obs_dim, act_dim), md.SoftQNetwork(obs_dim, act_dim)
+    obs = torch.randn(64, obs_dim)
+    log_alpha = torch.zeros(1, requires_grad=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=1e-3)
+
+    def q_of_actor():
+        with torch.no_grad():
+            action = actor.sample(obs, torch.Generator().manual_seed(0))[0]
+            return torch.min(qf1(obs, action), qf2(obs, action)).mean().item()
+    before = q_of_actor()
+    for _ in range(50):
+        md.update_actor_and_alpha(obs, actor, qf1, qf2, actor_optimizer, log_alpha, None, -float(act_dim), 0.0)
+    assert q_of_actor() > before
+
+
+def test_sac_kinds_medium_replay_and_medium_expert(minari_root):
+    md.main(tiny_sac_args(kind="medium", dataset_id="chain/hopper/medium-v0"))
+    medium = minari.load_dataset("chain/hopper/medium-v0")
+    assert medium.total_steps == 150 and medium.storage.metadata["kind"] == "medium"
+    assert medium.storage.metadata["behaviour_eval_return"] >= -1000.0
+    run_path = minari_root / "chain/hopper/sac-seed1.pt"
+    assert run_path.exists()  # the behaviour run is saved beside the datasets
+
+    # Same seed, fresh directory: the whole SAC path (init, training, roll-out) is reproducible.
+    md.main(tiny_sac_args(kind="medium", dataset_id="again/hopper/medium-v0"))
+    again = minari.load_dataset("again/hopper/medium-v0")
+    for a, b in zip(medium.iterate_episodes(), again.iterate_episodes(), strict=True):
+        np.testing.assert_array_equal(a.observations, b.observations)
+        np.testing.assert_array_equal(a.actions, b.actions)
+
+    md.main(tiny_sac_args(kind="medium-replay", dataset_id="chain/hopper/medium-replay-v0"))
+    replay = minari.load_dataset("chain/hopper/medium-replay-v0")
+    assert replay.total_steps == medium.storage.metadata["behaviour_step"]  # every step until medium, no more
+    for episode, seed in zip(replay.iterate_episodes(), episode_seeds(replay)):
+        flags = gymnasium_flags(replay, episode, seed)
+        np.testing.assert_array_equal(episode.terminations, flags[:, 0])
+        np.testing.assert_array_equal(episode.truncations, flags[:, 1])
+        assert flags[-1].any()  # training replay holds whole episodes
+
+    medium_file = minari_root / "chain/hopper/medium-v0/data/main_data.hdf5"
+    medium_bytes = medium_file.read_bytes()
+    md.main(tiny_sac_args(kind="medium-expert", dataset_id="chain/hopper/medium-expert-v0"))
+    assert medium_file.read_bytes() == medium_bytes  # medium reused, not regenerated
+    expert = minari.load_dataset("chain/hopper/expert-v0")
+    assert expert.storage.metadata["sac_total_timesteps"] >= 300  # expert continued the same run to its budget
+    combined = minari.load_dataset("chain/hopper/medium-expert-v0")
+    assert combined.total_steps == 300
+    parts = list(medium.iterate_episodes()) + list(expert.iterate_episodes())
+    for a, b in zip(parts, combined.iterate_episodes(), strict=True):
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.truncations, b.truncations)
+
+
+def test_medium_target_not_reached_within_budget_is_a_clear_error(minari_root):
+    with pytest.raises(SystemExit, match="raise --total-timesteps"):
+        md.main(tiny_sac_args(kind="medium", target_return=1e9, total_timesteps=100,
+                              dataset_id="unreached/hopper/medium-v0"))
+    assert not (minari_root / "unreached/hopper/medium-v0").exists()
