@@ -67,3 +67,14 @@ def tiny_hopper_hdf5(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("d4rl") / "hopper_tiny-v2.hdf5"
     write_random_hopper_hdf5(path, num_steps=1500, max_episode_steps=20)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cql_checkpoints(run_script, tiny_hopper_hdf5, tmp_path_factory) -> Path:
+    """A folder with agent_0.pt .. agent_2.pt: three 50-step cql_pretrain.py agents (hidden 32 32) on tiny_hopper_hdf5."""
+    root = tmp_path_factory.mktemp("cql_agents")
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "3", "--total-steps", "50",
+                        "--hidden-sizes", "32", "32", "--batch-size", "32", "--eval-episodes", "1",
+                        "--save-dir", root / "agents", "--run-dir", root / "run", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return root / "agents"
