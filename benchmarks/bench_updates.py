@@ -1,0 +1,214 @@
+"""Updates/s of the CQL and fine-tuning updates against the machine's matmul speed.
+
+    python benchmarks/bench_updates.py                    # CPU
+    python benchmarks/bench_updates.py --device cuda      # GPU
+
+Each measurement runs in a fresh process (so its peak memory is its own) holding a synthetic
+1M-transition dataset of Hopper's shapes; the update is the scripts' own function, nothing
+re-implemented here. FLOPs are counted analytically from the layer shapes (2 per multiply-add;
+backward = 2x forward for a trained layer, 1x for a frozen layer that passes gradients through).
+Writes one CSV row per measurement to --out.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+import tyro
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+OBS_DIM, ACT_DIM = 11, 3  # Hopper
+COLUMNS = ["name", "device", "num_agents", "updates_per_s", "gflop_per_update", "gflops_per_s",
+           "fraction_of_matmul", "peak_mem_mib"]
+
+
+@dataclass
+class Args:
+    device: Literal["cpu", "cuda"] = "cpu"
+    """where the updates run"""
+    steps: int = 0
+    """timed updates per measurement (0: 30 on CPU, 500 on GPU)"""
+    warmup: int = 0
+    """untimed updates first (0: 3 on CPU, 50 on GPU; compilation happens here)"""
+    dataset_size: int = 1_000_000
+    """transitions of the synthetic offline dataset held in memory"""
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """hidden layers of all networks"""
+    batch_size: int = 256
+    """minibatch size"""
+    out: str = "benchmarks/results.csv"
+    """CSV written here"""
+    only: str | None = None
+    """internal: run one measurement (matmul, cql:N, off2on:N, upq:N) in this process and print JSON"""
+
+
+def mlp_macs(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> int:
+    widths = [in_dim, *hidden, out_dim]
+    return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def cql_flops(num_agents: int, hidden, batch: int, num_random: int = 10) -> float:
+    """FLOPs of one CQL step of N agents (matmuls only)."""
+    actor = mlp_macs(OBS_DIM, hidden, 2 * ACT_DIM)
+    critic = mlp_macs(OBS_DIM + ACT_DIM, hidden, 1)
+    per_agent = (
+        2 * actor * (2 * batch) * 3  # actor at s and s', trained
+        + 2 * critic * 2 * (1 + 3 * num_random) * batch * 3  # both critics on data + 3R sampled actions, trained
+        + 2 * critic * 2 * batch * 2  # frozen critics in the actor loss, gradient to the actions
+        + 2 * critic * 2 * batch  # target critics, forward only
+    )
+    return num_agents * per_agent
+
+
+def finetune_flops(num_agents: int, hidden, batch: int) -> float:
+    """FLOPs of one fine-tuning step (ensemble of N agents + density-ratio network)."""
+    actor = mlp_macs(OBS_DIM, hidden, 2 * ACT_DIM)
+    critic = mlp_macs(OBS_DIM + ACT_DIM, hidden, 1)
+    ratio = mlp_macs(OBS_DIM + ACT_DIM, hidden, 1)
+    return (
+        num_agents * 2 * actor * (2 * batch) * 3  # N actors at s and s' (s' only needs forward; counted as trained)
+        + 2 * num_agents * 2 * critic * batch * 3  # 2N critics on the batch, trained
+        + 2 * num_agents * 2 * critic * batch * 2  # frozen critics in the actor loss
+        + 2 * num_agents * 2 * critic * batch  # target critics
+        + 2 * ratio * (2 * batch) * 3  # density-ratio net on offline + online samples, trained
+        + 2 * ratio * batch  # priorities of the sampled batch, forward only
+    )
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib(device) -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if device.type == "cuda":
+        return rss + torch.cuda.max_memory_allocated() / 2**20
+    return rss
+
+
+def time_it(step, device, warmup: int, steps: int) -> float:
+    for i in range(warmup):
+        step(i)
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    synchronize(device)
+    return steps / (time.perf_counter() - start)
+
+
+def measure_matmul(args, device, num_agents: int = 4):
+    """Batched fp32 matmuls of the CQL critics' hidden layer: [2N, 31 B, H] x [2N, H, H]."""
+    width = args.hidden_sizes[-1]
+    rows = (1 + 3 * 10) * args.batch_size
+    x = torch.randn(2 * num_agents, rows, width, device=device)
+    w = torch.randn(2 * num_agents, width, width, device=device)
+    repeat = 20 if device.type == "cpu" else 200
+    rate = time_it(lambda i: torch.bmm(x, w), device, 3, repeat)
+    flops = 2.0 * 2 * num_agents * rows * width * width
+    return dict(updates_per_s=rate, gflop_per_update=flops / 1e9)
+
+
+def synthetic_dataset(size: int, device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    data = {
+        "observations": torch.randn(size, OBS_DIM, generator=generator),
+        "actions": torch.rand(size, ACT_DIM, generator=generator) * 2 - 1,
+        "rewards": torch.randn(size, generator=generator),
+        "next_observations": torch.randn(size, OBS_DIM, generator=generator),
+        "terminals": (torch.rand(size, generator=generator) < 0.001).float(),
+    }
+    return {key: value.to(device) for key, value in data.items()}
+
+
+def measure_cql(args, device, num_agents: int):
+    import cql_pretrain as cql
+
+    hidden = tuple(args.hidden_sizes)
+    actor, critic = cql.make_agents(OBS_DIM, ACT_DIM, hidden, num_agents, seed=1)
+    actor, critic = actor.to(device), critic.to(device)
+    target_critic = cql.Critic(OBS_DIM, ACT_DIM, hidden, 2 * num_agents).to(device)
+    target_critic.load_state_dict(critic.state_dict())
+    target_critic.requires_grad_(False)
+    log_alpha = torch.zeros(num_agents, device=device, requires_grad=True)
+    adam = dict(foreach=True) if device.type == "cpu" else dict(fused=True)
+    optimizers = {
+        "actor": torch.optim.Adam(actor.parameters(), lr=1e-4, **adam),
+        "critic": torch.optim.Adam(critic.parameters(), lr=3e-4, **adam),
+        "alpha": torch.optim.Adam([log_alpha], lr=1e-4, **adam),
+    }
+    defaults = cql.Args()
+    cql_args = SimpleNamespace(**{**vars(defaults), "target_entropy": -float(ACT_DIM), "bc_steps": 0})
+    data = synthetic_dataset(args.dataset_size, device)
+    generators = [torch.Generator(device=device).manual_seed(k) for k in range(num_agents)]
+
+    def step(i):
+        batch = cql.sample_batch(data, generators, args.batch_size)
+        noise = cql.draw_noise(generators, args.batch_size, ACT_DIM, cql_args.num_random, device)
+        cql.cql_update(actor, critic, target_critic, log_alpha, None, optimizers, batch, noise, cql_args, ACT_DIM, i)
+
+    rate = time_it(step, device, args.warmup, args.steps)
+    return dict(updates_per_s=rate, gflop_per_update=cql_flops(num_agents, hidden, args.batch_size) / 1e9)
+
+
+MEASUREMENTS = {"matmul": measure_matmul, "cql": measure_cql}
+
+
+def run_one(args: Args) -> None:
+    device = torch.device(args.device)
+    name, _, agents = args.only.partition(":")
+    result = MEASUREMENTS[name](args, device, int(agents)) if agents else MEASUREMENTS[name](args, device)
+    result["peak_mem_mib"] = peak_memory_mib(device)
+    print(json.dumps(result))
+
+
+def main(args: Args) -> None:
+    if args.only:
+        return run_one(args)
+    if args.steps == 0:
+        args.steps = 30 if args.device == "cpu" else 500
+    if args.warmup == 0:
+        args.warmup = 3 if args.device == "cpu" else 50
+    plan = [("matmul", 4), ("cql", 1), ("cql", 4)] + [(name, 4) for name in MEASUREMENTS if name not in ("matmul", "cql")]
+    rows, probe = [], None
+    for name, agents in plan:
+        command = [sys.executable, __file__, "--only", name if name == "matmul" else f"{name}:{agents}",
+                   "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--dataset-size", str(args.dataset_size), "--batch-size", str(args.batch_size),
+                   "--hidden-sizes", *map(str, args.hidden_sizes)]
+        output = subprocess.run(command, capture_output=True, text=True)
+        if output.returncode != 0:
+            raise SystemExit(f"error: measurement {name} failed:\n{output.stderr}")
+        result = json.loads(output.stdout.strip().splitlines()[-1])
+        gflops = result["updates_per_s"] * result["gflop_per_update"]
+        probe = gflops if name == "matmul" else probe
+        rows.append(dict(name=name, device=args.device, num_agents=agents, updates_per_s=round(result["updates_per_s"], 2),
+                         gflop_per_update=round(result["gflop_per_update"], 3), gflops_per_s=round(gflops, 1),
+                         fraction_of_matmul=round(gflops / probe, 3), peak_mem_mib=round(result["peak_mem_mib"])))
+        print(" ".join(f"{key}={value}" for key, value in rows[-1].items()), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    widths = {key: max(len(key), *(len(str(row[key])) for row in rows)) for key in COLUMNS}
+    print("\n" + "  ".join(key.ljust(widths[key]) for key in COLUMNS))
+    for row in rows:
+        print("  ".join(str(row[key]).ljust(widths[key]) for key in COLUMNS))
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
