@@ -91,6 +91,8 @@ class Args:
     """replace the checkpoints already in --save-dir"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available"""
+    compile: bool = False
+    """torch.compile the losses (fuses the elementwise work; on 2 CPU cores, N = 4: +30% updates/s after ~1 min of compilation)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "upq"
@@ -393,7 +395,8 @@ def policy_loss(alpha, log_prob, q_policy, bc_log_prob, behaviour_cloning: bool)
 # ---------------------------------------------------------------------------------------------
 # The update: all N agents in one graph, each with its own batch, noise and loss
 # ---------------------------------------------------------------------------------------------
-def cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args, act_dim, step):
+def cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args, act_dim,
+               behaviour_cloning: bool):
     """Losses of one CQL step for N agents. batch tensors [N, B, ...]; noise from each agent's generator.
 
     Returns (total loss to backpropagate, dict of per-agent metrics [N]).
@@ -453,7 +456,7 @@ def cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, 
     frozen = {name: p.detach() for name, p in critic.named_parameters()}
     q_policy = twin(torch.func.functional_call(critic, frozen, (per_critic(obs), per_critic(a_policy)))).min(1).values
     bc_log_prob = action_log_prob(mean_s, log_std_s, actions)
-    actor_loss = policy_loss(alpha, logp_policy, q_policy, bc_log_prob, step < args.bc_steps)  # [N]
+    actor_loss = policy_loss(alpha, logp_policy, q_policy, bc_log_prob, behaviour_cloning)  # [N]
     alpha_loss = -(log_alpha[:, None] * (logp_policy.detach() + args.target_entropy)).mean(-1)  # [N]
 
     total = critic_loss.sum() + actor_loss.sum() + alpha_loss.sum() + alpha_prime_loss
@@ -464,9 +467,15 @@ def cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, 
     return total, metrics
 
 
-def cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers, batch, noise, args, act_dim, step):
-    """One gradient step of all N agents: losses, one backward, Adam steps, soft target update (tau)."""
-    loss, metrics = cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args, act_dim, step)
+def cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers, batch, noise, args, act_dim, step,
+               losses=cql_losses):
+    """One gradient step of all N agents: losses, one backward, Adam steps, soft target update (tau).
+
+    `losses` is cql_losses, or torch.compile(cql_losses) with --compile.
+    """
+    behaviour_cloning = step < args.bc_steps
+    loss, metrics = losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args, act_dim,
+                           behaviour_cloning)
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -709,6 +718,7 @@ def main(args: Args) -> None:
             wandb.log({"eval/return": returns.mean(), "eval/normalized_score": float(np.mean(per_agent))}, step=step)
         return per_agent
 
+    losses = torch.compile(cql_losses) if args.compile else cql_losses
     timer, timer_step = time.perf_counter(), start_step
     for step in range(start_step, args.total_steps):
         if step % args.eval_every == 0 and step > start_step or (step == 0 and start_step == 0):
@@ -717,7 +727,7 @@ def main(args: Args) -> None:
         batch = sample_batch(tensors, generators, args.batch_size)
         noise = draw_noise(generators, args.batch_size, act_dim, args.num_random, device)
         loss, metrics = cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers, batch, noise,
-                                   args, act_dim, step)
+                                   args, act_dim, step, losses)
 
         done = step + 1
         if done % args.log_every == 0 or done % args.save_every == 0 or done == args.total_steps:

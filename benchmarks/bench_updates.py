@@ -40,7 +40,7 @@ class Args:
     steps: int = 0
     """timed updates per measurement (0: 30 on CPU, 500 on GPU)"""
     warmup: int = 0
-    """untimed updates first (0: 3 on CPU, 50 on GPU; compilation happens here)"""
+    """untimed updates first (0: 3 on CPU, 50 on GPU; torch.compile compiles here)"""
     dataset_size: int = 1_000_000
     """transitions of the synthetic offline dataset held in memory"""
     hidden_sizes: tuple[int, ...] = (256, 256)
@@ -133,7 +133,7 @@ def synthetic_dataset(size: int, device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in data.items()}
 
 
-def measure_cql(args, device, num_agents: int):
+def measure_cql(args, device, num_agents: int, compile_losses: bool = False):
     import cql_pretrain as cql
 
     hidden = tuple(args.hidden_sizes)
@@ -154,16 +154,75 @@ def measure_cql(args, device, num_agents: int):
     data = synthetic_dataset(args.dataset_size, device)
     generators = [torch.Generator(device=device).manual_seed(k) for k in range(num_agents)]
 
+    losses = torch.compile(cql.cql_losses) if compile_losses else cql.cql_losses
+
     def step(i):
         batch = cql.sample_batch(data, generators, args.batch_size)
         noise = cql.draw_noise(generators, args.batch_size, ACT_DIM, cql_args.num_random, device)
-        cql.cql_update(actor, critic, target_critic, log_alpha, None, optimizers, batch, noise, cql_args, ACT_DIM, i)
+        cql.cql_update(actor, critic, target_critic, log_alpha, None, optimizers, batch, noise, cql_args, ACT_DIM, i,
+                       losses)
 
     rate = time_it(step, device, args.warmup, args.steps)
     return dict(updates_per_s=rate, gflop_per_update=cql_flops(num_agents, hidden, args.batch_size) / 1e9)
 
 
-MEASUREMENTS = {"matmul": measure_matmul, "cql": measure_cql}
+def measure_finetune(args, device, num_agents: int, script: str):
+    """One fine-tuning update with balanced replay (sampling, density-ratio step, priority update included).
+
+    The ensemble is freshly initialised (no checkpoints needed; the cost does not depend on the weights); the
+    online buffer holds 10k transitions. On CUDA the update is replayed as a CUDA graph, as the script does.
+    """
+    module = __import__(script)
+    hidden = tuple(args.hidden_sizes)
+    torch.manual_seed(0)
+    actor = module.Actor(OBS_DIM, ACT_DIM, hidden, num_agents).to(device)
+    critic = module.Critic(OBS_DIM, ACT_DIM, hidden, 2 * num_agents).to(device)
+    target_critic = module.Critic(OBS_DIM, ACT_DIM, hidden, 2 * num_agents).to(device)
+    target_critic.load_state_dict(critic.state_dict())
+    target_critic.requires_grad_(False)
+    density_ratio = module.DensityRatio(OBS_DIM + ACT_DIM, hidden).to(device)
+    log_alpha = torch.zeros(1, device=device, requires_grad=True)
+    adam = dict(fused=True, capturable=device.type == "cuda")
+    optimizers = {
+        "alpha": torch.optim.Adam([log_alpha], lr=3e-4, **adam),
+        "actor": torch.optim.Adam(actor.parameters(), lr=3e-4, **adam),
+        "critic": torch.optim.Adam(critic.parameters(), lr=3e-4, **adam),
+        "density_ratio": torch.optim.Adam(density_ratio.parameters(), lr=3e-4, **adam),
+    }
+    defaults = module.Args()
+    finetune_args = SimpleNamespace(**{**vars(defaults), "target_entropy": -float(ACT_DIM),
+                                       "batch_size": args.batch_size})
+    data = synthetic_dataset(args.dataset_size, "cpu")
+    rows = module.pack(*(data[key].numpy() for key in ("observations", "actions", "rewards", "next_observations",
+                                                       "terminals")))
+    del data
+    replay = module.BalancedReplay(torch.as_tensor(rows, device=device), defaults.online_buffer_size, True,
+                                   module.initial_online_priority(len(rows), 0.5, 1000))
+    replay.add(torch.as_tensor(rows[:10_000], device=device))
+    del rows
+    generator = torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[0]
+    nets = {"actor": actor, "critic": critic, "target_critic": target_critic, "log_alpha": log_alpha,
+            "density_ratio": density_ratio}
+
+    def eager():
+        return module.finetune_update(nets, optimizers, replay, generator, finetune_args)
+
+    step = eager
+    if device.type == "cuda":
+        for _ in range(3):
+            eager()
+        step = module.cuda_graphed(eager)
+    rate = time_it(lambda i: step(), device, args.warmup, args.steps)
+    return dict(updates_per_s=rate, gflop_per_update=finetune_flops(num_agents, hidden, args.batch_size) / 1e9)
+
+
+MEASUREMENTS = {
+    "matmul": measure_matmul,
+    "cql": measure_cql,
+    "cql_compiled": lambda args, device, n: measure_cql(args, device, n, compile_losses=True),
+    "off2on": lambda args, device, n: measure_finetune(args, device, n, "off2on_finetune"),
+    "upq": lambda args, device, n: measure_finetune(args, device, n, "upq_finetune"),
+}
 
 
 def run_one(args: Args) -> None:
@@ -181,7 +240,7 @@ def main(args: Args) -> None:
         args.steps = 30 if args.device == "cpu" else 500
     if args.warmup == 0:
         args.warmup = 3 if args.device == "cpu" else 50
-    plan = [("matmul", 4), ("cql", 1), ("cql", 4)] + [(name, 4) for name in MEASUREMENTS if name not in ("matmul", "cql")]
+    plan = [("matmul", 4), ("cql", 1), ("cql", 4), ("cql_compiled", 4), ("off2on", 4), ("upq", 4)]
     rows, probe = [], None
     for name, agents in plan:
         command = [sys.executable, __file__, "--only", name if name == "matmul" else f"{name}:{agents}",
