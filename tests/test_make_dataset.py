@@ -159,7 +159,8 @@ def test_help_documents_every_flag(capsys):
 
 def test_soft_q_target_matches_hand_computation():
     rewards, terminations = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [1.0]])
-    next_q1, next_q2, next_log_prob = torch.tensor([[5.0], [7.0]]), torch.tensor([[4.0], [9.0]]), torch.tensor([[-1.0], [3.0]])
+    next_q1, next_q2 = torch.tensor([[5.0], [7.0]]), torch.tensor([[4.0], [9.0]])
+    next_log_prob = torch.tensor([[-1.0], [3.0]])
     target = md.soft_q_target(rewards, terminations, next_q1, next_q2, next_log_prob, alpha=0.5, gamma=0.9)
     # row 0: 1 + 0.9 * (min(5, 4) - 0.5 * -1) = 5.05; row 1 is terminal: 2
     torch.testing.assert_close(target, torch.tensor([[5.05], [2.0]]))
