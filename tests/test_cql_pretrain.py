@@ -3,6 +3,7 @@ per-agent loop, data loading, checkpoints, determinism/resume and the command-li
 
 import csv
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
@@ -397,3 +398,19 @@ def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, t
     result = run_script("cql_pretrain.py", "--env", cheetah, *TINY, "--save-dir", root / "b", "--resume",
                         "--total-steps", "40", "--run-dir", tmp_path / "run")
     assert result.returncode != 0 and "other shapes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_readme_loading_snippet_gives_the_deterministic_action(trained):
+    """The three lines the README shows for loading a checkpoint and acting, run as written."""
+    root, _ = trained
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    snippet = snippet.replace("checkpoints/hopper-medium-v2/agent_0.pt", str(root / "a" / "agent_0.pt"))
+    obs = np.linspace(-1, 1, 11)
+    namespace = {"obs": obs}
+    exec(snippet, namespace)
+    ckpt = torch.load(root / "a" / "agent_0.pt", weights_only=True)
+    first = ckpt["actor"]["net.0.weight"][0].T @ torch.as_tensor(obs, dtype=torch.float32) + ckpt["actor"]["net.0.bias"][0, 0]
+    hidden = torch.relu(first) @ ckpt["actor"]["net.2.weight"][0] + ckpt["actor"]["net.2.bias"][0, 0]
+    out = torch.relu(hidden) @ ckpt["actor"]["net.4.weight"][0] + ckpt["actor"]["net.4.bias"][0, 0]
+    assert torch.allclose(namespace["action"], torch.tanh(out[:3]), atol=1e-6)
