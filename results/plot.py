@@ -7,7 +7,8 @@
         --figure results/fig2.png --table results/table1.md
 
 Each --series is PANEL:LABEL=GLOB; every file the glob matches is one seed. A file with an `agent`
-column (cql_pretrain.py) counts the mean over its agents at each step. Curves show the mean over
+column (cql_pretrain.py) counts the mean over its agents and is drawn as a level (its final score), since
+its steps are gradient steps, not env steps. Curves show the mean over
 seeds and a band of one standard deviation; the table gives mean ± std over seeds of the last
 evaluation, in normalised score.
 """
@@ -38,14 +39,16 @@ class Args:
     """Markdown table of final normalised scores (mean ± std over seeds)"""
 
 
-def read_curve(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and normalised scores of one eval.csv (the mean over agents when it has an agent column)."""
+def read_curve(path: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Steps, normalised scores and whether it is a pre-training file (an `agent` column: the mean over agents)."""
     by_step = defaultdict(list)
     with open(path) as f:
-        for row in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        for row in reader:
             by_step[int(row["step"])].append(float(row["normalized_score"]))
+        pretraining = "agent" in (reader.fieldnames or [])
     steps = np.array(sorted(by_step))
-    return steps, np.array([np.mean(by_step[s]) for s in steps])
+    return steps, np.array([np.mean(by_step[s]) for s in steps]), pretraining
 
 
 def parse_series(spec: str) -> tuple[str, str, list[str]]:
@@ -72,14 +75,14 @@ def main(args: Args) -> None:
     rows = []
     for axis, (panel, curves) in zip(axes[0], panels.items()):
         for label, seeds in curves:
-            finals = np.array([scores[-1] for _, scores in seeds])
+            finals = np.array([scores[-1] for _, scores, _ in seeds])
             rows.append((panel, label, finals))
-            if len(seeds[0][0]) < 2:  # a single evaluation: a level, not a curve
+            if seeds[0][2] or len(seeds[0][0]) < 2:  # pre-training (gradient steps) or one point: a level
                 axis.axhline(finals.mean(), linestyle="--", color="gray", label=f"{label} ({finals.mean():.1f})")
                 continue
-            length = min(len(steps) for steps, _ in seeds)
+            length = min(len(steps) for steps, _, _ in seeds)
             steps = seeds[0][0][:length]
-            scores = np.stack([s[:length] for _, s in seeds])
+            scores = np.stack([s[:length] for _, s, _ in seeds])
             mean, std = scores.mean(0), scores.std(0)
             axis.plot(steps, mean, label=f"{label} (n={len(seeds)})")
             axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
