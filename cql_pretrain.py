@@ -20,7 +20,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -712,7 +711,7 @@ def main(args: Args) -> None:
         for k in range(n):
             writer.writerow([step, k, f"{returns[k].mean():.3f}", f"{per_agent[k]:.3f}"])
         csv_file.flush()
-        print(f"eval step {step}: return {returns.mean():.1f} normalized {np.nanmean(per_agent) if n else 0:.1f} "
+        print(f"eval step {step}: return {returns.mean():.1f} normalized {np.mean(per_agent):.1f} "
               f"(per agent {', '.join(f'{s:.1f}' for s in per_agent)})", flush=True)
         if wandb:
             wandb.log({"eval/return": returns.mean(), "eval/normalized_score": float(np.mean(per_agent))}, step=step)
