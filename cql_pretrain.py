@@ -683,8 +683,10 @@ def main(args: Args) -> None:
     run_dir = Path(args.run_dir or f"runs/cql_pretrain__{slug}__{args.seed}__{int(time.time())}")
     run_dir.mkdir(parents=True, exist_ok=True)
     eval_csv = run_dir / "eval.csv"
-    new_csv = not eval_csv.exists()
-    csv_file = open(eval_csv, "a", newline="")
+    if eval_csv.exists() and not (args.resume or args.overwrite):
+        fail(f"{eval_csv} already exists: pass --resume to append to it, --overwrite to start it anew, or another --run-dir")
+    new_csv = not (eval_csv.exists() and args.resume)
+    csv_file = open(eval_csv, "a" if args.resume else "w", newline="")
     writer = csv.writer(csv_file)
     if new_csv:
         writer.writerow(["step", "agent", "return", "normalized_score"])

@@ -414,3 +414,12 @@ def test_readme_loading_snippet_gives_the_deterministic_action(trained):
     hidden = torch.relu(first) @ ckpt["actor"]["net.2.weight"][0] + ckpt["actor"]["net.2.bias"][0, 0]
     out = torch.relu(hidden) @ ckpt["actor"]["net.4.weight"][0] + ckpt["actor"]["net.4.bias"][0, 0]
     assert torch.allclose(namespace["action"], torch.tanh(out[:3]), atol=1e-6)
+
+
+def test_a_used_run_dir_is_refused_without_resume_or_overwrite(run_script, tiny_hopper_hdf5, trained, tmp_path):
+    root, _ = trained
+    before = (root / "run_a" / "eval.csv").read_text()
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *TINY, "--save-dir", tmp_path / "fresh",
+                        "--total-steps", "5", "--run-dir", root / "run_a")
+    assert result.returncode != 0 and "eval.csv already exists" in result.stderr and "Traceback" not in result.stderr
+    assert (root / "run_a" / "eval.csv").read_text() == before and not (tmp_path / "fresh").exists()
