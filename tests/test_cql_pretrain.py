@@ -270,6 +270,12 @@ TINY = ["--num-agents", "2", "--hidden-sizes", "16", "16", "--batch-size", "16",
         "--eval-episodes", "1", "--bc-steps", "5", "--log-every", "10"]
 
 
+def assert_refused(result, message):
+    """A bad input: non-zero exit, the message in one clear sentence on stderr, no traceback."""
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def read_eval(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -363,8 +369,7 @@ def test_agent_initialisation_does_not_depend_on_n():
 ])
 def test_bad_dataset_gives_one_clear_sentence(run_script, dataset, message):
     result = run_script("cql_pretrain.py", "--env", dataset, "--total-steps", "1", timeout=120)
-    assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert_refused(result, message)
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -373,7 +378,7 @@ def test_occupied_save_dir_and_corrupted_resume_are_refused(run_script, tiny_hop
     before = (root / "b" / "agent_0.pt").read_bytes()
     result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *TINY, "--save-dir", root / "b",
                         "--total-steps", "5", "--run-dir", tmp_path / "run")
-    assert result.returncode != 0 and "--resume" in result.stderr and "Traceback" not in result.stderr
+    assert_refused(result, "--resume")
     assert (root / "b" / "agent_0.pt").read_bytes() == before
 
     broken = tmp_path / "broken"
@@ -382,7 +387,7 @@ def test_occupied_save_dir_and_corrupted_resume_are_refused(run_script, tiny_hop
         (broken / f"agent_{k}.pt").write_bytes(before[: len(before) // 2])
     result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *TINY, "--save-dir", broken,
                         "--total-steps", "5", "--resume", "--run-dir", tmp_path / "run")
-    assert result.returncode != 0 and "corrupted" in result.stderr and "Traceback" not in result.stderr
+    assert_refused(result, "corrupted")
     assert (broken / "agent_0.pt").read_bytes() == before[: len(before) // 2]
 
 
@@ -397,7 +402,7 @@ def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, t
         f["terminals"] = np.zeros(10, bool)
     result = run_script("cql_pretrain.py", "--env", cheetah, *TINY, "--save-dir", root / "b", "--resume",
                         "--total-steps", "40", "--run-dir", tmp_path / "run")
-    assert result.returncode != 0 and "other shapes" in result.stderr and "Traceback" not in result.stderr
+    assert_refused(result, "other shapes")
 
 
 def test_readme_loading_snippet_gives_the_deterministic_action(trained):
@@ -421,5 +426,5 @@ def test_a_used_run_dir_is_refused_without_resume_or_overwrite(run_script, tiny_
     before = (root / "run_a" / "eval.csv").read_text()
     result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *TINY, "--save-dir", tmp_path / "fresh",
                         "--total-steps", "5", "--run-dir", root / "run_a")
-    assert result.returncode != 0 and "eval.csv already exists" in result.stderr and "Traceback" not in result.stderr
+    assert_refused(result, "eval.csv already exists")
     assert (root / "run_a" / "eval.csv").read_text() == before and not (tmp_path / "fresh").exists()
