@@ -414,10 +414,9 @@ def test_readme_loading_snippet_gives_the_deterministic_action(trained):
     obs = np.linspace(-1, 1, 11)
     namespace = {"obs": obs}
     exec(snippet, namespace)
-    ckpt = torch.load(root / "a" / "agent_0.pt", weights_only=True)
-    first = ckpt["actor"]["net.0.weight"][0].T @ torch.as_tensor(obs, dtype=torch.float32) + ckpt["actor"]["net.0.bias"][0, 0]
-    hidden = torch.relu(first) @ ckpt["actor"]["net.2.weight"][0] + ckpt["actor"]["net.2.bias"][0, 0]
-    out = torch.relu(hidden) @ ckpt["actor"]["net.4.weight"][0] + ckpt["actor"]["net.4.bias"][0, 0]
+    reference = cql.Actor(11, 3, (16, 16), 1)
+    reference.load_state_dict(torch.load(root / "a" / "agent_0.pt", weights_only=True)["actor"])
+    out = mlp_member(reference.net, 0, torch.as_tensor(obs, dtype=torch.float32)[None])[0]  # layer by layer
     assert torch.allclose(namespace["action"], torch.tanh(out[:3]), atol=1e-6)
 
 
