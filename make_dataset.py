@@ -22,6 +22,7 @@ Example:
     python -c "import minari; print(minari.load_dataset('local/hopper/medium-v0'))"
 """
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -145,11 +146,11 @@ class Actor(nn.Module):
     def sample(self, obs, generator: Optional[torch.Generator] = None):
         """Tanh-Gaussian sample (reparameterised), its log-probability, and the deterministic action."""
         mean, log_std = self(obs)
-        std = log_std.exp()
-        x = mean + std * torch.randn(mean.shape, generator=generator)
-        y = torch.tanh(x)
+        noise = torch.randn(mean.shape, generator=generator)
+        y = torch.tanh(mean + log_std.exp() * noise)
         action = y * self.action_scale + self.action_bias
-        log_prob = torch.distributions.Normal(mean, std).log_prob(x)
+        # log N(x; mean, std) with x = mean + std * noise, written out (cheaper than torch.distributions.Normal)
+        log_prob = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
         log_prob = (log_prob - torch.log(self.action_scale * (1 - y.pow(2)) + 1e-6)).sum(1, keepdim=True)
         return action, log_prob, torch.tanh(mean) * self.action_scale + self.action_bias
 
@@ -172,10 +173,15 @@ def update_critics(batch, actor, qf1, qf2, qf1_target, qf2_target, q_optimizer, 
 def update_actor_and_alpha(obs, actor, qf1, qf2, actor_optimizer, log_alpha, a_optimizer, target_entropy, alpha):
     """One step of the actor (α log π − min Q) and, if a_optimizer is given, of log α; returns α."""
     action, log_prob, _ = actor.sample(obs)
+    critic_params = [*qf1.parameters(), *qf2.parameters()]
+    for param in critic_params:  # the actor loss needs dQ/da, not the critics' weight gradients
+        param.requires_grad_(False)
     actor_loss = (alpha * log_prob - torch.min(qf1(obs, action), qf2(obs, action))).mean()
     actor_optimizer.zero_grad()
     actor_loss.backward()
     actor_optimizer.step()
+    for param in critic_params:
+        param.requires_grad_(True)
     if a_optimizer is None:
         return alpha
     with torch.no_grad():
@@ -185,6 +191,13 @@ def update_actor_and_alpha(obs, actor, qf1, qf2, actor_optimizer, log_alpha, a_o
     alpha_loss.backward()
     a_optimizer.step()
     return log_alpha.exp().item()
+
+
+@torch.no_grad()
+def soft_update(target_net: nn.Module, net: nn.Module, tau: float) -> None:
+    """Polyak averaging θ̄ ← τθ + (1 − τ)θ̄, in place."""
+    for target_param, param in zip(target_net.parameters(), net.parameters()):
+        target_param.lerp_(param, tau)
 
 
 def make_env(args: Args) -> gym.Env:
@@ -275,8 +288,8 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
     qf1_target, qf2_target = SoftQNetwork(obs_dim, act_dim), SoftQNetwork(obs_dim, act_dim)
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, fused=True)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     target_entropy = -float(act_dim)
     log_alpha = torch.zeros(1, requires_grad=True)
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr) if args.autotune else None
@@ -345,9 +358,8 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
                     alpha = update_actor_and_alpha(batch["observations"], actor, qf1, qf2, actor_optimizer,
                                                    log_alpha, a_optimizer, target_entropy, alpha)
             if global_step % args.target_network_frequency == 0:
-                for net, target_net in ((qf1, qf1_target), (qf2, qf2_target)):
-                    for param, target_param in zip(net.parameters(), target_net.parameters()):
-                        target_param.data.copy_(args.tau * param.data + (1 - args.tau) * target_param.data)
+                soft_update(qf1_target, qf1, args.tau)
+                soft_update(qf2_target, qf2, args.tau)
 
         if terminated or truncated:
             run["episodes"] += 1

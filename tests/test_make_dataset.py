@@ -166,6 +166,27 @@ def test_soft_q_target_matches_hand_computation():
     torch.testing.assert_close(target, torch.tensor([[5.05], [2.0]]))
 
 
+def test_tanh_gaussian_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    actor = md.Actor(5, np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))
+    obs = torch.randn(16, 5)
+    action, log_prob, _ = actor.sample(obs, torch.Generator().manual_seed(3))
+    mean, log_std = actor(obs)
+    x = mean + log_std.exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(action, torch.tanh(x) * actor.action_scale + actor.action_bias)
+    expected = (torch.distributions.Normal(mean, log_std.exp()).log_prob(x)
+                - torch.log(actor.action_scale * (1 - torch.tanh(x).pow(2)) + 1e-6)).sum(1, keepdim=True)
+    torch.testing.assert_close(log_prob, expected)
+
+
+def test_soft_update_is_polyak_averaging():
+    net, target_net = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.1 * p.detach() + 0.9 * t.detach() for p, t in zip(net.parameters(), target_net.parameters())]
+    md.soft_update(target_net, net, tau=0.1)
+    for target_param, value in zip(target_net.parameters(), expected):
+        torch.testing.assert_close(target_param.detach(), value)
+
+
 def test_critic_update_reduces_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     obs_dim, act_dim = 5, 2
@@ -194,9 +215,13 @@ def test_actor_update_raises_q_of_its_actions():
             action = actor.sample(obs, torch.Generator().manual_seed(0))[0]
             return torch.min(qf1(obs, action), qf2(obs, action)).mean().item()
     before = q_of_actor()
+    critics_before = [p.clone() for p in [*qf1.parameters(), *qf2.parameters()]]
     for _ in range(50):
         md.update_actor_and_alpha(obs, actor, qf1, qf2, actor_optimizer, log_alpha, None, -float(act_dim), 0.0)
     assert q_of_actor() > before
+    for param, value in zip([*qf1.parameters(), *qf2.parameters()], critics_before):
+        assert param.grad is None and param.requires_grad  # no critic gradient, and trainable again afterwards
+        assert torch.equal(param, value)
 
 
 def test_sac_kinds_medium_replay_and_medium_expert(minari_root):
