@@ -154,6 +154,13 @@ class Actor(nn.Module):
         log_prob = (log_prob - torch.log(self.action_scale * (1 - y.pow(2)) + 1e-6)).sum(1, keepdim=True)
         return action, log_prob, torch.tanh(mean) * self.action_scale + self.action_bias
 
+    @torch.inference_mode()
+    def act(self, obs, generator: Optional[torch.Generator] = None):
+        """The action of sample() alone (same noise draw), about twice as fast for rollouts."""
+        mean, log_std = self(obs)
+        noise = torch.randn(mean.shape, generator=generator)
+        return torch.tanh(mean + log_std.exp() * noise) * self.action_scale + self.action_bias
+
 
 def update_critics(batch, actor, qf1, qf2, qf1_target, qf2_target, q_optimizer, alpha, gamma) -> float:
     """One gradient step of both critics towards the soft Bellman target; returns the loss."""
@@ -211,8 +218,7 @@ def actor_policy(actor: Actor, seed: int) -> Callable[[np.ndarray], np.ndarray]:
     generator = torch.Generator().manual_seed(seed)
 
     def policy(obs):
-        with torch.no_grad():
-            return actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None], generator)[0][0].numpy()
+        return actor.act(torch.as_tensor(obs, dtype=torch.float32)[None], generator)[0].numpy()
     return policy
 
 
@@ -340,8 +346,7 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
             low, high = env.action_space.low, env.action_space.high
             action = (low + torch.rand(act_dim).numpy() * (high - low)).astype(np.float32)
         else:
-            with torch.no_grad():
-                action = actor.sample(torch.as_tensor(obs, dtype=torch.float32)[None])[0][0].numpy()
+            action = actor.act(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy()
         next_obs, reward, terminated, truncated, _ = env.step(action)
         for key, value in zip(shapes, (obs, next_obs, action, reward, terminated, truncated)):
             replay[key][global_step] = torch.as_tensor(np.asarray(value))

@@ -177,6 +177,7 @@ def test_tanh_gaussian_log_prob_matches_torch_distributions():
     expected = (torch.distributions.Normal(mean, log_std.exp()).log_prob(x)
                 - torch.log(actor.action_scale * (1 - torch.tanh(x).pow(2)) + 1e-6)).sum(1, keepdim=True)
     torch.testing.assert_close(log_prob, expected)
+    torch.testing.assert_close(actor.act(obs, torch.Generator().manual_seed(3)), action)  # the rollout path
 
 
 def test_soft_update_is_polyak_averaging():
