@@ -10,7 +10,7 @@ agent draws its own minibatches and action noise from its own generator and has 
     python cql_pretrain.py --env hopper-medium-v2 --save-dir checkpoints/hopper-medium-v2
 
 writes checkpoints/hopper-medium-v2/agent_0.pt ... agent_3.pt, read by off2on_finetune.py
-and upq_finetune.py. See ../shared/SPEC.md section 1 for every default and its source.
+and upq_finetune.py. See SPEC.md section 1 for every default and its source.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ w(s, a) learns to give near-on-policy transitions.
 reads agent_0.pt ... agent_{N-1}.pt written by cql_pretrain.py, runs 200 epochs of 1,000 env steps and
 1,000 gradient steps (10,000 in epoch 0), evaluates at the start of every epoch (step 0 = the
 pre-trained ensemble) into <run-dir>/eval.csv and saves the fine-tuned agents to --save-dir in the same
-per-agent layout. upq_finetune.py is this file plus the uncertainty penalty. See ../shared/SPEC.md
+per-agent layout. upq_finetune.py is this file plus the uncertainty penalty. See SPEC.md
 section 2 for every default and its source.
 """
 

@@ -16,7 +16,7 @@ checkpoints/hopper-medium-v2__seed1), runs 200 epochs of 1,000 env steps and 1,0
 (10,000 in epoch 0), evaluates at the start of every epoch (step 0 = the pre-trained ensemble) into
 <run-dir>/eval.csv and saves the fine-tuned agents to --save-dir in the same per-agent layout. This file
 is off2on_finetune.py plus uncertainty_std, the beta term and its flags: with --beta 0 both scripts give
-the same numbers for the same seed. See ../shared/SPEC.md sections 2-3 for every default and its source.
+the same numbers for the same seed. See SPEC.md sections 2-3 for every default and its source.
 """
 
 from __future__ import annotations
