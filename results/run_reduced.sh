@@ -6,7 +6,7 @@
 #   STAGE=cql bash results/run_reduced.sh medium  # only the CQL agents (STAGE=finetune: only fine-tuning)
 #   STAGE=finetune SEEDS=2 METHODS=upq bash results/run_reduced.sh medium  # one fine-tuning run
 #
-# Budgets (a 2-core CPU, one process per core): 2x64 networks, 10k CQL steps, 20 fine-tuning
+# Budgets (a 2-core CPU, one process per core): 2x64 networks, 10k CQL steps, 10 fine-tuning
 # epochs of 1,000 env steps. eval.csv files and logs go to results/hopper-<kind>/, checkpoints to
 # $CKPT (default runs/reduced/). EXTRA="--resume" continues stopped runs (EXTRA is added to every command).
 set -euo pipefail
@@ -14,7 +14,7 @@ kind=${1:?usage: run_reduced.sh medium|medium-replay|medium-expert}
 out=results/hopper-$kind
 ckpt=${CKPT:-runs/reduced}/hopper-$kind
 cql_steps=${CQL_STEPS:-10000}
-finetune_steps=${FINETUNE_STEPS:-20000}
+finetune_steps=${FINETUNE_STEPS:-10000}
 seeds=${SEEDS:-1 2 3}
 methods=${METHODS:-off2on upq}
 export OMP_NUM_THREADS=1
