@@ -276,6 +276,13 @@ def assert_refused(result, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def assert_refused_leaving(run_script, kept: Path, message, *flags):
+    """A bad run of cql_pretrain.py is refused and leaves the file `kept` byte for byte as it was."""
+    before = kept.read_bytes()
+    assert_refused(run_script("cql_pretrain.py", *flags), message)
+    assert kept.read_bytes() == before
+
+
 def read_eval(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -376,19 +383,15 @@ def test_bad_dataset_gives_one_clear_sentence(run_script, dataset, message):
 def test_occupied_save_dir_and_corrupted_resume_are_refused(run_script, tiny_hopper_hdf5, trained, tmp_path):
     root, _ = trained
     before = (root / "b" / "agent_0.pt").read_bytes()
-    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *TINY, "--save-dir", root / "b",
-                        "--total-steps", "5", "--run-dir", tmp_path / "run")
-    assert_refused(result, "--resume")
-    assert (root / "b" / "agent_0.pt").read_bytes() == before
+    assert_refused_leaving(run_script, root / "b" / "agent_0.pt", "--resume", "--env", tiny_hopper_hdf5, *TINY,
+                           "--save-dir", root / "b", "--total-steps", "5", "--run-dir", tmp_path / "run")
 
     broken = tmp_path / "broken"
     broken.mkdir()
     for k in range(2):
         (broken / f"agent_{k}.pt").write_bytes(before[: len(before) // 2])
-    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *TINY, "--save-dir", broken,
-                        "--total-steps", "5", "--resume", "--run-dir", tmp_path / "run")
-    assert_refused(result, "corrupted")
-    assert (broken / "agent_0.pt").read_bytes() == before[: len(before) // 2]
+    assert_refused_leaving(run_script, broken / "agent_0.pt", "corrupted", "--env", tiny_hopper_hdf5, *TINY,
+                           "--save-dir", broken, "--total-steps", "5", "--resume", "--run-dir", tmp_path / "run")
 
 
 def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, tmp_path):
@@ -422,8 +425,7 @@ def test_readme_loading_snippet_gives_the_deterministic_action(trained):
 
 def test_a_used_run_dir_is_refused_without_resume_or_overwrite(run_script, tiny_hopper_hdf5, trained, tmp_path):
     root, _ = trained
-    before = (root / "run_a" / "eval.csv").read_text()
-    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *TINY, "--save-dir", tmp_path / "fresh",
-                        "--total-steps", "5", "--run-dir", root / "run_a")
-    assert_refused(result, "eval.csv already exists")
-    assert (root / "run_a" / "eval.csv").read_text() == before and not (tmp_path / "fresh").exists()
+    assert_refused_leaving(run_script, root / "run_a" / "eval.csv", "eval.csv already exists", "--env",
+                           tiny_hopper_hdf5, *TINY, "--save-dir", tmp_path / "fresh", "--total-steps", "5",
+                           "--run-dir", root / "run_a")
+    assert not (tmp_path / "fresh").exists()
