@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -34,6 +35,7 @@ import tyro
 
 PROJECT_VERSION = "0.1.0"
 CHECKPOINT_FORMAT = "upq-cql-agent-v1"
+CUDA_GRAPH_WARMUP = 3  # eager updates at the start of each phase (BC warm-up, CQL) before its step is recorded as a CUDA graph
 
 
 @dataclass
@@ -92,6 +94,8 @@ class Args:
     """auto = cuda when available"""
     compile: bool = False
     """torch.compile the losses (fuses the elementwise work; on 2 CPU cores, N = 4: +30% updates/s after ~1 min of compilation)"""
+    cuda_graph: bool = True
+    """on cuda, record the whole update (sampling, noise, losses, Adam, target update) once per phase as a CUDA graph and replay it"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "upq"
@@ -482,7 +486,28 @@ def cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimiz
         opt.step()
     with torch.no_grad():
         torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
-    return loss, metrics
+    # detached: a caller that keeps them must not keep this step's autograd graph alive (it breaks CUDA graph capture)
+    return loss.detach(), {key: value.detach() for key, value in metrics.items()}
+
+
+def cuda_graphed(step, generators):
+    """Record one call of step() as a CUDA graph; returns a function that replays it and returns step()'s outputs.
+
+    A replay launches the recorded kernels on the same tensors with no Python in between, so every state the step
+    changes must change in place. The agents' generators are registered with the graph: each replay advances them
+    exactly as an eager call would, so a graphed run draws the same numbers as an eager one.
+    """
+    graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        outputs = step()
+
+    def replay():
+        graph.replay()
+        return outputs
+
+    return replay
 
 
 def draw_noise(generators, batch_size, act_dim, num_random, device):
@@ -643,7 +668,7 @@ def main(args: Args) -> None:
     target_critic.requires_grad_(False)
     log_alpha = torch.zeros(n, device=device, requires_grad=True)
     log_alpha_prime = None if args.lagrange_threshold is None else torch.zeros(n, device=device, requires_grad=True)
-    adam = dict(foreach=True) if device.type == "cpu" else dict(fused=True)
+    adam = dict(fused=True, capturable=device.type == "cuda")  # capturable: its step count lives on the GPU
     optimizers = {
         "actor": torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam),
         "critic": torch.optim.Adam(critic.parameters(), lr=args.critic_lr, **adam),
@@ -673,8 +698,13 @@ def main(args: Args) -> None:
             if log_alpha_prime is not None:
                 log_alpha_prime.copy_(torch.cat([c["log_alpha_prime"] for c in checkpoints]))
         for name, opt in optimizers.items():
-            opt.load_state_dict(concat_optimizer_states([c["optimizers"][name] for c in checkpoints]))
+            state = concat_optimizer_states([c["optimizers"][name] for c in checkpoints])
+            for group in state["param_groups"]:  # this run's device settings, not the saving run's
+                group.update(foreach=None, **adam)
+            opt.load_state_dict(state)
         for g, ckpt in zip(generators, checkpoints):
+            if ckpt["generator_state"].numel() != g.get_state().numel():  # a CPU and a CUDA generator's states differ
+                fail(f"the checkpoints in {save_dir} were saved on another kind of device: resume on that --device")
             g.set_state(ckpt["generator_state"])
         print(f"resumed {n} agents from {save_dir} at step {start_step}")
 
@@ -720,15 +750,25 @@ def main(args: Args) -> None:
         return per_agent
 
     losses = torch.compile(cql_losses) if args.compile else cql_losses
+
+    def train_step(step: int):  # one update of all agents: their minibatches, action noise, losses and optimiser steps
+        batch = sample_batch(tensors, generators, args.batch_size)
+        noise = draw_noise(generators, args.batch_size, act_dim, args.num_random, device)
+        return cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers, batch, noise, args,
+                          act_dim, step, losses)
+
+    graphs = {}  # behaviour cloning on/off -> the recorded update of that phase
     timer, timer_step = time.perf_counter(), start_step
     for step in range(start_step, args.total_steps):
         if step % args.eval_every == 0 and step > start_step or (step == 0 and start_step == 0):
             scores = evaluate_and_log(step)
             timer, timer_step = time.perf_counter(), step
-        batch = sample_batch(tensors, generators, args.batch_size)
-        noise = draw_noise(generators, args.batch_size, act_dim, args.num_random, device)
-        loss, metrics = cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers, batch, noise,
-                                   args, act_dim, step, losses)
+        cloning = step < args.bc_steps
+        phase_start = max(start_step, 0 if cloning else args.bc_steps)
+        record = args.cuda_graph and device.type == "cuda" and step - phase_start == CUDA_GRAPH_WARMUP
+        if record:  # the step's tensors stay allocated; the graph replays it from here to the phase's end
+            graphs[cloning] = cuda_graphed(functools.partial(train_step, step), generators)
+        loss, metrics = graphs[cloning]() if cloning in graphs else train_step(step)
 
         done = step + 1
         if done % args.log_every == 0 or done % args.save_every == 0 or done == args.total_steps:

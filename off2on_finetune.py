@@ -901,6 +901,8 @@ def main(args: Args) -> None:
         if density_ratio is not None:
             density_ratio.load_state_dict(run_state["density_ratio"])
         replay.load_state_dict(run_state["replay"])
+        if run_state["generator_state"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
+            fail(f"the run in {save_dir} was saved on another kind of device: resume on that --device")
         generator.set_state(run_state["generator_state"])
         env_steps, grad_steps = run_state["meta"]["env_steps"], run_state["meta"]["grad_steps"]
         print(f"resumed {n} fine-tuned agents from {save_dir} at env step {env_steps:,}")
@@ -939,6 +941,8 @@ def main(args: Args) -> None:
         if wandb:
             wandb.log({"eval/return": returns.mean(), "eval/normalized_score": score}, step=step)
 
+    started = cycle_start = time.perf_counter()  # a cycle: evaluation, saving, collecting, training
+    steps_at_start = env_steps
     if env_steps == 0:
         evaluate_and_log(0)  # the pre-trained ensemble, the first point of the paper's Fig. 2
     env = gym.make(data.gym_env_id)
@@ -961,6 +965,8 @@ def main(args: Args) -> None:
         grad_steps += num_updates
         means = dict(zip(metrics, (sums / num_updates).tolist()))  # the epoch's only host-device sync
         speed = num_updates / (time.perf_counter() - timer)
+        env_speed = len(rows) / (time.perf_counter() - cycle_start)  # everything since the last epoch's training
+        cycle_start = time.perf_counter()
         if not all(math.isfinite(means[key]) for key in ("critic_loss", "actor_loss", "ratio_loss")):
             fail(f"a loss became non-finite in epoch {epoch} (critic {means['critic_loss']}, actor "
                  f"{means['actor_loss']}, density ratio {means['ratio_loss']}); the checkpoints in {save_dir} "
@@ -968,7 +974,7 @@ def main(args: Args) -> None:
 
         train_log = (f" | Q {means['q_mean']:.2f}"
                      f" | alpha {means['alpha']:.4f} | online fraction {means['online_fraction']:.3f}"
-                     f" | {speed:.1f} updates/s")
+                     f" | {speed:.1f} updates/s | {env_speed:.1f} env steps/s")
         evaluate_and_log(env_steps, train_log)
         if wandb:
             wandb.log({f"train/{key}": value for key, value in means.items()} | {"updates_per_s": speed},
@@ -983,7 +989,9 @@ def main(args: Args) -> None:
             save_run(save_dir, nets, optimizers, run_state, {**meta, "env_steps": env_steps, "grad_steps": grad_steps})
     csv_file.close()
     env.close()
-    print(f"saved {n} fine-tuned agents to {save_dir}; evaluations in {eval_csv}")
+    minutes = (time.perf_counter() - started) / 60
+    print(f"{env_steps - steps_at_start:,} env steps in {minutes:.1f} min; saved {n} fine-tuned agents to {save_dir}; "
+          f"evaluations in {eval_csv}")
 
 
 if __name__ == "__main__":

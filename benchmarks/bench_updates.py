@@ -50,7 +50,7 @@ class Args:
     out: str = "benchmarks/results.csv"
     """CSV written here"""
     only: str | None = None
-    """internal: run one measurement (matmul, cql:N, off2on:N, upq:N) in this process and print JSON"""
+    """internal: run one measurement (matmul, cql:N, cql_eager:N, cql_compiled:N, off2on:N, upq:N) here and print JSON"""
 
 
 def mlp_macs(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> int:
@@ -133,7 +133,8 @@ def synthetic_dataset(size: int, device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in data.items()}
 
 
-def measure_cql(args, device, num_agents: int, compile_losses: bool = False):
+def measure_cql(args, device, num_agents: int, compile_losses: bool = False, graph: bool = True):
+    """The CQL step as cql_pretrain.py runs it: on CUDA replayed as a CUDA graph unless graph=False (--no-cuda-graph)."""
     import cql_pretrain as cql
 
     hidden = tuple(args.hidden_sizes)
@@ -143,7 +144,7 @@ def measure_cql(args, device, num_agents: int, compile_losses: bool = False):
     target_critic.load_state_dict(critic.state_dict())
     target_critic.requires_grad_(False)
     log_alpha = torch.zeros(num_agents, device=device, requires_grad=True)
-    adam = dict(foreach=True) if device.type == "cpu" else dict(fused=True)
+    adam = dict(fused=True, capturable=device.type == "cuda")
     optimizers = {
         "actor": torch.optim.Adam(actor.parameters(), lr=1e-4, **adam),
         "critic": torch.optim.Adam(critic.parameters(), lr=3e-4, **adam),
@@ -156,13 +157,18 @@ def measure_cql(args, device, num_agents: int, compile_losses: bool = False):
 
     losses = torch.compile(cql.cql_losses) if compile_losses else cql.cql_losses
 
-    def step(i):
+    def eager():
         batch = cql.sample_batch(data, generators, args.batch_size)
         noise = cql.draw_noise(generators, args.batch_size, ACT_DIM, cql_args.num_random, device)
-        cql.cql_update(actor, critic, target_critic, log_alpha, None, optimizers, batch, noise, cql_args, ACT_DIM, i,
-                       losses)
+        return cql.cql_update(actor, critic, target_critic, log_alpha, None, optimizers, batch, noise, cql_args,
+                              ACT_DIM, 0, losses)
 
-    rate = time_it(step, device, args.warmup, args.steps)
+    step = eager
+    if graph and device.type == "cuda":
+        for _ in range(cql.CUDA_GRAPH_WARMUP):
+            eager()
+        step = cql.cuda_graphed(eager, generators)
+    rate = time_it(lambda i: step(), device, args.warmup, args.steps)
     return dict(updates_per_s=rate, gflop_per_update=cql_flops(num_agents, hidden, args.batch_size) / 1e9)
 
 
@@ -219,6 +225,7 @@ def measure_finetune(args, device, num_agents: int, script: str):
 MEASUREMENTS = {
     "matmul": measure_matmul,
     "cql": measure_cql,
+    "cql_eager": lambda args, device, n: measure_cql(args, device, n, graph=False),
     "cql_compiled": lambda args, device, n: measure_cql(args, device, n, compile_losses=True),
     "off2on": lambda args, device, n: measure_finetune(args, device, n, "off2on_finetune"),
     "upq": lambda args, device, n: measure_finetune(args, device, n, "upq_finetune"),
@@ -241,6 +248,8 @@ def main(args: Args) -> None:
     if args.warmup == 0:
         args.warmup = 3 if args.device == "cpu" else 50
     plan = [("matmul", 4), ("cql", 1), ("cql", 4), ("cql_compiled", 4), ("off2on", 4), ("upq", 4)]
+    if args.device == "cuda":  # "cql" replays a CUDA graph there; this row is the same step launched op by op
+        plan.insert(3, ("cql_eager", 4))
     rows, probe = [], None
     for name, agents in plan:
         command = [sys.executable, __file__, "--only", name if name == "matmul" else f"{name}:{agents}",

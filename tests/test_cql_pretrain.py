@@ -408,6 +408,41 @@ def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, t
     assert_refused(result, "other shapes")
 
 
+def test_resume_on_another_kind_of_device_is_refused(run_script, tiny_hopper_hdf5, trained, tmp_path):
+    """A CUDA generator's state (16 bytes) cannot continue a CPU generator's stream (5,056 bytes), nor the reverse."""
+    root, _ = trained
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for k in range(2):
+        checkpoint = torch.load(root / "b" / f"agent_{k}.pt", weights_only=True)
+        checkpoint["generator_state"] = torch.zeros(16, dtype=torch.uint8)
+        torch.save(checkpoint, moved / f"agent_{k}.pt")
+    assert_refused_leaving(run_script, moved / "agent_0.pt", "saved on another kind of device", "--env",
+                           tiny_hopper_hdf5, *TINY, "--save-dir", moved, "--total-steps", "40", "--resume",
+                           "--run-dir", tmp_path / "run")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_the_eager_updates(run_script, tiny_hopper_hdf5, tmp_path):
+    """On CUDA the recorded steps (one graph for the BC warm-up, one after) do what the eager steps do, draw the
+    same random numbers, and a graphed run resumes to the uninterrupted one."""
+    common = ["--env", tiny_hopper_hdf5, *TINY, "--eval-every", "20", "--save-every", "20", "--device", "cuda"]
+    runs = {"eager": ["--no-cuda-graph", "--total-steps", "30"], "graph": ["--total-steps", "30"],
+            "first_half": ["--total-steps", "20"], "resumed": ["--total-steps", "30", "--resume"]}
+    for name, flags in runs.items():
+        save = tmp_path / ("resumed" if name == "first_half" else name)
+        result = run_script("cql_pretrain.py", *common, *flags, "--save-dir", save, "--run-dir", tmp_path / f"run_{name}")
+        assert result.returncode == 0, result.stderr
+        assert "agents on cuda" in result.stdout
+    for k in range(2):
+        eager, eager_params = params_of(tmp_path / "eager" / f"agent_{k}.pt")
+        for name in ("graph", "resumed"):
+            checkpoint, params = params_of(tmp_path / name / f"agent_{k}.pt")
+            assert torch.equal(checkpoint["generator_state"], eager["generator_state"])
+            assert torch.allclose(params, eager_params, rtol=1e-4, atol=1e-6)
+            assert torch.allclose(checkpoint["log_alpha"], eager["log_alpha"], rtol=1e-4, atol=1e-6)
+
+
 def test_readme_loading_snippet_gives_the_deterministic_action(trained):
     """The three lines the README shows for loading a checkpoint and acting, run as written."""
     root, _ = trained

@@ -3,6 +3,7 @@ against a member-by-member loop, balanced replay's sampler, checkpoint loading, 
 
 import csv
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -311,7 +312,7 @@ def test_smoke_run_saves_agents_eval_csv_and_log(finetuned, tiny_cql_checkpoints
     for row in rows:
         expected = 100 * (float(row["return"]) - low) / (high - low)
         assert float(row["normalized_score"]) == pytest.approx(expected, abs=1e-2)
-    for field in ("| Q ", "| alpha ", "| online fraction ", "updates/s"):
+    for field in ("| Q ", "| alpha ", "| online fraction ", "updates/s", "env steps/s"):
         assert field in stdout["off2on"]
     assert "| U " in stdout["upq_beta0"] and "| U " not in stdout["off2on"]
 
@@ -373,6 +374,22 @@ def test_occupied_save_dir_is_refused(run_script, finetuned, tiny_hopper_hdf5, t
     assert (root / "off2on" / "agent_0.pt").read_bytes() == before and not (root / "again").exists()
 
 
+def test_resume_on_another_kind_of_device_is_refused(run_script, finetuned, tiny_hopper_hdf5, tmp_path):
+    """A CUDA generator's state (16 bytes) cannot continue a CPU run's random stream, nor the reverse."""
+    root, _ = finetuned
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "upq", moved)
+    state = torch.load(moved / "run_state.pt", weights_only=True)
+    state["generator_state"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, moved / "run_state.pt")
+    before = {path.name: path.read_bytes() for path in moved.iterdir()}
+    result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "30", "--resume",
+                        "--save-dir", moved, "--run-dir", tmp_path / "run", env=ONE_THREAD)
+    assert result.returncode != 0 and "saved on another kind of device" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {path.name: path.read_bytes() for path in moved.iterdir()} == before
+
+
 def edited_checkpoint(source, target, **meta):
     """A copy of the checkpoint `source` with some meta entries replaced (or, with critic_nan, a NaN critic)."""
     checkpoint = torch.load(source, weights_only=True)
@@ -423,10 +440,19 @@ def test_nan_loss_stops_the_run_before_anything_is_saved(run_script, tiny_hopper
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_run_end_to_end(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path):
-    result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "20", "--device", "cuda",
-                        "--checkpoints", tiny_cql_checkpoints, "--save-dir", tmp_path / "save",
-                        "--run-dir", tmp_path / "run")
-    assert result.returncode == 0, result.stderr
-    assert [r["step"] for r in eval_rows(tmp_path / "run")] == ["0", "10", "20"]
-    assert "on cuda" in result.stdout
+def test_cuda_run_end_to_end_with_and_without_cuda_graphs(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path):
+    """The recorded update (from the 4th step of every epoch on) does what the eager one does, with the same draws."""
+    saved = {}
+    for name, flag in (("graph", "--cuda-graph"), ("eager", "--no-cuda-graph")):
+        result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "20", "--device",
+                            "cuda", flag, "--checkpoints", tiny_cql_checkpoints, "--save-dir", tmp_path / name,
+                            "--run-dir", tmp_path / f"run_{name}")
+        assert result.returncode == 0, result.stderr
+        assert [r["step"] for r in eval_rows(tmp_path / f"run_{name}")] == ["0", "10", "20"]
+        assert "on cuda" in result.stdout
+        saved[name] = [torch.load(tmp_path / name / file, weights_only=True) for file in ("agent_0.pt", "run_state.pt")]
+    (graph_agent, graph_state), (eager_agent, eager_state) = saved["graph"], saved["eager"]
+    assert torch.equal(graph_state["generator_state"], eager_state["generator_state"])
+    for net in ("actor", "critic", "target_critic"):
+        for key in eager_agent[net]:
+            assert torch.allclose(graph_agent[net][key], eager_agent[net][key], rtol=1e-4, atol=1e-6)
