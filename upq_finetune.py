@@ -592,11 +592,12 @@ def finetune_losses(actor, critic, target_critic, density_ratio, log_alpha, rows
     def every_critic(x):  # [B, D] -> [2N, B, D]: all critics see the same batch
         return x.expand(2 * num_members, -1, -1)
 
-    # Eq. (3): pi^E at s and s' in one actor call, one reparameterised sample each
-    mean, log_std = ensemble_policy(*actor(torch.cat([obs, next_obs]).expand(num_members, -1, -1)))  # [2B, A]
-    sampled, log_prob = tanh_gaussian_sample(mean, log_std, noise)
-    new_actions, next_actions = sampled.split(batch_size)  # [B, A]
-    new_log_prob, next_log_prob = log_prob.split(batch_size)  # [B]
+    # Eq. (3): pi^E at s (trained through the actor loss) and at s' (for the target only: no graph), a sample each
+    new_actions, new_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(obs.expand(num_members, -1, -1))),
+                                                     noise[:batch_size])  # [B, A], [B]
+    with torch.no_grad():
+        next_actions, next_log_prob = tanh_gaussian_sample(
+            *ensemble_policy(*actor(next_obs.expand(num_members, -1, -1))), noise[batch_size:])
 
     # Eqs. (4)-(6): every member regresses to its own penalised target at the shared a' ~ pi^E(.|s')
     with torch.no_grad():

@@ -77,7 +77,8 @@ def finetune_flops(num_agents: int, hidden, batch: int) -> float:
     critic = mlp_macs(OBS_DIM + ACT_DIM, hidden, 1)
     ratio = mlp_macs(OBS_DIM + ACT_DIM, hidden, 1)
     return (
-        num_agents * 2 * actor * (2 * batch) * 3  # N actors at s and s' (s' only needs forward; counted as trained)
+        num_agents * 2 * actor * batch * 3  # N actors at s, trained
+        + num_agents * 2 * actor * batch  # N actors at s', forward only (the target's action)
         + 2 * num_agents * 2 * critic * batch * 3  # 2N critics on the batch, trained
         + 2 * num_agents * 2 * critic * batch * 2  # frozen critics in the actor loss
         + 2 * num_agents * 2 * critic * batch  # target critics
