@@ -996,8 +996,8 @@ def main(args: Args) -> None:
                      f" | {speed:.1f} updates/s | {env_speed:.1f} env steps/s")
         evaluate_and_log(env_steps, train_log)
         if wandb:
-            wandb.log({f"train/{key}": value for key, value in means.items()} | {"updates_per_s": speed},
-                      step=env_steps)
+            speeds = {"updates_per_s": speed, "env_steps_per_s": env_speed}
+            wandb.log({f"train/{key}": value for key, value in means.items()} | speeds, step=env_steps)
         if (epoch + 1) % args.save_every == 0 or env_steps == args.total_steps:
             run_state = dict(  # the per-agent files hold the actor's and critics' Adam moments
                 optimizers={name: opt.state_dict() for name, opt in optimizers.items()

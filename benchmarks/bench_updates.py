@@ -41,6 +41,8 @@ class Args:
     """timed updates per measurement (0: 30 on CPU, 500 on GPU)"""
     warmup: int = 0
     """untimed updates first (0: 3 on CPU, 50 on GPU; torch.compile compiles here)"""
+    min_seconds: float = 0
+    """time whole rounds of --steps updates until at least this long (0: 10 s on CPU, 2 s on GPU; a shared CPU's speed drifts)"""
     dataset_size: int = 1_000_000
     """transitions of the synthetic offline dataset held in memory"""
     hidden_sizes: tuple[int, ...] = (256, 256)
@@ -99,15 +101,18 @@ def peak_memory_mib(device) -> float:
     return rss
 
 
-def time_it(step, device, warmup: int, steps: int) -> float:
+def time_it(step, device, warmup: int, steps: int, min_seconds: float) -> float:
+    """Calls/s of step(i) over rounds of `steps` calls, as many rounds as fill `min_seconds` (at least one)."""
     for i in range(warmup):
         step(i)
     synchronize(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(warmup + i)
-    synchronize(device)
-    return steps / (time.perf_counter() - start)
+    start, done = time.perf_counter(), 0
+    while done == 0 or time.perf_counter() - start < min_seconds:
+        for i in range(steps):
+            step(warmup + done + i)
+        done += steps
+        synchronize(device)
+    return done / (time.perf_counter() - start)
 
 
 def measure_matmul(args, device, num_agents: int = 4):
@@ -117,7 +122,7 @@ def measure_matmul(args, device, num_agents: int = 4):
     x = torch.randn(2 * num_agents, rows, width, device=device)
     w = torch.randn(2 * num_agents, width, width, device=device)
     repeat = 20 if device.type == "cpu" else 200
-    rate = time_it(lambda i: torch.bmm(x, w), device, 3, repeat)
+    rate = max(time_it(lambda i: torch.bmm(x, w), device, 3, repeat, args.min_seconds / 3) for _ in range(3))  # ceiling
     flops = 2.0 * 2 * num_agents * rows * width * width
     return dict(updates_per_s=rate, gflop_per_update=flops / 1e9)
 
@@ -169,7 +174,7 @@ def measure_cql(args, device, num_agents: int, compile_losses: bool = False, gra
         for _ in range(cql.CUDA_GRAPH_WARMUP):
             eager()
         step = cql.cuda_graphed(eager, generators)
-    rate = time_it(lambda i: step(), device, args.warmup, args.steps)
+    rate = time_it(lambda i: step(), device, args.warmup, args.steps, args.min_seconds)
     return dict(updates_per_s=rate, gflop_per_update=cql_flops(num_agents, hidden, args.batch_size) / 1e9)
 
 
@@ -219,7 +224,7 @@ def measure_finetune(args, device, num_agents: int, script: str):
         for _ in range(3):
             eager()
         step = module.cuda_graphed(eager)
-    rate = time_it(lambda i: step(), device, args.warmup, args.steps)
+    rate = time_it(lambda i: step(), device, args.warmup, args.steps, args.min_seconds)
     return dict(updates_per_s=rate, gflop_per_update=finetune_flops(num_agents, hidden, args.batch_size) / 1e9)
 
 
@@ -242,12 +247,12 @@ def run_one(args: Args) -> None:
 
 
 def main(args: Args) -> None:
+    cpu = args.device == "cpu"
+    args.steps = args.steps or (30 if cpu else 500)
+    args.warmup = args.warmup or (3 if cpu else 50)
+    args.min_seconds = args.min_seconds or (10.0 if cpu else 2.0)
     if args.only:
         return run_one(args)
-    if args.steps == 0:
-        args.steps = 30 if args.device == "cpu" else 500
-    if args.warmup == 0:
-        args.warmup = 3 if args.device == "cpu" else 50
     plan = [("matmul", 4), ("cql", 1), ("cql", 4), ("cql_compiled", 4), ("off2on", 4), ("upq", 4)]
     if args.device == "cuda":  # "cql" replays a CUDA graph there; this row is the same step launched op by op
         plan.insert(3, ("cql_eager", 4))
@@ -255,7 +260,8 @@ def main(args: Args) -> None:
     for name, agents in plan:
         command = [sys.executable, __file__, "--only", name if name == "matmul" else f"{name}:{agents}",
                    "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--dataset-size", str(args.dataset_size), "--batch-size", str(args.batch_size),
+                   "--min-seconds", str(args.min_seconds), "--dataset-size", str(args.dataset_size),
+                   "--batch-size", str(args.batch_size),
                    "--hidden-sizes", *map(str, args.hidden_sizes)]
         output = subprocess.run(command, capture_output=True, text=True)
         if output.returncode != 0:
