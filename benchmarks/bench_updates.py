@@ -221,7 +221,7 @@ def measure_finetune(args, device, num_agents: int, script: str):
 
     step = eager
     if device.type == "cuda":
-        for _ in range(3):
+        for _ in range(module.CUDA_GRAPH_WARMUP):
             eager()
         step = module.cuda_graphed(eager)
     rate = time_it(lambda i: step(), device, args.warmup, args.steps, args.min_seconds)
