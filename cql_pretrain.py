@@ -1,16 +1,26 @@
 """Offline CQL(H) pre-training of N agents: the first stage of UPQ (Jang, Kim, Noh).
 
-Conservative Q-Learning (Kumar et al. 2020), Eq. (1) of the UPQ paper, with the defaults of
-the official code (aviralkumar2907/CQL, "min_q_version 3"): SAC actor-critic with twin critics,
-an importance-sampled logsumexp over 30 actions per state, and a behaviour-cloning warm-up.
-N agents with seeds seed, seed+1, ... are trained side by side in one process; their weights
-live in ensemble-shaped tensors ([N, in, out]) so one matmul serves all agents, but every
-agent draws its own minibatches and action noise from its own generator and has its own loss.
+    python cql_pretrain.py --env hopper-medium-v2
 
-    python cql_pretrain.py --env hopper-medium-v2 --save-dir checkpoints/hopper-medium-v2
+trains N = 4 agents (seeds seed, seed + 1, ...) with Conservative Q-Learning (Kumar et al. 2020), Eq. (1) of the
+UPQ paper, with the defaults of the official code (aviralkumar2907/CQL, "min_q_version 3"): SAC actor-critic with
+twin critics, an importance-sampled logsumexp over 30 actions per state, and a behaviour-cloning warm-up. The
+agents train side by side in one process: their weights live in ensemble-shaped tensors ([N, in, out]) so one
+matmul serves all, but every agent draws its own minibatches and action noise from its own generator and has its
+own loss, so agent k is what a separate run with seed + k would give.
 
-writes checkpoints/hopper-medium-v2/agent_0.pt ... agent_3.pt, read by off2on_finetune.py
-and upq_finetune.py. See SPEC.md section 1 for every default and its source.
+Where each piece of Eq. (1) lives in this file:
+    E_s[log sum_a exp Q(s, a)], importance sampled over 30 actions   cql_logsumexp
+    alpha * (E_s[logsumexp] - E_(s,a)~D[Q(s, a)]), the conservative gap   conservative_gap
+    the TD term to r + gamma (1 - d) min(Q1', Q2')(s', a')          bellman_target
+    the SAC actor (behaviour cloning first) and temperature          policy_loss, temperature_loss
+    one gradient step of all N agents                                cql_losses, cql_update
+    the training loop                                                main
+
+Writes agent_0.pt ... agent_{N-1}.pt to --save-dir (default checkpoints/<env>__seed<seed>) as one set
+(manifest.json) that --resume continues and off2on_finetune.py / upq_finetune.py read; <run-dir> (default
+runs/<exp-name>__<env>__<seed>__<time>) holds eval.csv (every agent's score every --eval-every steps),
+metrics.csv, train.log and config.json. SPEC.md section 1 gives every default and its source.
 """
 
 from __future__ import annotations
@@ -18,13 +28,19 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -33,21 +49,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-PROJECT_VERSION = "0.1.0"
-CHECKPOINT_FORMAT = "upq-cql-agent-v1"
-CUDA_GRAPH_WARMUP = 3  # eager updates at the start of each phase (BC warm-up, CQL) before its step is recorded as a CUDA graph
-
 
 @dataclass
-class Args:
-    env: str = "hopper-medium-v2"
-    """dataset: a D4RL name (hopper-medium-v2, walker2d-medium-replay-v2, ...), a Minari id (mujoco/hopper/medium-v0, local/hopper/medium-v0 from make_dataset.py) or a path to a D4RL-layout .hdf5 file"""
-    gym_env: str | None = None
-    """gymnasium env used for evaluation (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
+class Algorithm:
+    """The method (defaults: the official CQL code and the paper; SPEC.md section 1)"""
+
     num_agents: int = 4
     """N, the number of CQL agents; agent k uses seed `seed + k` (paper: 4)"""
-    seed: int = 1
-    """base seed"""
     total_steps: int = 1_000_000
     """gradient steps per agent (paper: 1,000 epochs x 1,000 steps)"""
     batch_size: int = 256
@@ -74,42 +82,895 @@ class Args:
     """behaviour-cloning warm-up: gradient steps with the BC policy loss (official CQL "policy_eval_start")"""
     target_entropy: float | None = None
     """SAC target entropy (default -|A|, official CQL)"""
+
+
+@dataclass
+class Run:
+    """The run: data, checkpoints, folders, device, logging"""
+
+    env: str = "hopper-medium-v2"
+    """dataset: a D4RL name (hopper-medium-v2, walker2d-medium-replay-v2, ...), a Minari id (mujoco/hopper/medium-v0, local/hopper/medium-v0 from make_dataset.py) or a path to a D4RL-layout .hdf5 file"""
+    gym_env: str | None = None
+    """gymnasium env used for evaluation (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
+    seed: int = 1
+    """base seed: agent k uses seed + k"""
     eval_every: int = 10_000
-    """evaluate every this many gradient steps (and at the end)"""
+    """evaluate every this many gradient steps (and at the start and the end)"""
     eval_episodes: int = 5
     """deterministic evaluation episodes per agent"""
     save_every: int = 50_000
-    """write checkpoints every this many gradient steps (and at the end)"""
+    """write the checkpoint set every this many gradient steps (and at the end, and on Ctrl-C)"""
     log_every: int = 1_000
-    """print a log line every this many gradient steps"""
+    """a training line (and a metrics.csv row) every this many gradient steps, and at least every minute"""
+    exp_name: str = "cql_pretrain"
+    """prefix of the run folder's name, runs/<exp-name>__<env>__<seed>__<time> (CleanRL)"""
     save_dir: str | None = None
-    """where agent_0.pt ... agent_{N-1}.pt go (default checkpoints/<env>__seed<seed>)"""
+    """where agent_0.pt ... agent_{N-1}.pt go (default checkpoints/<env>__seed<seed>, where the fine-tuning scripts look)"""
     run_dir: str | None = None
-    """where eval.csv goes (default runs/cql_pretrain__<env>__<seed>__<time>)"""
+    """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>; with --resume, the saved run's)"""
     resume: bool = False
-    """continue from the checkpoints already in --save-dir"""
+    """continue the run saved in --save-dir (the same numbers as an uninterrupted run, on the same kind of device)"""
     overwrite: bool = False
-    """replace the checkpoints already in --save-dir"""
+    """start anew although --save-dir holds a run (replaced at this run's first save) or --run-dir holds logs"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available"""
     compile: bool = False
     """torch.compile the losses (fuses the elementwise work; on 2 CPU cores, N = 4: +30% updates/s after ~1 min of compilation)"""
     cuda_graph: bool = True
     """on cuda, record the whole update (sampling, noise, losses, Adam, target update) once per phase as a CUDA graph and replay it"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic (CleanRL); CPU runs are deterministic either way"""
     track: bool = False
-    """log to Weights & Biases"""
-    wandb_project: str = "upq"
-    """wandb project name (with --track)"""
+    """log to Weights & Biases (WANDB_MODE=offline works); --resume continues the same wandb run"""
+    wandb_project_name: str = "upq"
+    """wandb project (CleanRL)"""
+    wandb_entity: str | None = None
+    """wandb team or user (CleanRL)"""
 
 
-def fail(message: str) -> None:
+@dataclass
+class Args:
+    algorithm: Algorithm = field(default_factory=Algorithm)
+    run: Run = field(default_factory=Run)
+
+
+PROJECT_VERSION = "0.2.0"
+CQL_FORMAT = "upq-cql-agent-v2"
+CUDA_GRAPH_WARMUP = 3  # eager updates at the start of each phase (BC warm-up, CQL) before its step is recorded as a CUDA graph
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CQL(H), Eq. (1), and SAC's pieces: small pure functions, each checked against a hand computation in tests/
+# ---------------------------------------------------------------------------------------------------------------
+def cql_logsumexp(q_random, q_current, q_next, log_prob_current, log_prob_next, act_dim: int,
+                  temperature: float) -> torch.Tensor:  # Eq. (1)
+    """Importance-sampled logsumexp of CQL(H) ("min_q_version 3"), per state: [..., B].
+
+    q_random [..., R, B]: Q(s, a ~ U[-1, 1]^|A|), density 0.5^|A|;
+    q_current [..., R, B]: Q(s, a ~ pi(.|s)), log-density log_prob_current;
+    q_next [..., R, B]: Q(s, a' ~ pi(.|s')), log-density log_prob_next (a' drawn at s', evaluated at s).
+    """
+    uniform_log_density = act_dim * math.log(0.5)
+    stacked = torch.cat(
+        [q_random - uniform_log_density, q_next - log_prob_next.detach(), q_current - log_prob_current.detach()], dim=-2
+    )
+    return temperature * torch.logsumexp(stacked / temperature, dim=-2)
+
+
+def conservative_gap(logsumexp: torch.Tensor, q_data: torch.Tensor) -> torch.Tensor:  # Eq. (1)
+    """E_s[logsumexp_a Q(s, a)] - E_(s,a)~D[Q(s, a)], the bracket of Eq. (1): [...] over the batch axis."""
+    return logsumexp.mean(-1) - q_data.mean(-1)
+
+
+def bellman_target(rewards, terminals, next_q_min, gamma: float) -> torch.Tensor:  # Eq. (1), TD term
+    """r + gamma (1 - terminal) min(Q1', Q2')(s', a'): the deterministic backup of official CQL."""
+    return rewards + gamma * (1.0 - terminals) * next_q_min
+
+
+def policy_loss(alpha, log_prob, q_policy, bc_log_prob, behaviour_cloning: bool) -> torch.Tensor:
+    """alpha log pi(a~|s) - min Q(s, a~) after the warm-up; alpha log pi(a~|s) - log pi(a_data|s) during it."""
+    target = bc_log_prob if behaviour_cloning else q_policy
+    return (alpha * log_prob - target).mean(-1)
+
+
+def temperature_loss(log_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """SAC's automatic temperature per agent: -mean_B [log alpha_k (log pi_k(a~|s) + target entropy)]: [N]."""
+    return -(log_alpha[:, None] * (log_prob.detach() + target_entropy)).mean(-1)
+
+
+def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor):
+    """Reparameterised a = tanh(mean + std * noise) and log pi(a|s) with the tanh correction."""
+    pre_tanh = mean + log_std.exp() * noise
+    return torch.tanh(pre_tanh), tanh_gaussian_log_prob(mean, log_std, pre_tanh)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_tanh: torch.Tensor) -> torch.Tensor:
+    """log N(u; mean, std) - sum log(1 - tanh(u)^2), summed over action dims; stable softplus form."""
+    gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    tanh_correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (gaussian - tanh_correction).sum(-1)
+
+
+def action_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) of given (dataset) actions, for the behaviour-cloning warm-up."""
+    pre_tanh = torch.atanh(actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+    return tanh_gaussian_log_prob(mean, log_std, pre_tanh)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks: every weight has a leading ensemble axis E, so one batched matmul runs all members
+# ---------------------------------------------------------------------------------------------------------------
+class VectorizedLinear(nn.Module):
+    """E independent linear layers: x [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
+        for member in range(ensemble_size):  # nn.Linear's default init, member by member
+            bound = 1 / math.sqrt(in_features)
+            nn.init.kaiming_uniform_(self.weight.data[member].T, a=math.sqrt(5))
+            nn.init.uniform_(self.bias.data[member], -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def vectorized_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, ensemble_size: int) -> nn.Sequential:
+    layers, width = [], in_dim
+    for hidden in hidden_sizes:
+        layers += [VectorizedLinear(width, hidden, ensemble_size), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, VectorizedLinear(width, out_dim, ensemble_size))
+
+
+class Actor(nn.Module):
+    """ensemble_size tanh-Gaussian policies (N, one per agent): obs [N, B, obs] -> mean, log_std [N, B, A] (pre-tanh)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int):
+        super().__init__()
+        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * act_dim, ensemble_size)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(-5.0, 2.0)  # official CQL/SPEC: log-std in [-5, 2]
+
+
+class Critic(nn.Module):
+    """ensemble_size Q-functions (2N: member 2k + j = critic j of agent k): [2N, B, obs], [2N, B, A] -> [2N, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int):
+        super().__init__()
+        self.net = vectorized_mlp(obs_dim + act_dim, hidden_sizes, 1, ensemble_size)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One gradient step: all N agents in one graph, each with its own batch, noise and loss
+# ---------------------------------------------------------------------------------------------------------------
+def twin_min(q: torch.Tensor) -> torch.Tensor:
+    """Each member's pessimistic value min(Q1_i, Q2_i): [2N, B] (member 2i + j = critic j of agent i) -> [N, B]."""
+    return q.view(q.shape[0] // 2, 2, *q.shape[1:]).min(1).values
+
+
+def per_critic(x: torch.Tensor) -> torch.Tensor:
+    """[N, ...] -> [2N, ...]: each agent's input to both of its critics."""
+    return x.repeat_interleave(2, dim=0)
+
+
+def cql_critic_loss(critic, target_critic, log_alpha_prime, obs, actions, rewards, next_obs, terminals, sampled,
+                    gamma: float, min_q_weight: float, num_random: int, cql_temperature: float,
+                    lagrange_threshold: float | None):
+    """Eq. (1) for each agent's two critics: the TD loss to the deterministic backup plus the conservative term.
+
+    sampled: (a_s [N, (1 + R) B, A], log pi(a_s) [N, (1 + R) B], a' likewise at s', uniform actions [N, R B, A]).
+    Returns (critic loss [N], the alpha' loss of the Lagrange variant (0 without it), Q(s, a_data) [N, 2, B], gap [N, 2]).
+    """
+    num_agents, batch_size = rewards.shape
+    a_s, logp_s, a_next, logp_next, uniform = sampled
+    with torch.no_grad():
+        next_q = twin_min(target_critic(per_critic(next_obs), per_critic(a_next[:, :batch_size])))  # [N, B]
+        td_target = bellman_target(rewards, terminals, next_q, gamma)  # [N, B]
+    cql_actions = torch.cat([uniform, a_s[:, batch_size:].detach(), a_next[:, batch_size:].detach()], dim=1)
+    all_actions = torch.cat([actions, cql_actions], dim=1)  # [N, (1 + 3R) B, A]
+    all_obs = torch.cat([obs, obs.repeat(1, 3 * num_random, 1)], dim=1)
+    q_all = critic(per_critic(all_obs), per_critic(all_actions)).unflatten(0, (num_agents, 2))  # [N, 2, (1 + 3R) B]
+    q_data = q_all[..., :batch_size]  # [N, 2, B]
+    q_random, q_current, q_next = q_all[..., batch_size:].unflatten(-1, (3, num_random, batch_size)).unbind(2)
+    logsumexp = cql_logsumexp(
+        q_random, q_current, q_next,
+        logp_s[:, None, batch_size:].unflatten(-1, (num_random, batch_size)),
+        logp_next[:, None, batch_size:].unflatten(-1, (num_random, batch_size)),
+        actions.shape[-1], cql_temperature,
+    )  # [N, 2, B]
+    gap = conservative_gap(logsumexp, q_data)  # [N, 2]
+    td_loss = ((q_data - td_target[:, None]) ** 2).mean(-1)  # [N, 2]
+    if log_alpha_prime is None:
+        conservative = min_q_weight * gap
+        alpha_prime_loss = torch.zeros((), device=obs.device)
+    else:  # dual gradient: alpha' grows while the gap exceeds the threshold
+        alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)[:, None]  # [N, 1]
+        conservative = alpha_prime.detach() * min_q_weight * (gap - lagrange_threshold)
+        alpha_prime_loss = -(alpha_prime * min_q_weight * (gap.detach() - lagrange_threshold)).mean(1).sum()
+    return (td_loss + conservative).sum(1), alpha_prime_loss, q_data, gap
+
+
+def cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, obs, actions, rewards, next_obs, terminals,
+               noise: dict, behaviour_cloning: bool, gamma: float, min_q_weight: float, num_random: int,
+               cql_temperature: float, lagrange_threshold: float | None, target_entropy: float):
+    """Losses of one CQL step for N agents: obs [N, B, obs], actions [N, B, A], rewards [N, B], next_obs [N, B, obs],
+    terminals [N, B] (each agent its own minibatch); noise: the agents' own action noise (draw_noise).
+
+    Returns (total loss to backpropagate, dict of per-agent metrics [N]). The actor's loss sees the critics frozen,
+    the critics' loss sees sampled actions detached, so one backward pass gives each network the gradient of its
+    own objective (as the official code's separate optimisers do).
+    """
+    batch_size = rewards.shape[1]
+    alpha = log_alpha.exp().detach()[:, None]  # [N, 1]
+    mean, log_std = actor(torch.cat([obs, next_obs], dim=1))  # [N, 2B, A]
+    mean_s, mean_next = mean.split(batch_size, dim=1)
+    log_std_s, log_std_next = log_std.split(batch_size, dim=1)
+
+    # Actions at s for the policy loss (1) and the logsumexp (R); at s' for the target (1) and logsumexp (R)
+    rep = 1 + num_random
+    a_s, logp_s = tanh_gaussian_sample(mean_s.repeat(1, rep, 1), log_std_s.repeat(1, rep, 1), noise["s"])
+    a_next, logp_next = tanh_gaussian_sample(mean_next.repeat(1, rep, 1), log_std_next.repeat(1, rep, 1), noise["next"])
+    critic_loss, alpha_prime_loss, q_data, gap = cql_critic_loss(
+        critic, target_critic, log_alpha_prime, obs, actions, rewards, next_obs, terminals,
+        (a_s, logp_s, a_next, logp_next, noise["uniform"]), gamma, min_q_weight, num_random, cql_temperature,
+        lagrange_threshold)
+
+    # Actor loss with the critics frozen (behaviour cloning during the warm-up), and SAC temperature loss
+    a_policy, logp_policy = a_s[:, :batch_size], logp_s[:, :batch_size]  # [N, B, A], [N, B]
+    frozen = {name: p.detach() for name, p in critic.named_parameters()}
+    q_policy = twin_min(torch.func.functional_call(critic, frozen, (per_critic(obs), per_critic(a_policy))))
+    bc_log_prob = action_log_prob(mean_s, log_std_s, actions)
+    actor_loss = policy_loss(alpha, logp_policy, q_policy, bc_log_prob, behaviour_cloning)  # [N]
+    alpha_loss = temperature_loss(log_alpha, logp_policy, target_entropy)  # [N]
+
+    total = critic_loss.sum() + actor_loss.sum() + alpha_loss.sum() + alpha_prime_loss
+    metrics = dict(critic_loss=critic_loss, actor_loss=actor_loss, alpha=alpha[:, 0], q_data=q_data.mean((1, 2)),
+                   cql_gap=gap.mean(1))
+    return total, metrics
+
+
+def cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers: dict, batch, noise: dict,
+               behaviour_cloning: bool, tau: float, loss_args: dict, losses=cql_losses):
+    """One gradient step of all N agents: losses, one backward, Adam steps, soft target update (tau).
+
+    loss_args: cql_losses' hyperparameters (cql_hyperparameters); `losses` is cql_losses or torch.compile of it.
+    """
+    loss, metrics = losses(actor, critic, target_critic, log_alpha, log_alpha_prime, *batch, noise, behaviour_cloning,
+                           **loss_args)
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers.values():
+        opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), tau)
+    # detached: a caller that keeps them must not keep this step's autograd graph alive (it breaks CUDA graph capture)
+    return loss.detach(), {key: value.detach() for key, value in metrics.items()}
+
+
+def draw_noise(generators, batch_size, act_dim, num_random, device):
+    """Each agent's action noise for one step, from its own generator: dict of [N, R*B, A]."""
+    rep = 1 + num_random
+    gaussian = torch.stack([torch.randn(2 * rep * batch_size, act_dim, generator=g, device=device) for g in generators])
+    uniform = torch.stack([torch.rand(num_random * batch_size, act_dim, generator=g, device=device) for g in generators])
+    s_noise, next_noise = gaussian.split(rep * batch_size, dim=1)
+    return {"s": s_noise, "next": next_noise, "uniform": 2.0 * uniform - 1.0}
+
+
+def sample_batch(data: dict[str, torch.Tensor], generators, batch_size: int):
+    """Each agent's minibatch, indices from its own generator: tensors [N, B, ...]."""
+    size = data["rewards"].shape[0]
+    device = data["rewards"].device
+    index = torch.stack([torch.randint(size, (batch_size,), generator=g, device=device) for g in generators])
+    return tuple(data[key][index] for key in ("observations", "actions", "rewards", "next_observations", "terminals"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: all agents' episodes in lockstep, one batched actor call per env step
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_agents(actor: Actor, env_id: str, num_agents: int, episodes: int, seed: int, device) -> np.ndarray:
+    """Undiscounted returns [N, episodes] of the deterministic policies tanh(mean)."""
+    envs = [[gym.make(env_id) for _ in range(episodes)] for _ in range(num_agents)]
+    obs = np.stack([[env.reset(seed=seed + e)[0] for e, env in enumerate(row)] for row in envs])
+    returns = np.zeros((num_agents, episodes))
+    running = np.ones((num_agents, episodes), dtype=bool)
+    while running.any():
+        mean, _ = actor(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        actions = torch.tanh(mean).cpu().numpy()
+        for k, e in zip(*np.nonzero(running)):
+            obs[k, e], reward, terminated, truncated, _ = envs[k][e].step(actions[k, e])
+            returns[k, e] += reward
+            running[k, e] = not (terminated or truncated)
+    for row in envs:
+        for env in row:
+            env.close()
+    return returns
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop: N agents, each step an update of all, evaluations and saves along the way
+# ---------------------------------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    alg, run = args.algorithm, args.run
+    check_cql_flags(alg, run)
+    device = pick_device(run.device)
+    torch.backends.cudnn.deterministic = run.torch_deterministic
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
+    save_dir, run_dir, saved = prepare_folders(run, f"checkpoints/{slug}__seed{run.seed}",
+                                               f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}", CQL_FORMAT)
+    start_step = saved[0]["step"] if saved else 0
+    if saved and check_cql_resumable(alg, saved, save_dir):
+        return
+    data = load_offline_data(run.env, run.gym_env)
+    obs_dim, act_dim, n = data.observations.shape[1], data.actions.shape[1], alg.num_agents
+    alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
+    nets, optimizers, generators = build_agents(alg, run, obs_dim, act_dim, device, saved)
+    meta = dict(format=CQL_FORMAT, version=PROJECT_VERSION, run_id=saved[0]["run_id"] if saved else new_run_id(),
+                run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id, obs_dim=obs_dim,
+                act_dim=act_dim, hidden_sizes=list(alg.hidden_sizes), num_agents=n, args=flat_args(args))
+    logs = open_run_logs(run_dir, {"eval": ["step", "agent", "return", "normalized_score"],
+                                   "metrics": ["step", *METRICS, "updates_per_s"]}, start_step if saved else None, meta)
+    wandb = start_wandb(run, meta) if run.track else None
+    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, "
+          f"reference returns: {data.ref_source}; {n} agents on {device}; run dir {run_dir}; checkpoints {save_dir}")
+    tensors = {key: torch.as_tensor(getattr(data, key), device=device)
+               for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    losses, loss_args = torch.compile(cql_losses) if run.compile else cql_losses, cql_hyperparameters(alg)
+    scores = saved[1]["agent_0.pt"]["meta"]["normalized_scores"] if saved else None
+
+    def train_step(step: int):  # one update of all agents: their minibatches, action noise, losses and optimiser steps
+        batch = sample_batch(tensors, generators, alg.batch_size)
+        noise = draw_noise(generators, alg.batch_size, act_dim, alg.num_random, device)
+        return cql_update(nets["actor"], nets["critic"], nets["target_critic"], nets["log_alpha"],
+                          nets["log_alpha_prime"], optimizers, batch, noise, step < alg.bc_steps, alg.tau, loss_args,
+                          losses)
+
+    def evaluate_and_log(step: int):
+        returns = evaluate_agents(nets["actor"], data.gym_env_id, n, run.eval_episodes, run.seed + 10_000, device)
+        per_agent = normalized_score(returns, data.ref_min_score, data.ref_max_score).mean(1)
+        for k in range(n):
+            logs["eval"].write([step, k, f"{returns[k].mean():.3f}", f"{per_agent[k]:.3f}"])
+        print(f"eval step {step:,}: return {returns.mean():.1f} normalized {np.mean(per_agent):.1f} "
+              f"(per agent {', '.join(f'{s:.1f}' for s in per_agent)})", flush=True)
+        if wandb:
+            wandb.log({"eval/return": returns.mean(), "eval/normalized_score": float(np.mean(per_agent))}, step=step)
+        return [float(score) for score in per_agent]
+
+    graphs = {}  # behaviour cloning on/off -> the recorded update of that phase
+    stop, started, last_line = catch_stop_signals(), time.perf_counter(), (time.perf_counter(), start_step)
+    if start_step == 0:
+        scores = evaluate_and_log(0)
+    for step in range(start_step, alg.total_steps):
+        cloning = step < alg.bc_steps
+        phase_start = max(start_step, 0 if cloning else alg.bc_steps)
+        if run.cuda_graph and device.type == "cuda" and step - phase_start == CUDA_GRAPH_WARMUP:
+            graphs[cloning] = cuda_graphed(functools.partial(train_step, step), generators)  # replayed to the phase's end
+        loss, metrics = graphs[cloning]() if cloning in graphs else train_step(step)
+        done = step + 1
+        if done % run.log_every == 0 or done == alg.total_steps or time.perf_counter() - last_line[0] > 60:
+            log_training(logs, wandb, loss, metrics, done, last_line, save_dir,
+                         progress(done, alg.total_steps, start_step, started, "steps"))
+            last_line = (time.perf_counter(), done)
+        if done % run.eval_every == 0 or done == alg.total_steps:
+            scores = evaluate_and_log(done)
+        if done % run.save_every == 0 or done == alg.total_steps or stop["signal"]:
+            save_agents(save_dir, nets, optimizers, generators, {**meta, "step": done, "grad_steps": done}, scores)
+        if stop["signal"]:
+            exit_stopped(stop, f"gradient step {done:,}", save_dir)
+    close_logs(logs, wandb)
+    print(f"{alg.total_steps - start_step:,} steps in {duration(time.perf_counter() - started)}; saved {n} agents to "
+          f"{save_dir}; evaluations in {run_dir / 'eval.csv'}")
+
+
+# =============================================================================================================
+# Machinery of this script: flags, building and restoring the agents, logging, saving
+# =============================================================================================================
+METRICS = ["critic_loss", "actor_loss", "q_data", "cql_gap", "alpha"]
+FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
+    "algorithm": dict(num_agents=">= 1", total_steps=">= 0", batch_size=">= 1", hidden_sizes=">= 1",
+                      gamma="in [0, 1)", tau="in (0, 1]", critic_lr="> 0", policy_lr="> 0", min_q_weight=">= 0",
+                      num_random=">= 1", cql_temperature="> 0", bc_steps=">= 0"),
+    "run": dict(eval_every=">= 1", eval_episodes=">= 1", save_every=">= 1", log_every=">= 1"),
+}
+
+
+def check_cql_flags(alg: Algorithm, run: Run) -> None:
+    check_flags(alg, FLAG_RANGES_OF["algorithm"])
+    check_flags(run, FLAG_RANGES_OF["run"])
+    for name in ("lagrange_threshold", "target_entropy"):
+        if getattr(alg, name) is not None and not math.isfinite(getattr(alg, name)):
+            fail(f"--{name.replace('_', '-')} must be a finite number, not {getattr(alg, name)}")
+
+
+def cql_hyperparameters(alg: Algorithm) -> dict:
+    """cql_losses' keyword arguments."""
+    return dict(gamma=alg.gamma, min_q_weight=alg.min_q_weight, num_random=alg.num_random,
+                cql_temperature=alg.cql_temperature, lagrange_threshold=alg.lagrange_threshold,
+                target_entropy=alg.target_entropy)
+
+
+def check_cql_resumable(alg: Algorithm, saved, save_dir: Path) -> bool:
+    """Refuse a resume that does not fit the saved run; True when it has nothing left to do."""
+    manifest, files = saved
+    agents = sum(name.startswith("agent_") for name in files)
+    if agents != alg.num_agents:
+        fail(f"--resume: {save_dir} holds {agents} agents, not --num-agents {alg.num_agents}; all agents of a run "
+             f"continue together")
+    if alg.total_steps < manifest["step"]:
+        fail(f"--resume: the agents in {save_dir} are at step {manifest['step']:,}, past --total-steps "
+             f"{alg.total_steps:,}; pass a larger --total-steps to train on")
+    if alg.total_steps == manifest["step"]:
+        print(f"the agents in {save_dir} are already at step {manifest['step']:,} = --total-steps: nothing to do")
+        return True
+    return False
+
+
+def make_agents(obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_agents: int, seed: int):
+    """Actor [N] and critics [2N] where agent k is initialised under seed + k, as in a run of its own."""
+    actor, critic = Actor(obs_dim, act_dim, hidden, num_agents), Critic(obs_dim, act_dim, hidden, 2 * num_agents)
+    with torch.no_grad():
+        for k in range(num_agents):
+            torch.manual_seed(seed + k)
+            single_actor, single_critic = Actor(obs_dim, act_dim, hidden, 1), Critic(obs_dim, act_dim, hidden, 2)
+            rows = agent_slices(k)
+            for big, small, part in ((actor, single_actor, rows["actor"]), (critic, single_critic, rows["critic"])):
+                for param, value in zip(big.parameters(), small.parameters()):
+                    param[part] = value
+    return actor, critic
+
+
+def build_agents(alg: Algorithm, run: Run, obs_dim: int, act_dim: int, device, saved):
+    """The N agents' networks, temperatures, optimisers and generators: fresh, or as the resumed run saved them."""
+    n, hidden = alg.num_agents, tuple(alg.hidden_sizes)
+    actor, critic = make_agents(obs_dim, act_dim, hidden, n, run.seed)
+    target_critic = Critic(obs_dim, act_dim, hidden, 2 * n)
+    target_critic.load_state_dict(critic.state_dict())
+    target_critic.requires_grad_(False)
+    nets = {"actor": actor.to(device), "critic": critic.to(device), "target_critic": target_critic.to(device),
+            "log_alpha": torch.zeros(n, device=device, requires_grad=True),
+            "log_alpha_prime": None if alg.lagrange_threshold is None else
+            torch.zeros(n, device=device, requires_grad=True)}
+    adam = dict(fused=True, capturable=device.type == "cuda")  # capturable: its step count lives on the GPU
+    optimizers = {
+        "actor": torch.optim.Adam(nets["actor"].parameters(), lr=alg.policy_lr, **adam),
+        "critic": torch.optim.Adam(nets["critic"].parameters(), lr=alg.critic_lr, **adam),
+        "alpha": torch.optim.Adam([nets["log_alpha"]], lr=alg.policy_lr, **adam),
+    }
+    if nets["log_alpha_prime"] is not None:
+        optimizers["alpha_prime"] = torch.optim.Adam([nets["log_alpha_prime"]], lr=alg.critic_lr, **adam)
+    generators = [torch.Generator(device=device).manual_seed(run.seed + k) for k in range(n)]
+    if saved is not None:
+        restore_agents([saved[1][f"agent_{k}.pt"] for k in range(n)], obs_dim, act_dim, alg, nets, optimizers,
+                       generators)
+    return nets, optimizers, generators
+
+
+def restore_agents(agents: list[dict], obs_dim: int, act_dim: int, alg: Algorithm, nets: dict, optimizers: dict,
+                   generators: list) -> None:
+    """Networks, temperatures, Adam moments and random streams of the resumed agents."""
+    for k, agent in enumerate(agents):
+        meta = agent["meta"]
+        if (meta["obs_dim"], meta["act_dim"], tuple(meta["hidden_sizes"])) != (obs_dim, act_dim, alg.hidden_sizes):
+            fail(f"agent {k} of the saved run was made for other shapes ({meta['gym_env_id']}, hidden "
+                 f"{meta['hidden_sizes']}) than --env and --hidden-sizes give")
+        if (meta["args"]["lagrange_threshold"] is None) != (alg.lagrange_threshold is None):
+            fail("--resume: --lagrange-threshold must be given (or left out) as in the saved run")
+    with torch.no_grad():
+        for name in ("actor", "critic", "target_critic"):
+            nets[name].load_state_dict({key: torch.cat([agent[name][key] for agent in agents])
+                                        for key in agents[0][name]})
+        for name in ("log_alpha", "log_alpha_prime"):
+            if nets[name] is not None:
+                nets[name].copy_(torch.cat([agent[name] for agent in agents]))
+    for name, opt in optimizers.items():
+        state = concat_optimizer_states([agent["optimizers"][name] for agent in agents])
+        for group in state["param_groups"]:  # this run's device settings, not the saving run's
+            group.update(foreach=None, fused=True, capturable=generators[0].device.type == "cuda")
+        opt.load_state_dict(state)
+    for generator, agent in zip(generators, agents):
+        if agent["generator_state"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
+            fail("the agents were saved on another kind of device: resume on that --device")
+        generator.set_state(agent["generator_state"])
+    print(f"resumed {len(agents)} agents at step {agents[0]['meta']['step']:,}")
+
+
+def log_training(logs: dict, wandb, loss, metrics: dict, done: int, last_line, save_dir: Path, where: str) -> None:
+    """The training line, a metrics.csv row and wandb; stops the run if the loss is no longer finite."""
+    values = {key: value.detach().cpu().numpy() for key, value in metrics.items()}
+    if not np.isfinite(loss.item()):
+        fail(f"the loss became {loss.item()} at step {done:,}; the checkpoints in {save_dir} were left as they were")
+    speed = (done - last_line[1]) / (time.perf_counter() - last_line[0])
+    print(f"step {where} | critic loss {values['critic_loss'].mean():.3f} actor loss {values['actor_loss'].mean():.3f} "
+          f"Q {values['q_data'].mean():.2f} gap {values['cql_gap'].mean():.2f} alpha {values['alpha'].mean():.4f} "
+          f"| {speed:.1f} updates/s", flush=True)
+    logs["metrics"].write([done, *(f"{values[key].mean():.6g}" for key in METRICS), f"{speed:.2f}"])
+    if wandb:
+        wandb.log({f"train/{key}": float(value.mean()) for key, value in values.items()} | {"updates_per_s": speed},
+                  step=done)
+
+
+def save_agents(save_dir: Path, nets: dict, optimizers: dict, generators, meta: dict, scores) -> None:
+    """One set: agent_k.pt holds agent k's slices of every network, temperature and Adam moment, and its generator."""
+    kind = {"actor": "actor", "critic": "critic", "target_critic": "critic", "log_alpha": "scalar",
+            "log_alpha_prime": "scalar", "alpha": "scalar", "alpha_prime": "scalar"}
+    files = {}
+    for k in range(len(generators)):
+        rows = agent_slices(k)
+        agent = {name: {key: value[rows[kind[name]]].clone() for key, value in net.state_dict().items()}
+                 if isinstance(net, nn.Module) else net[rows[kind[name]]].detach().clone()
+                 for name, net in nets.items() if net is not None}
+        agent["optimizers"] = {name: slice_optimizer_state(opt.state_dict(), rows[kind.get(name, name)])
+                               for name, opt in optimizers.items()}
+        agent["generator_state"] = generators[k].get_state()
+        agent["meta"] = {**meta, "agent": k, "seed": meta["args"]["seed"] + k, "normalized_scores": scores,
+                         "normalized_score": None if scores is None else scores[k]}
+        files[f"agent_{k}.pt"] = agent
+    save_set(save_dir, files, {"script": "cql_pretrain", "run_id": meta["run_id"], "step": meta["step"],
+                               "run_dir": meta["run_dir"]})
+# =============================================================================================================
+# Shared machinery: flags, run folders, checkpoint sets, per-run logs, stop signals, offline data, CUDA graphs.
+# The same block, byte for byte, in cql_pretrain.py, off2on_finetune.py and upq_finetune.py (tests/test_shared_code.py).
+# =============================================================================================================
+FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence refusal states them
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+}
+SET_FORMAT = "upq-checkpoint-set-v1"
+SET_MANIFEST, SET_COMMIT = "manifest.json", "commit.json"  # the complete set's list of files; a save's commit point
+SET_FILE = re.compile(r"^(agent_\d+|run_state)\.pt$")
+
+
+def fail(message: str) -> NoReturn:
     """Stop with one clear sentence on stderr and exit code 1."""
     raise SystemExit(f"error: {message}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files (the same block in every script)
-# ---------------------------------------------------------------------------------------------
+def check_flags(args, ranges: dict[str, str]) -> None:
+    """Refuse, in one sentence naming the flag, a numeric flag outside its range (NaN and inf included)."""
+    for name, allowed in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or not all(math.isfinite(v) and FLAG_RANGES[allowed](v) for v in values):
+            shown = " ".join(map(str, values)) or "(nothing)"
+            each = " each, at least one value" if isinstance(value, tuple) else ""
+            fail(f"--{name.replace('_', '-')} must be {allowed}{each}, not {shown}")
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto: cuda when torch sees one, else cpu."""
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def make_writable(folder: Path, flag: str) -> Path:
+    """Create `folder` and probe it with a file, so an unwritable --save-dir or --run-dir stops the run before step 1."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
+    return folder
+
+
+def write_json(path: Path, content: dict) -> None:
+    """A JSON file written whole or not at all (a temporary file, then a rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        fail(f"{path} cannot be read ({type(error).__name__}); it is not a file this script wrote")
+
+
+def save_set(folder: Path, files: dict[str, dict], manifest: dict) -> None:
+    """Write a checkpoint set as one unit: every file as NAME.next, then commit.json (the commit point), then renames.
+
+    Whenever the process dies, the folder holds the previous complete set, or a committed one that finish_set
+    completes: a reader never sees files of two saves as one set.
+    """
+    finish_set(folder)
+    for name, content in files.items():
+        torch.save(content, folder / f"{name}.next")
+    write_json(folder / SET_COMMIT, {"format": SET_FORMAT, **manifest, "files": sorted(files)})
+    finish_set(folder)
+
+
+def finish_set(folder: Path) -> None:
+    """Complete a committed save (rename its .next files, its commit becomes the manifest), then delete leftovers:
+    .next files of a save that died before its commit, and set files of an earlier run that the set does not list."""
+    commit = read_json(folder / SET_COMMIT)
+    if commit is not None:
+        for name in commit["files"]:
+            if (folder / f"{name}.next").exists():
+                os.replace(folder / f"{name}.next", folder / name)
+        os.replace(folder / SET_COMMIT, folder / SET_MANIFEST)
+    manifest = read_json(folder / SET_MANIFEST)
+    for path in folder.glob("*.pt.next"):
+        path.unlink()
+    for path in folder.iterdir() if manifest is not None else ():
+        if SET_FILE.match(path.name) and path.name not in manifest["files"]:
+            path.unlink()
+
+
+def read_set(folder: Path) -> tuple[dict, dict[str, Path]]:
+    """The folder's complete checkpoint set, read-only: its manifest and the path of each of its files."""
+    commit = read_json(folder / SET_COMMIT)  # a save that died after its commit point: its files are complete
+    if commit is not None:
+        return commit, {n: folder / f"{n}.next" if (folder / f"{n}.next").exists() else folder / n
+                        for n in commit["files"]}
+    manifest = read_json(folder / SET_MANIFEST)
+    if manifest is None:
+        found = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+        fail(f"{folder} holds no complete checkpoint set (no {SET_MANIFEST}"
+             + (f"; its {', '.join(found)} come from an older version or an unfinished save)" if found else ")"))
+    return manifest, {name: folder / name for name in manifest["files"]}
+
+
+def holds_a_set(folder: Path) -> bool:
+    return folder.is_dir() and any(p.name in (SET_MANIFEST, SET_COMMIT) or SET_FILE.match(p.name)
+                                   for p in folder.iterdir())
+
+
+def load_checkpoint(path: Path, expected_format: str) -> dict:
+    """A checkpoint file, or one clear sentence on why it cannot be used."""
+    if not path.is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 -- truncated zip, pickle error, ...: all mean "corrupted"
+        fail(f"checkpoint {path} is corrupted or not a checkpoint ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("meta", {}).get("format") != expected_format:
+        fail(f"{path} is not a {expected_format} checkpoint")
+    return checkpoint
+
+
+def check_one_set(paths: list[Path], checkpoints: list[dict]) -> None:
+    """Refuse agents of different runs or saved at different steps, in one sentence."""
+    stamps = {(c["meta"]["run_id"], c["meta"]["step"]) for c in checkpoints}
+    if len(stamps) > 1:
+        listed = ", ".join(f"{p.name} (run {c['meta']['run_id']}, step {c['meta']['step']:,})"
+                           for p, c in zip(paths, checkpoints))
+        fail(f"these checkpoints come from different runs or steps and cannot form one ensemble: {listed}")
+
+
+def prepare_folders(run, default_save_dir: str, default_run_dir: str, agent_format: str,
+                    run_state_format: str | None = None) -> tuple[Path, Path, tuple[dict, dict] | None]:
+    """--save-dir and --run-dir, checked before anything is loaded: a fresh run refuses a save dir that holds a set
+    or a run dir that holds an eval.csv unless --overwrite (the old set is replaced at the first save); both are
+    created and probed for writing. --resume: the run dir defaults to the saved run's, a save cut short is completed,
+    and the saved set comes back as (manifest, {file name: checkpoint})."""
+    save_dir = Path(run.save_dir or default_save_dir)
+    if run.resume and run.overwrite:
+        fail("--resume and --overwrite exclude each other")
+    if run.resume and not holds_a_set(save_dir):
+        fail(f"--resume: {save_dir} holds no checkpoints to continue")
+    if not run.resume and holds_a_set(save_dir) and not run.overwrite:
+        fail(f"{save_dir} already holds checkpoints: pass --resume to continue them, --overwrite to replace them, "
+             f"or another --save-dir")
+    run_dir = Path(run.run_dir or (read_set(save_dir)[0]["run_dir"] if run.resume else default_run_dir))
+    if not run.resume and (run_dir / "eval.csv").exists() and not run.overwrite:
+        fail(f"{run_dir / 'eval.csv'} already exists: pass --resume to continue that run, --overwrite to start it "
+             f"anew, or another --run-dir")
+    make_writable(save_dir, "--save-dir")
+    make_writable(run_dir, "--run-dir")
+    if not run.resume:
+        return save_dir, run_dir, None
+    finish_set(save_dir)
+    manifest, paths = read_set(save_dir)
+    checkpoints = {name: load_checkpoint(path, run_state_format if name == "run_state.pt" else agent_format)
+                   for name, path in paths.items()}
+    check_one_set(list(paths.values()), list(checkpoints.values()))
+    return save_dir, run_dir, (manifest, checkpoints)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class CsvLog:
+    """A per-run CSV log with a `step` column, flushed every row. With resume_step, the rows past it (written
+    after the checkpoint a resumed run continues from) are cut first, so every step has one row."""
+
+    def __init__(self, path: Path, header: list[str], resume_step: int | None):
+        kept = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if rows and rows[0] != header:
+                fail(f"{path} has the columns {rows[0]}, not {header}: it is not this run's log")
+            kept = [row for row in rows[1:] if len(row) == len(header) and int(row[0]) <= resume_step]
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "w", newline="") as f:
+            csv.writer(f).writerows([header, *kept])
+        os.replace(temporary, path)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+
+    def write(self, row: list) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def catch_stop_signals() -> dict:
+    """From here on SIGINT (Ctrl-C) and SIGTERM only set stop["signal"]: the loop finishes its update, saves a
+    complete set and exits (exit code 128 + the signal's number)."""
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return stop
+
+
+def exit_stopped(stop: dict, where: str, save_dir: Path) -> NoReturn:
+    name = signal.Signals(stop["signal"]).name
+    print(f"{name} at {where}: saved a complete set to {save_dir}; continue with the same command and --resume",
+          flush=True)
+    raise SystemExit(128 + stop["signal"])
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s, 12s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress(done: int, total: int, done_at_start: int, started: float, unit: str) -> str:
+    """'12,000/200,000 steps (6%), 4m10s elapsed, 48.0 steps/s, ETA 1h05m': this session's speed."""
+    elapsed = time.perf_counter() - started
+    speed = (done - done_at_start) / max(elapsed, 1e-9)
+    eta = duration((total - done) / speed) if speed > 0 else "?"
+    return (f"{done:,}/{total:,} {unit} ({100 * done / max(total, 1):.0f}%), {duration(elapsed)} elapsed, "
+            f"{speed:.1f} {unit}/s, ETA {eta}")
+
+
+class Tee:
+    """A console stream that also writes everything to the run's train.log."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.log.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> dict:
+    """<run-dir>/train.log (the console, appended on resume), config.json, and one CsvLog per entry of columns."""
+    console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
+    sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
+    config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
+              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    previous = read_json(run_dir / "config.json") if resume_step is not None else None
+    if previous is not None:  # the first start's config, and every resume's own below it
+        config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
+    write_json(run_dir / "config.json", config)
+    return {name: CsvLog(run_dir / f"{name}.csv", header, resume_step) for name, header in columns.items()}
+
+
+def close_logs(logs: dict, wandb) -> None:
+    for log in logs.values():
+        log.close()
+    if wandb:
+        wandb.finish()
+    sys.stdout, sys.stderr = getattr(sys.stdout, "stream", sys.stdout), getattr(sys.stderr, "stream", sys.stderr)
+
+
+def source_commit() -> str | None:
+    """The git commit of this script's folder, if it is a git checkout."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def flat_args(args) -> dict:
+    """Every flag's value, the algorithm's and the run's, as plain JSON types."""
+    values = {**dataclasses.asdict(args.algorithm), **dataclasses.asdict(args.run)}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+def start_wandb(run, meta: dict):
+    """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
+    import wandb
+
+    wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
+               name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
+    return wandb
+
+
+def agent_slices(k: int) -> dict[str, slice]:
+    """Agent k's rows of the ensemble tensors: its actor, its two critics (and targets), its scalars."""
+    return {"actor": slice(k, k + 1), "critic": slice(2 * k, 2 * k + 2), "target_critic": slice(2 * k, 2 * k + 2),
+            "scalar": slice(k, k + 1)}
+
+
+def slice_optimizer_state(state: dict, rows: slice) -> dict:
+    """An optimizer state_dict restricted to one agent's rows (Adam moments share the params' layout)."""
+    return {
+        "state": {
+            index: {key: value if value.dim() == 0 else value[rows].clone() for key, value in entry.items()}
+            for index, entry in state["state"].items()
+        },
+        "param_groups": state["param_groups"],
+    }
+
+
+def concat_optimizer_states(states: list[dict]) -> dict:
+    """Inverse of slice_optimizer_state over the agents, in order."""
+    first = states[0]
+    return {
+        "state": {
+            index: {
+                key: value if value.dim() == 0 else torch.cat([s["state"][index][key] for s in states])
+                for key, value in entry.items()
+            }
+            for index, entry in first["state"].items()
+        },
+        "param_groups": first["param_groups"],
+    }
+
+
+def cuda_graphed(step, generators=()):
+    """Record one call of step() as a CUDA graph; returns a function that replays it and returns step()'s outputs.
+
+    A replay launches the recorded kernels on the same tensors with no Python in between, so every state the step
+    changes must change in place, and Python values it reads are frozen at recording. `generators` (other than the
+    device's default one, which every graph follows) are registered, so each replay advances them as an eager call
+    would and a graphed run draws the same numbers as an eager one.
+    """
+    graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        outputs = step()
+
+    def replay():
+        graph.replay()
+        return outputs
+
+    return replay
+
+
+# Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files ---------------------------------------------------
 D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
     "hopper": (-20.272305, 3234.3),
     "halfcheetah": (-280.178953, 12135.0),
@@ -118,6 +979,8 @@ D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
 D4RL_GYM_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 D4RL_NAME = re.compile(r"^(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2$")
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+TRANSITION_AXES = {"observations": 2, "actions": 2, "rewards": 1, "next_observations": 2, "terminals": 1,
+                   "timeouts": 1}  # rewards, terminals and timeouts may also come as [M, 1]
 
 
 @dataclass
@@ -151,6 +1014,29 @@ def normalized_score(returns, ref_min_score: float | None, ref_max_score: float 
     return 100.0 * (returns - ref_min_score) / (ref_max_score - ref_min_score)
 
 
+def check_transitions(name: str, data: dict[str, np.ndarray]) -> None:
+    """One sentence unless every array has one row per transition (at least one), the expected axes and finite
+    values, and next_observations the width of observations."""
+    size = len(data["rewards"])
+    for key, array in data.items():
+        axes = TRANSITION_AXES[key]
+        if array.ndim != axes and not (axes == 1 and array.ndim == 2 and array.shape[1] == 1):
+            fail(f"dataset {name}: {key} has shape {array.shape}, but it needs {axes} axes")
+        if len(array) != size:
+            fail(f"dataset {name}: {key} has {len(array):,} rows but rewards {size:,}; every array needs one row "
+                 f"per transition")
+    if size == 0:
+        fail(f"dataset {name} holds no transitions")
+    if "next_observations" in data and data["next_observations"].shape[1:] != data["observations"].shape[1:]:
+        fail(f"dataset {name}: next_observations are {data['next_observations'].shape[1:]}, observations "
+             f"{data['observations'].shape[1:]}")
+    for key, array in data.items():
+        bad = ~np.isfinite(array.reshape(size, -1).astype(np.float64)).all(1)
+        if bad.any():
+            fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values (the first is row "
+                 f"{np.flatnonzero(bad)[0]:,})")
+
+
 def d4rl_file_name(name: str) -> str:
     """hopper-medium-replay-v2 -> hopper_medium_replay-v2.hdf5, as D4RL names its downloads."""
     body, level = D4RL_NAME.match(name).groups()
@@ -170,9 +1056,10 @@ def read_d4rl_hdf5(path: Path) -> dict[str, np.ndarray]:
             data = {key: f[key][()] for key in (*needed, "timeouts", "next_observations") if key in f}
     except OSError as error:
         fail(f"cannot read {path} as HDF5 ({error})")
+    check_transitions(str(path), data)
     size = len(data["rewards"])
-    timeouts = data.get("timeouts", np.zeros(size, dtype=bool)).astype(bool)
-    terminals = data["terminals"].astype(bool)
+    timeouts = data.get("timeouts", np.zeros(size, dtype=bool)).reshape(-1).astype(bool)
+    terminals = data["terminals"].reshape(-1).astype(bool)
     if "next_observations" in data:
         keep = np.ones(size, dtype=bool)  # a timeout transition has its true next state: bootstrap
         next_observations = data["next_observations"]
@@ -185,7 +1072,7 @@ def read_d4rl_hdf5(path: Path) -> dict[str, np.ndarray]:
         actions=data["actions"][keep],
         rewards=data["rewards"].reshape(-1)[keep],
         next_observations=next_observations[keep],
-        terminals=terminals.reshape(-1)[keep],
+        terminals=terminals[keep],
     )
 
 
@@ -219,21 +1106,24 @@ def fetch_d4rl(name: str) -> Path:
 
 
 def read_minari(dataset_id: str):
-    """Transitions of a Minari dataset (local, or downloaded when absent and reachable)."""
+    """Transitions of a Minari dataset (local, or downloaded when absent and reachable; local/ ids never are)."""
     import minari
 
+    body = body_of(dataset_id)
+    kind = re.sub(r"-v\d+$", "", dataset_id.rsplit("/", 1)[-1])
+    advice = (f"make one offline with python make_dataset.py --env {D4RL_GYM_ENVS.get(body, '<MuJoCo env id>')} "
+              f"--kind {kind if kind in ('random', 'medium', 'medium-replay', 'expert', 'medium-expert') else 'medium'}")
     try:
         dataset = minari.load_dataset(dataset_id)
     except FileNotFoundError:
+        if dataset_id.startswith("local/"):
+            fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
+                 f"local/ datasets are made on this machine: {advice}")
         try:
             dataset = minari.load_dataset(dataset_id, download=True)
         except Exception as error:  # noqa: BLE001 -- any download failure gets the same advice
-            body = body_of(dataset_id) or "hopper"
-            fail(
-                f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} and could not be "
-                f"downloaded ({type(error).__name__}); make one offline with "
-                f"python make_dataset.py --env {D4RL_GYM_ENVS.get(body, 'Hopper-v5')} --kind medium"
-            )
+            fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} and could not be "
+                 f"downloaded ({type(error).__name__}); {advice}")
     columns = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
     for episode in dataset.iterate_episodes():
         columns["observations"].append(episode.observations[:-1])
@@ -241,6 +1131,8 @@ def read_minari(dataset_id: str):
         columns["actions"].append(episode.actions)
         columns["rewards"].append(episode.rewards)
         columns["terminals"].append(episode.terminations)
+    if not columns["rewards"]:
+        fail(f"dataset {dataset_id} holds no episodes")
     data = {key: np.concatenate(value) for key, value in columns.items()}
     metadata = dataset.storage.metadata
     env_id = dataset.env_spec.id if dataset.env_spec is not None else None
@@ -248,7 +1140,7 @@ def read_minari(dataset_id: str):
 
 
 def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
-    """Resolve --env into transitions, the gymnasium env to evaluate on and the score references."""
+    """Resolve --env into checked transitions, the gymnasium env to evaluate on and the score references."""
     ref_min = ref_max = None
     if D4RL_NAME.match(name):
         data, env_id = read_d4rl_hdf5(fetch_d4rl(name)), D4RL_GYM_ENVS[body_of(name)]
@@ -267,6 +1159,7 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
             f"unknown dataset {name!r}: expected a D4RL name such as hopper-medium-v2, a Minari id such as "
             f"local/hopper/medium-v0, or a path to a .hdf5 file"
         )
+    check_transitions(name, data)
     env_id = gym_env or env_id
     if env_id is None:
         fail(f"dataset {name} records no environment: pass --gym-env")
@@ -293,504 +1186,8 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
                        ref_max_score=ref_max, ref_source=ref_source)
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks: every weight has a leading ensemble axis E, so one batched matmul runs all members
-# ---------------------------------------------------------------------------------------------
-class VectorizedLinear(nn.Module):
-    """E independent linear layers: x [E, B, in] -> [E, B, out]."""
-
-    def __init__(self, in_features: int, out_features: int, ensemble_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(ensemble_size, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(ensemble_size, 1, out_features))
-        for member in range(ensemble_size):  # nn.Linear's default init, member by member
-            bound = 1 / math.sqrt(in_features)
-            nn.init.kaiming_uniform_(self.weight.data[member].T, a=math.sqrt(5))
-            nn.init.uniform_(self.bias.data[member], -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-def vectorized_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, ensemble_size: int) -> nn.Sequential:
-    layers, width = [], in_dim
-    for hidden in hidden_sizes:
-        layers += [VectorizedLinear(width, hidden, ensemble_size), nn.ReLU()]
-        width = hidden
-    return nn.Sequential(*layers, VectorizedLinear(width, out_dim, ensemble_size))
-
-
-class Actor(nn.Module):
-    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] (pre-tanh)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], num_members: int):
-        super().__init__()
-        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * act_dim, num_members)
-
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(-5.0, 2.0)  # official CQL/SPEC: log-std in [-5, 2]
-
-
-class Critic(nn.Module):
-    """2N Q-functions, member 2k + j = critic j of agent k: [2N, B, obs+act] -> [2N, B]."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], num_members: int):
-        super().__init__()
-        self.net = vectorized_mlp(obs_dim + act_dim, hidden_sizes, 1, num_members)
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# CQL math (Eq. 1): small pure functions, checked against hand computations in tests/
-# ---------------------------------------------------------------------------------------------
-def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor):
-    """Reparameterised a = tanh(mean + std * noise) and log pi(a|s) with the tanh correction."""
-    pre_tanh = mean + log_std.exp() * noise
-    return torch.tanh(pre_tanh), tanh_gaussian_log_prob(mean, log_std, pre_tanh)
-
-
-def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_tanh: torch.Tensor) -> torch.Tensor:
-    """log N(u; mean, std) - sum log(1 - tanh(u)^2), summed over action dims; stable softplus form."""
-    gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    tanh_correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
-    return (gaussian - tanh_correction).sum(-1)
-
-
-def action_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s) of given (dataset) actions, for the behaviour-cloning warm-up."""
-    pre_tanh = torch.atanh(actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
-    return tanh_gaussian_log_prob(mean, log_std, pre_tanh)
-
-
-def cql_logsumexp(q_random, q_current, q_next, log_prob_current, log_prob_next, act_dim: int, temperature: float):
-    """Importance-sampled logsumexp of CQL(H) ("min_q_version 3"), per state: [..., B].
-
-    q_random [..., R, B]: Q(s, a ~ U[-1, 1]^|A|), density 0.5^|A|;
-    q_current [..., R, B]: Q(s, a ~ pi(.|s)), log-density log_prob_current;
-    q_next [..., R, B]: Q(s, a' ~ pi(.|s')), log-density log_prob_next (a' drawn at s', evaluated at s).
-    """
-    uniform_log_density = act_dim * math.log(0.5)
-    stacked = torch.cat(
-        [q_random - uniform_log_density, q_next - log_prob_next.detach(), q_current - log_prob_current.detach()], dim=-2
-    )
-    return temperature * torch.logsumexp(stacked / temperature, dim=-2)
-
-
-def conservative_gap(logsumexp: torch.Tensor, q_data: torch.Tensor) -> torch.Tensor:
-    """E_s[logsumexp_a Q(s, a)] - E_(s,a)~D[Q(s, a)], the bracket of Eq. (1): [...] over the batch axis."""
-    return logsumexp.mean(-1) - q_data.mean(-1)
-
-
-def bellman_target(rewards, terminals, next_q_min, gamma: float) -> torch.Tensor:
-    """r + gamma (1 - terminal) min(Q1', Q2')(s', a'): the deterministic backup of official CQL."""
-    return rewards + gamma * (1.0 - terminals) * next_q_min
-
-
-def policy_loss(alpha, log_prob, q_policy, bc_log_prob, behaviour_cloning: bool) -> torch.Tensor:
-    """alpha log pi(a~|s) - min Q(s, a~) after the warm-up; alpha log pi(a~|s) - log pi(a_data|s) during it."""
-    target = bc_log_prob if behaviour_cloning else q_policy
-    return (alpha * log_prob - target).mean(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# The update: all N agents in one graph, each with its own batch, noise and loss
-# ---------------------------------------------------------------------------------------------
-def cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args, act_dim,
-               behaviour_cloning: bool):
-    """Losses of one CQL step for N agents. batch tensors [N, B, ...]; noise from each agent's generator.
-
-    Returns (total loss to backpropagate, dict of per-agent metrics [N]).
-    The actor's loss sees the critics frozen, the critics' loss sees sampled actions detached, so one
-    backward pass gives each network the gradient of its own objective (as the official code's
-    separate optimisers do).
-    """
-    obs, actions, rewards, next_obs, terminals = batch
-    num_agents, batch_size = rewards.shape
-    num_random = args.num_random
-    alpha = log_alpha.exp().detach()[:, None]  # [N, 1]
-
-    def per_critic(x):  # [N, ...] -> [2N, ...]: each agent's input to both of its critics
-        return x.repeat_interleave(2, dim=0)
-
-    def twin(q):  # [2N, ...] -> [N, 2, ...]
-        return q.view(num_agents, 2, *q.shape[1:])
-
-    mean, log_std = actor(torch.cat([obs, next_obs], dim=1))  # [N, 2B, A]
-    mean_s, mean_next = mean.split(batch_size, dim=1)
-    log_std_s, log_std_next = log_std.split(batch_size, dim=1)
-
-    # Actions at s for the policy loss (1) and the logsumexp (R); at s' for the target (1) and logsumexp (R)
-    rep = 1 + num_random
-    a_s, logp_s = tanh_gaussian_sample(mean_s.repeat(1, rep, 1), log_std_s.repeat(1, rep, 1), noise["s"])
-    a_next, logp_next = tanh_gaussian_sample(mean_next.repeat(1, rep, 1), log_std_next.repeat(1, rep, 1), noise["next"])
-    a_policy, logp_policy = a_s[:, :batch_size], logp_s[:, :batch_size]  # [N, B, A], [N, B]
-
-    # Critic loss: TD to the deterministic backup + the conservative term
-    with torch.no_grad():
-        next_q = twin(target_critic(per_critic(next_obs), per_critic(a_next[:, :batch_size]))).min(1).values
-        td_target = bellman_target(rewards, terminals, next_q, args.gamma)  # [N, B]
-    cql_actions = torch.cat([noise["uniform"], a_s[:, batch_size:].detach(), a_next[:, batch_size:].detach()], dim=1)
-    all_actions = torch.cat([actions, cql_actions], dim=1)  # [N, (1 + 3R) B, A]
-    all_obs = torch.cat([obs, obs.repeat(1, 3 * num_random, 1)], dim=1)
-    q_all = twin(critic(per_critic(all_obs), per_critic(all_actions)))  # [N, 2, (1 + 3R) B]
-    q_data = q_all[..., :batch_size]  # [N, 2, B]
-    q_random, q_current, q_next = q_all[..., batch_size:].unflatten(-1, (3, num_random, batch_size)).unbind(2)
-    logsumexp = cql_logsumexp(
-        q_random, q_current, q_next,
-        logp_s[:, None, batch_size:].unflatten(-1, (num_random, batch_size)),
-        logp_next[:, None, batch_size:].unflatten(-1, (num_random, batch_size)),
-        act_dim, args.cql_temperature,
-    )  # [N, 2, B]
-    gap = conservative_gap(logsumexp, q_data)  # [N, 2]
-    td_loss = ((q_data - td_target[:, None]) ** 2).mean(-1)  # [N, 2]
-    if log_alpha_prime is None:
-        conservative = args.min_q_weight * gap
-        alpha_prime_loss = torch.zeros((), device=obs.device)
-    else:  # dual gradient: alpha' grows while the gap exceeds the threshold
-        alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)[:, None]  # [N, 1]
-        conservative = alpha_prime.detach() * args.min_q_weight * (gap - args.lagrange_threshold)
-        alpha_prime_loss = -(alpha_prime * args.min_q_weight * (gap.detach() - args.lagrange_threshold)).mean(1).sum()
-    critic_loss = (td_loss + conservative).sum(1)  # [N]: Q1 + Q2 losses of each agent
-
-    # Actor loss with the critics frozen, and SAC temperature loss
-    frozen = {name: p.detach() for name, p in critic.named_parameters()}
-    q_policy = twin(torch.func.functional_call(critic, frozen, (per_critic(obs), per_critic(a_policy)))).min(1).values
-    bc_log_prob = action_log_prob(mean_s, log_std_s, actions)
-    actor_loss = policy_loss(alpha, logp_policy, q_policy, bc_log_prob, behaviour_cloning)  # [N]
-    alpha_loss = -(log_alpha[:, None] * (logp_policy.detach() + args.target_entropy)).mean(-1)  # [N]
-
-    total = critic_loss.sum() + actor_loss.sum() + alpha_loss.sum() + alpha_prime_loss
-    metrics = dict(
-        critic_loss=critic_loss, actor_loss=actor_loss, alpha=alpha[:, 0], q_data=q_data.mean((1, 2)),
-        cql_gap=gap.mean(1),
-    )
-    return total, metrics
-
-
-def cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers, batch, noise, args, act_dim, step,
-               losses=cql_losses):
-    """One gradient step of all N agents: losses, one backward, Adam steps, soft target update (tau).
-
-    `losses` is cql_losses, or torch.compile(cql_losses) with --compile.
-    """
-    behaviour_cloning = step < args.bc_steps
-    loss, metrics = losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args, act_dim,
-                           behaviour_cloning)
-    for opt in optimizers.values():
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for opt in optimizers.values():
-        opt.step()
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
-    # detached: a caller that keeps them must not keep this step's autograd graph alive (it breaks CUDA graph capture)
-    return loss.detach(), {key: value.detach() for key, value in metrics.items()}
-
-
-def cuda_graphed(step, generators):
-    """Record one call of step() as a CUDA graph; returns a function that replays it and returns step()'s outputs.
-
-    A replay launches the recorded kernels on the same tensors with no Python in between, so every state the step
-    changes must change in place. The agents' generators are registered with the graph: each replay advances them
-    exactly as an eager call would, so a graphed run draws the same numbers as an eager one.
-    """
-    graph = torch.cuda.CUDAGraph()
-    for generator in generators:
-        graph.register_generator_state(generator)
-    with torch.cuda.graph(graph):
-        outputs = step()
-
-    def replay():
-        graph.replay()
-        return outputs
-
-    return replay
-
-
-def draw_noise(generators, batch_size, act_dim, num_random, device):
-    """Each agent's action noise for one step, from its own generator: dict of [N, R*B, A]."""
-    rep = 1 + num_random
-    gaussian = torch.stack([torch.randn(2 * rep * batch_size, act_dim, generator=g, device=device) for g in generators])
-    uniform = torch.stack([torch.rand(num_random * batch_size, act_dim, generator=g, device=device) for g in generators])
-    s_noise, next_noise = gaussian.split(rep * batch_size, dim=1)
-    return {"s": s_noise, "next": next_noise, "uniform": 2.0 * uniform - 1.0}
-
-
-def sample_batch(data: dict[str, torch.Tensor], generators, batch_size: int):
-    """Each agent's minibatch, indices from its own generator: tensors [N, B, ...]."""
-    size = data["rewards"].shape[0]
-    device = data["rewards"].device
-    index = torch.stack([torch.randint(size, (batch_size,), generator=g, device=device) for g in generators])
-    return tuple(data[key][index] for key in ("observations", "actions", "rewards", "next_observations", "terminals"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: all agents' episodes in lockstep, one batched actor call per env step
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(actor: Actor, env_id: str, num_agents: int, episodes: int, seed: int, device) -> np.ndarray:
-    """Undiscounted returns [N, episodes] of the deterministic policies tanh(mean)."""
-    envs = [[gym.make(env_id) for _ in range(episodes)] for _ in range(num_agents)]
-    obs = np.stack([[env.reset(seed=seed + e)[0] for e, env in enumerate(row)] for row in envs])
-    returns = np.zeros((num_agents, episodes))
-    running = np.ones((num_agents, episodes), dtype=bool)
-    while running.any():
-        mean, _ = actor(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        actions = torch.tanh(mean).cpu().numpy()
-        for k, e in zip(*np.nonzero(running)):
-            obs[k, e], reward, terminated, truncated, _ = envs[k][e].step(actions[k, e])
-            returns[k, e] += reward
-            running[k, e] = not (terminated or truncated)
-    for row in envs:
-        for env in row:
-            env.close()
-    return returns
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: one file per agent, the agent's slice of the ensemble tensors
-# ---------------------------------------------------------------------------------------------
-def agent_slices(k: int) -> dict[str, slice]:
-    return {"actor": slice(k, k + 1), "critic": slice(2 * k, 2 * k + 2), "scalar": slice(k, k + 1)}
-
-
-def slice_optimizer_state(state: dict, rows: slice) -> dict:
-    """An optimizer state_dict restricted to one agent's rows (Adam moments share the params' layout)."""
-    return {
-        "state": {
-            index: {key: value if value.dim() == 0 else value[rows].clone() for key, value in entry.items()}
-            for index, entry in state["state"].items()
-        },
-        "param_groups": state["param_groups"],
-    }
-
-
-def concat_optimizer_states(states: list[dict]) -> dict:
-    """Inverse of slice_optimizer_state over the agents, in order."""
-    first = states[0]
-    return {
-        "state": {
-            index: {
-                key: value if value.dim() == 0 else torch.cat([s["state"][index][key] for s in states])
-                for key, value in entry.items()
-            }
-            for index, entry in first["state"].items()
-        },
-        "param_groups": first["param_groups"],
-    }
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a reader never sees a half-written file."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def save_checkpoints(save_dir: Path, nets: dict, optimizers: dict, generators, meta: dict, scores) -> None:
-    save_dir.mkdir(parents=True, exist_ok=True)
-    for k in range(len(generators)):
-        rows = agent_slices(k)
-        kind = {"actor": "actor", "critic": "critic", "target_critic": "critic", "log_alpha": "scalar",
-                "log_alpha_prime": "scalar"}
-        checkpoint = {
-            name: {key: value[rows[kind[name]]].clone() for key, value in net.state_dict().items()}
-            if isinstance(net, nn.Module) else net[rows[kind[name]]].detach().clone()
-            for name, net in nets.items() if net is not None
-        }
-        opt_rows = {"actor": rows["actor"], "critic": rows["critic"], "alpha": rows["scalar"], "alpha_prime": rows["scalar"]}
-        checkpoint["optimizers"] = {
-            name: slice_optimizer_state(opt.state_dict(), opt_rows[name]) for name, opt in optimizers.items()
-        }
-        checkpoint["generator_state"] = generators[k].get_state()
-        checkpoint["meta"] = {**meta, "agent": k, "seed": meta["args"]["seed"] + k,
-                              "normalized_score": None if scores is None else float(scores[k])}
-        atomic_save(checkpoint, save_dir / f"agent_{k}.pt")
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint file, or one clear sentence on why it cannot be read."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 -- truncated zip, pickle error, ...: all mean "corrupted"
-        fail(f"checkpoint {path} is corrupted or not a checkpoint ({type(error).__name__}: {error})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("meta", {}).get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a cql_pretrain.py checkpoint ({CHECKPOINT_FORMAT})")
-    return checkpoint
-
-
-def make_agents(obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_agents: int, seed: int):
-    """Actor [N] and critics [2N] where agent k is initialised under seed + k, as in a run of its own."""
-    actor, critic = Actor(obs_dim, act_dim, hidden, num_agents), Critic(obs_dim, act_dim, hidden, 2 * num_agents)
-    with torch.no_grad():
-        for k in range(num_agents):
-            torch.manual_seed(seed + k)
-            single_actor, single_critic = Actor(obs_dim, act_dim, hidden, 1), Critic(obs_dim, act_dim, hidden, 2)
-            rows = agent_slices(k)
-            for big, small, part in ((actor, single_actor, rows["actor"]), (critic, single_critic, rows["critic"])):
-                for param, value in zip(big.parameters(), small.parameters()):
-                    param[part] = value
-    return actor, critic
-
-
-# ---------------------------------------------------------------------------------------------
-def main(args: Args) -> None:
-    if args.num_agents < 1 or args.batch_size < 1 or args.total_steps < 0 or args.eval_episodes < 1:
-        fail("--num-agents, --batch-size and --eval-episodes must be >= 1 and --total-steps >= 0")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for, but torch sees no CUDA device")
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.env)
-    save_dir = Path(args.save_dir or f"checkpoints/{slug}__seed{args.seed}")
-    existing = sorted(save_dir.glob("agent_*.pt"))
-    if existing and not (args.resume or args.overwrite):
-        fail(f"{save_dir} already holds {len(existing)} checkpoints: pass --resume to continue them or --overwrite")
-    if args.resume and args.overwrite:
-        fail("--resume and --overwrite exclude each other")
-    if args.resume and not existing:
-        fail(f"--resume: no agent_*.pt in {save_dir}")
-
-    data = load_offline_data(args.env, args.gym_env)
-    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    if args.target_entropy is None:
-        args.target_entropy = -float(act_dim)
-    hidden = tuple(args.hidden_sizes)
-    n = args.num_agents
-
-    actor, critic = make_agents(obs_dim, act_dim, hidden, n, args.seed)
-    actor, critic = actor.to(device), critic.to(device)
-    target_critic = Critic(obs_dim, act_dim, hidden, 2 * n).to(device)
-    target_critic.load_state_dict(critic.state_dict())
-    target_critic.requires_grad_(False)
-    log_alpha = torch.zeros(n, device=device, requires_grad=True)
-    log_alpha_prime = None if args.lagrange_threshold is None else torch.zeros(n, device=device, requires_grad=True)
-    adam = dict(fused=True, capturable=device.type == "cuda")  # capturable: its step count lives on the GPU
-    optimizers = {
-        "actor": torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam),
-        "critic": torch.optim.Adam(critic.parameters(), lr=args.critic_lr, **adam),
-        "alpha": torch.optim.Adam([log_alpha], lr=args.policy_lr, **adam),
-    }
-    if log_alpha_prime is not None:
-        optimizers["alpha_prime"] = torch.optim.Adam([log_alpha_prime], lr=args.critic_lr, **adam)
-    generators = [torch.Generator(device=device) for _ in range(n)]
-    for k, g in enumerate(generators):
-        g.manual_seed(args.seed + k)
-
-    start_step = 0
-    if args.resume:
-        checkpoints = [load_checkpoint(save_dir / f"agent_{k}.pt") for k in range(n)]
-        for k, ckpt in enumerate(checkpoints):
-            meta = ckpt["meta"]
-            if (meta["obs_dim"], meta["act_dim"], tuple(meta["hidden_sizes"])) != (obs_dim, act_dim, hidden):
-                fail(f"{save_dir / f'agent_{k}.pt'} was made for other shapes ({meta['gym_env_id']}, hidden {meta['hidden_sizes']})")
-        steps_done = {ckpt["meta"]["grad_steps"] for ckpt in checkpoints}
-        if len(steps_done) != 1:
-            fail(f"the checkpoints in {save_dir} are at different steps {sorted(steps_done)}")
-        start_step = steps_done.pop()
-        with torch.no_grad():
-            for name, net in (("actor", actor), ("critic", critic), ("target_critic", target_critic)):
-                net.load_state_dict({key: torch.cat([c[name][key] for c in checkpoints]) for key in checkpoints[0][name]})
-            log_alpha.copy_(torch.cat([c["log_alpha"] for c in checkpoints]))
-            if log_alpha_prime is not None:
-                log_alpha_prime.copy_(torch.cat([c["log_alpha_prime"] for c in checkpoints]))
-        for name, opt in optimizers.items():
-            state = concat_optimizer_states([c["optimizers"][name] for c in checkpoints])
-            for group in state["param_groups"]:  # this run's device settings, not the saving run's
-                group.update(foreach=None, **adam)
-            opt.load_state_dict(state)
-        for g, ckpt in zip(generators, checkpoints):
-            if ckpt["generator_state"].numel() != g.get_state().numel():  # a CPU and a CUDA generator's states differ
-                fail(f"the checkpoints in {save_dir} were saved on another kind of device: resume on that --device")
-            g.set_state(ckpt["generator_state"])
-        print(f"resumed {n} agents from {save_dir} at step {start_step}")
-
-    tensors = {key: torch.as_tensor(getattr(data, key), device=device)
-               for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    run_dir = Path(args.run_dir or f"runs/cql_pretrain__{slug}__{args.seed}__{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    eval_csv = run_dir / "eval.csv"
-    if eval_csv.exists() and not (args.resume or args.overwrite):
-        fail(f"{eval_csv} already exists: pass --resume to append to it, --overwrite to start it anew, or another --run-dir")
-    new_csv = not (eval_csv.exists() and args.resume)
-    csv_file = open(eval_csv, "a" if args.resume else "w", newline="")
-    writer = csv.writer(csv_file)
-    if new_csv:
-        writer.writerow(["step", "agent", "return", "normalized_score"])
-    meta = dict(
-        format=CHECKPOINT_FORMAT, version=PROJECT_VERSION, dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
-        obs_dim=obs_dim, act_dim=act_dim, hidden_sizes=list(hidden), num_agents=n,
-        args={k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(args).items()},
-    )
-    wandb = None
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project, config=meta["args"], name=run_dir.name)
-    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, "
-          f"reference returns: {data.ref_source}; {n} agents on {device}; run dir {run_dir}; checkpoints {save_dir}")
-
-    nets = {"actor": actor, "critic": critic, "target_critic": target_critic, "log_alpha": log_alpha,
-            "log_alpha_prime": log_alpha_prime}
-    scores = None
-
-    def evaluate_and_log(step: int):
-        returns = evaluate(actor, data.gym_env_id, n, args.eval_episodes, args.seed + 10_000, device)
-        per_agent = normalized_score(returns, data.ref_min_score, data.ref_max_score).mean(1)
-        for k in range(n):
-            writer.writerow([step, k, f"{returns[k].mean():.3f}", f"{per_agent[k]:.3f}"])
-        csv_file.flush()
-        print(f"eval step {step}: return {returns.mean():.1f} normalized {np.mean(per_agent):.1f} "
-              f"(per agent {', '.join(f'{s:.1f}' for s in per_agent)})", flush=True)
-        if wandb:
-            wandb.log({"eval/return": returns.mean(), "eval/normalized_score": float(np.mean(per_agent))}, step=step)
-        return per_agent
-
-    losses = torch.compile(cql_losses) if args.compile else cql_losses
-
-    def train_step(step: int):  # one update of all agents: their minibatches, action noise, losses and optimiser steps
-        batch = sample_batch(tensors, generators, args.batch_size)
-        noise = draw_noise(generators, args.batch_size, act_dim, args.num_random, device)
-        return cql_update(actor, critic, target_critic, log_alpha, log_alpha_prime, optimizers, batch, noise, args,
-                          act_dim, step, losses)
-
-    graphs = {}  # behaviour cloning on/off -> the recorded update of that phase
-    timer, timer_step = time.perf_counter(), start_step
-    for step in range(start_step, args.total_steps):
-        if step % args.eval_every == 0 and step > start_step or (step == 0 and start_step == 0):
-            scores = evaluate_and_log(step)
-            timer, timer_step = time.perf_counter(), step
-        cloning = step < args.bc_steps
-        phase_start = max(start_step, 0 if cloning else args.bc_steps)
-        record = args.cuda_graph and device.type == "cuda" and step - phase_start == CUDA_GRAPH_WARMUP
-        if record:  # the step's tensors stay allocated; the graph replays it from here to the phase's end
-            graphs[cloning] = cuda_graphed(functools.partial(train_step, step), generators)
-        loss, metrics = graphs[cloning]() if cloning in graphs else train_step(step)
-
-        done = step + 1
-        if done % args.log_every == 0 or done % args.save_every == 0 or done == args.total_steps:
-            values = {key: value.detach().cpu().numpy() for key, value in metrics.items()}
-            if not np.isfinite(loss.item()):
-                fail(f"the loss became {loss.item()} at step {done}; checkpoints in {save_dir} were left as they were")
-            speed = (done - timer_step) / (time.perf_counter() - timer)
-            print(f"step {done}: critic loss {values['critic_loss'].mean():.3f} actor loss {values['actor_loss'].mean():.3f} "
-                  f"Q {values['q_data'].mean():.2f} gap {values['cql_gap'].mean():.2f} alpha {values['alpha'].mean():.4f} "
-                  f"{speed:.1f} updates/s", flush=True)
-            if wandb:
-                wandb.log({f"train/{key}": float(value.mean()) for key, value in values.items()} | {"updates_per_s": speed},
-                          step=done)
-        if done % args.save_every == 0 and done != args.total_steps:
-            save_checkpoints(save_dir, nets, optimizers, generators, {**meta, "grad_steps": done}, scores)
-    final = args.total_steps
-    if final > start_step or not existing:
-        scores = evaluate_and_log(final)
-    save_checkpoints(save_dir, nets, optimizers, generators, {**meta, "grad_steps": final}, scores)
-    csv_file.close()
-    print(f"saved {n} checkpoints to {save_dir}; evaluations in {eval_csv}")
-
-
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was saved")

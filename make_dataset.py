@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, NoReturn, Optional
 
 import gymnasium as gym
 import minari
@@ -52,7 +52,7 @@ class Args:
     dataset_id: Optional[str] = None
     """Minari id to write; default local/<body>/<kind>-v0, e.g. local/hopper/medium-v0"""
     num_steps: int = 1_000_000
-    """transitions to collect (D4RL: 1M; medium-expert takes this many from medium and from expert; ignored by medium-replay)"""
+    """transitions to collect, at least 1 (D4RL: 1M; medium-expert takes this many from medium and from expert; ignored by medium-replay)"""
     seed: int = 0
     """seed of env resets, actions and SAC; same seed and flags give identical datasets"""
     overwrite: bool = False
@@ -86,7 +86,7 @@ class Args:
     target_network_frequency: int = 1
     """target networks soft-updated every this many steps (CleanRL)"""
     alpha: float = 0.2
-    """entropy temperature when not auto-tuned (CleanRL)"""
+    """entropy temperature, >= 0 (0: no entropy bonus), used only with --no-autotune (CleanRL)"""
     autotune: bool = True
     """auto-tune the temperature towards entropy -|A| (CleanRL)"""
 
@@ -106,6 +106,15 @@ COLLECT_SEED_OFFSET, TRAIN_SEED_OFFSET, EVAL_SEED_OFFSET = 0, 1_000_000, 2_000_0
 RUN_KEYS = ("env", "seed", "max_episode_steps", "eval_frequency", "eval_episodes", "gamma", "tau",
             "batch_size", "learning_starts", "policy_lr", "q_lr", "policy_frequency",
             "target_network_frequency", "alpha", "autotune")
+# Allowed values of the numeric flags (check_flags); --target-return need only be finite.
+FLAG_RANGES_OF_ARGS = dict(
+    num_steps=">= 1", seed=">= 0", max_episode_steps=">= 1", total_timesteps=">= 1", eval_frequency=">= 1",
+    eval_episodes=">= 1", num_threads=">= 1", gamma="in [0, 1)", tau="in (0, 1]", batch_size=">= 1",
+    learning_starts=">= 0", policy_lr="> 0", q_lr="> 0", policy_frequency=">= 1", target_network_frequency=">= 1",
+    alpha=">= 0")
+# A progress line (with ETA) after this many SAC steps or seconds, whichever comes first; rollouts print every 10%
+# of --num-steps or after this many seconds.
+LOG_EVERY_STEPS, LOG_EVERY_SECONDS = 1000, 60
 LOG_STD_MAX, LOG_STD_MIN = 2, -5
 
 
@@ -240,7 +249,8 @@ def collect_episodes(args: Args, policy: Callable, num_steps: int, label: str) -
     """Roll out `policy` for exactly num_steps transitions. As Minari's DataCollector does, the last
     episode, cut by num_steps rather than by the env, is marked truncated. Infos are not kept."""
     env = make_env(args)
-    episodes, start, steps, report_every = [], time.time(), 0, max(num_steps // 10, 1)
+    episodes, steps, report_every = [], 0, max(num_steps // 10, 1)
+    started = last_report = time.perf_counter()
     while steps < num_steps:
         episode_seed = args.seed + COLLECT_SEED_OFFSET + len(episodes)
         obs, _ = env.reset(seed=episode_seed)
@@ -254,11 +264,12 @@ def collect_episodes(args: Args, policy: Callable, num_steps: int, label: str) -
                 buffer.append(value)
             steps += 1
             done = terminated or truncated
-            if steps % report_every == 0 or steps == num_steps:
+            if (steps % report_every == 0 or steps == num_steps
+                    or time.perf_counter() - last_report >= LOG_EVERY_SECONDS):
                 finished = [float(np.sum(e.rewards)) for e in episodes]
-                print(f"[{label}] collected {steps}/{num_steps} steps | mean episode return "
-                      f"{np.mean(finished) if finished else float('nan'):.1f} | "
-                      f"{steps / (time.time() - start):.0f} steps/s", flush=True)
+                print(f"[{label}] collected {progress(steps, num_steps, 0, started, 'steps')} | mean episode return "
+                      f"{np.mean(finished) if finished else float('nan'):.1f}", flush=True)
+                last_report = time.perf_counter()
         truncations[-1] = truncations[-1] or not terminations[-1]
         episodes.append(EpisodeBuffer(
             seed=episode_seed, observations=np.array(observations), actions=np.array(actions, dtype=np.float32),
@@ -338,7 +349,17 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
                                                and last_eval_step == run["global_step"])
 
     global_step = start_step = last_print_step = run["global_step"]
-    start_time, obs, episode_return = time.time(), None, 0.0
+    started = last_print_time = time.perf_counter()
+    obs, episode_return, last_episode_return = None, 0.0, float("nan")
+
+    def where() -> str:
+        """The progress part of a [SAC] line. The last episode may run past the budget: then it counts as the total."""
+        if global_step > args.total_timesteps:
+            note = f" (past --total-timesteps {args.total_timesteps:,} to end the episode)"
+        else:
+            note = "" if target_return is None else f" (or sooner: stops at an eval return >= {target_return:g})"
+        return progress(global_step, max(args.total_timesteps, global_step), start_step, started, "steps") + note
+
     while not finished():
         if obs is None:
             obs, _ = env.reset(seed=args.seed + TRAIN_SEED_OFFSET + run["episodes"])
@@ -368,10 +389,7 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
 
         if terminated or truncated:
             run["episodes"] += 1
-            if global_step - last_print_step >= 1000:
-                print(f"[SAC] step {global_step} | train episode return {episode_return:.1f} | "
-                      f"{(global_step - start_step) / (time.time() - start_time):.0f} steps/s", flush=True)
-                last_print_step = global_step
+            last_episode_return = episode_return
             last_eval_step = run["evaluations"][-1]["step"] if run["evaluations"] else 0
             new_eval_period = global_step // args.eval_frequency > last_eval_step // args.eval_frequency
             if new_eval_period or global_step >= args.total_timesteps:
@@ -386,14 +404,18 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
                 run_path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(run, run_path.with_name(run_path.name + ".tmp"))  # atomic: a kill never leaves half a run
                 run_path.with_name(run_path.name + ".tmp").replace(run_path)
-                print(f"[SAC] step {global_step} | eval return {returns.mean():.1f} ± {returns.std():.1f} | "
-                      f"last train episode return {episode_return:.1f} | alpha {alpha:.3f} | "
-                      f"{(global_step - start_step) / (time.time() - start_time):.0f} steps/s (incl. eval)", flush=True)
+                print(f"[SAC] {where()} | eval return {returns.mean():.1f} ± {returns.std():.1f} | "
+                      f"last train episode return {last_episode_return:.1f} | alpha {alpha:.3f}", flush=True)
+                last_print_step, last_print_time = global_step, time.perf_counter()
             obs, episode_return = None, 0.0
+        if (global_step - last_print_step >= LOG_EVERY_STEPS
+                or time.perf_counter() - last_print_time >= LOG_EVERY_SECONDS):
+            print(f"[SAC] {where()} | last train episode return {last_episode_return:.1f}", flush=True)
+            last_print_step, last_print_time = global_step, time.perf_counter()
     if global_step > start_step:
-        elapsed = time.time() - start_time
-        print(f"[SAC] trained {global_step - start_step} steps in {elapsed:.0f} s "
-              f"({(global_step - start_step) / elapsed:.0f} steps/s incl. eval); run saved to {run_path}", flush=True)
+        elapsed = time.perf_counter() - started
+        print(f"[SAC] trained {global_step - start_step:,} steps in {duration(elapsed)} "
+              f"({(global_step - start_step) / elapsed:.1f} steps/s incl. eval); run saved to {run_path}", flush=True)
     return run
 
 
@@ -499,6 +521,9 @@ def reference_scores(args: Args, body: str, run_path: Path) -> Optional[tuple]:
 
 
 def main(args: Args) -> None:
+    check_flags(args, FLAG_RANGES_OF_ARGS)
+    if args.target_return is not None and not math.isfinite(args.target_return):
+        fail(f"--target-return must be a finite number, not {args.target_return}")
     torch.set_num_threads(args.num_threads)
     body = check_env(args.env).spec.name.lower()
     dataset_id = args.dataset_id or f"local/{body}/{args.kind}-v0"
@@ -537,6 +562,53 @@ def main(args: Args) -> None:
         episodes, algorithm, metadata = make_episodes(args, args.kind, run_path, target_return)
         write_dataset(args, dataset_id, episodes, args.kind, algorithm, reference_scores(args, body, run_path),
                       metadata)
+
+
+# ==== Shared helpers: the same definitions, byte for byte, in cql_pretrain.py, off2on_finetune.py,
+# ==== upq_finetune.py (tests/test_shared_code.py)
+FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence refusal states them
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+}
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with one clear sentence on stderr and exit code 1."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_flags(args, ranges: dict[str, str]) -> None:
+    """Refuse, in one sentence naming the flag, a numeric flag outside its range (NaN and inf included)."""
+    for name, allowed in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or not all(math.isfinite(v) and FLAG_RANGES[allowed](v) for v in values):
+            shown = " ".join(map(str, values)) or "(nothing)"
+            each = " each, at least one value" if isinstance(value, tuple) else ""
+            fail(f"--{name.replace('_', '-')} must be {allowed}{each}, not {shown}")
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s, 12s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress(done: int, total: int, done_at_start: int, started: float, unit: str) -> str:
+    """'12,000/200,000 steps (6%), 4m10s elapsed, 48.0 steps/s, ETA 1h05m': this session's speed."""
+    elapsed = time.perf_counter() - started
+    speed = (done - done_at_start) / max(elapsed, 1e-9)
+    eta = duration((total - done) / speed) if speed > 0 else "?"
+    return (f"{done:,}/{total:,} {unit} ({100 * done / max(total, 1):.0f}%), {duration(elapsed)} elapsed, "
+            f"{speed:.1f} {unit}/s, ETA {eta}")
 
 
 if __name__ == "__main__":

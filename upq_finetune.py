@@ -1,22 +1,29 @@
 """UPQ: online fine-tuning with uncertainty quantification of N offline pre-trained CQL agents (Jang, Kim, Noh).
 
-The paper's method: Off2OnRL (Lee et al. 2022, off2on_finetune.py) plus an uncertainty penalty. The N
-agents of cql_pretrain.py form one ensemble: Q^E, the mean of the members' pessimistic critics
-min(Q1_i, Q2_i) (Eq. 2), and pi^E, one tanh-Gaussian with the pre-tanh mean and variance of the mixture of
-the members' Gaussians (Eq. 3). Fine-tuning is SAC with an auto-tuned temperature: every member regresses
-to its own target at one shared a' ~ pi^E, penalised by beta times the ensemble's standard deviation
-U(s', a') of the target values (Eqs. 4-6), and all N actors learn jointly through pi^E (Eq. 7). Balanced
-replay draws each batch from the offline data and the online buffer by priorities that a density-ratio
-network w(s, a) learns to give near-on-policy transitions.
-
     python upq_finetune.py --env hopper-medium-v2 --beta 0.001
 
-reads agent_0.pt ... agent_{N-1}.pt written by cql_pretrain.py (default folder
-checkpoints/hopper-medium-v2__seed1), runs 200 epochs of 1,000 env steps and 1,000 gradient steps
-(10,000 in epoch 0), evaluates at the start of every epoch (step 0 = the pre-trained ensemble) into
-<run-dir>/eval.csv and saves the fine-tuned agents to --save-dir in the same per-agent layout. This file
-is off2on_finetune.py plus uncertainty_std, the beta term and its flags: with --beta 0 both scripts give
-the same numbers for the same seed. See SPEC.md sections 2-3 for every default and its source.
+The N agents that cql_pretrain.py wrote (--checkpoints, default checkpoints/<env>__seed1) become one ensemble that
+is fine-tuned online as in Off2OnRL (Lee et al. 2022; off2on_finetune.py): SAC with an auto-tuned temperature and
+balanced replay of offline and online data. UPQ adds one term: every member's Bellman target is penalised by beta
+times the ensemble's standard deviation U. This file is off2on_finetune.py plus that term (uncertainty_std, the beta
+in penalized_target, its flags and log column); with --beta 0 both scripts give the same numbers for the same seed.
+
+Where each equation of the paper lives in this file:
+    Eq. (2)  Q^E = (1/N) sum_i min(Q1_i, Q2_i)                            ensemble_q_mean, twin_min
+    Eq. (3)  pi^E: one Gaussian with the mixture's mean and variance       ensemble_policy
+    Eq. (4)  U(s', a') = std over the members of min(Q1_i, Q2_i)'(s', a')  uncertainty_std
+    Eq. (5)  y_i = r + gamma (1 - d) [Q_i' - alpha log pi^E - beta U]     penalized_target
+    Eq. (6)  sum over the 2N critics of (Q_k,i - y_i)^2                   critic_td_loss
+    Eq. (7)  mean [alpha log pi^E(a~|s) - Q^E(s, a~)]                     ensemble_actor_loss
+    SAC's temperature; balanced replay's density ratio and priorities     temperature_loss, density_ratio_loss,
+                                                                          balanced_replay_priorities
+    one gradient step: Eqs. (2)-(7) on plain batch tensors                finetune_losses, finetune_update
+    Algorithm 1: collect, train, evaluate, save                           main
+
+<run-dir> (default runs/<exp-name>__<env>__<seed>__<time>) holds eval.csv (the score before fine-tuning, step 0,
+and after every epoch), metrics.csv (the training metrics of every epoch), train.log and config.json.
+--save-dir holds the fine-tuned agents in cql_pretrain.py's per-agent layout and run_state.pt, written as one set
+(manifest.json) that --resume continues. SPEC.md sections 2-3 give every default and its source.
 """
 
 from __future__ import annotations
@@ -24,13 +31,19 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -39,31 +52,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-ALGORITHM = "upq"
-PROJECT_VERSION = "0.1.0"
-CQL_FORMAT = "upq-cql-agent-v1"  # what cql_pretrain.py writes
-FINETUNED_FORMAT = "upq-finetuned-agent-v1"  # what this script writes: the same per-agent layout
-RUN_STATE_FORMAT = "upq-finetune-run-v1"  # replay, priorities, density-ratio net, RNG: what --resume needs
-SUM_TREE_FANOUT = 64  # children per sum-tree node: 4 levels for ~1M transitions instead of 20
-CUDA_GRAPH_WARMUP = 3  # eager updates at the start of every epoch before the step is recorded as a CUDA graph
-
 
 @dataclass
-class Args:
-    env: str = "hopper-medium-v2"
-    """offline dataset replayed beside the online data: a D4RL name, a Minari id or a D4RL-layout .hdf5 file (paper: D4RL v2)"""
-    gym_env: str | None = None
-    """gymnasium env to fine-tune and evaluate on (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
-    checkpoints: tuple[str, ...] = ()
-    """cql_pretrain.py checkpoints: folders (all their agent_*.pt) or files (default: checkpoints/<env>__seed1, cql_pretrain.py's default --save-dir)"""
-    num_agents: int | None = None
-    """N: use the first N checkpoints (default: all of them; paper: 4)"""
+class Algorithm:
+    """The method (defaults: the paper and the official Off2OnRL code; SPEC.md sections 2-3)"""
+
     beta: float = 0.001
     """uncertainty penalty in the target, Eq. (5) (paper's best; Table 2 sweeps 0.1, 0.01, 0.001, 0.0001); 0 = Off2OnRL"""
     ensemble_mean_target: bool = False
-    """literal reading of Eqs. (5)-(6): every critic regresses to one target built from Q^E; off: each member to its own (Off2OnRL official, SPEC)"""
-    seed: int = 1
-    """seed of the density-ratio net, the batches, the action noise and the envs"""
+    """build every member's target from Q^E, as Eq. (5) is printed, instead of from the member's own min(Q1_i, Q2_i) (Off2OnRL official, SPEC); every critic still regresses to the target of its agent, Eq. (6)"""
+    num_agents: int | None = None
+    """N: use the first N checkpoints (default: all of them; paper: 4)"""
     total_steps: int = 200_000
     """online env steps (paper: 200 epochs x 1,000 steps)"""
     steps_per_epoch: int = 1_000
@@ -94,222 +93,148 @@ class Args:
     """Adam learning rate of the density-ratio network w(s, a) (Off2OnRL official)"""
     density_ratio_hidden_sizes: tuple[int, ...] = (256, 256)
     """hidden layers of w(s, a) (Off2OnRL official)"""
+
+
+@dataclass
+class Run:
+    """The run: data, checkpoints, folders, device, logging"""
+
+    env: str = "hopper-medium-v2"
+    """offline dataset replayed beside the online data: a D4RL name, a Minari id or a D4RL-layout .hdf5 file (paper: D4RL v2)"""
+    gym_env: str | None = None
+    """gymnasium env to fine-tune and evaluate on (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
+    checkpoints: tuple[str, ...] = ()
+    """cql_pretrain.py agents: folders (their saved set) or agent_k.pt files; default checkpoints/<env>__seed1 (cql_pretrain.py's default --save-dir), e.g. checkpoints/hopper-medium-v2__seed1"""
+    seed: int = 1
+    """seed of the density-ratio net, the batches, the action noise and the envs"""
     eval_episodes: int = 5
-    """deterministic episodes of tanh(mean of pi^E) at the start of every epoch (Off2OnRL official: 5,000 steps)"""
+    """deterministic episodes of tanh(mean of pi^E) before fine-tuning and after every epoch (Off2OnRL official: 5,000 steps)"""
     save_every: int = 10
-    """save the fine-tuned agents every this many epochs (and at the end)"""
+    """save the fine-tuned agents every this many epochs (and at the end, and on Ctrl-C)"""
+    exp_name: str = "upq"
+    """prefix of the run's name: runs/<exp-name>__<env>__<seed>__<time> and checkpoints/<exp-name>__<env>__seed<seed> (CleanRL)"""
     save_dir: str | None = None
-    """where agent_0.pt ... and run_state.pt go (default checkpoints/<algorithm>__<env>__seed<seed>)"""
+    """where agent_0.pt ... and run_state.pt go (default checkpoints/<exp-name>__<env>__seed<seed>)"""
     run_dir: str | None = None
-    """where eval.csv goes (default runs/<algorithm>__<env>__<seed>__<time>)"""
+    """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>; with --resume, the saved run's)"""
     resume: bool = False
     """continue the run saved in --save-dir (its agents, replay, priorities and RNG; the training episode restarts)"""
     overwrite: bool = False
-    """replace the checkpoints already in --save-dir"""
+    """start anew although --save-dir holds a run (replaced at this run's first save) or --run-dir holds logs"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available; the envs always step on the CPU"""
     cuda_graph: bool = True
     """on cuda, record each epoch's update step once as a CUDA graph and replay it (the same kernels, less overhead)"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic (CleanRL); CPU runs are deterministic either way"""
     track: bool = False
-    """log to Weights & Biases"""
-    wandb_project: str = "upq"
-    """wandb project name (with --track)"""
-
-
-def fail(message: str) -> None:
-    """Stop with one clear sentence on stderr and exit code 1."""
-    raise SystemExit(f"error: {message}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files (the same block in every script)
-# ---------------------------------------------------------------------------------------------
-D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-}
-D4RL_GYM_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
-D4RL_NAME = re.compile(r"^(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2$")
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+    """log to Weights & Biases (WANDB_MODE=offline works); --resume continues the same wandb run"""
+    wandb_project_name: str = "upq"
+    """wandb project (CleanRL)"""
+    wandb_entity: str | None = None
+    """wandb team or user (CleanRL)"""
 
 
 @dataclass
-class OfflineData:
-    observations: np.ndarray  # [M, obs_dim] float32
-    actions: np.ndarray  # [M, act_dim]
-    rewards: np.ndarray  # [M]
-    next_observations: np.ndarray  # [M, obs_dim]
-    terminals: np.ndarray  # [M], 1.0 only for true termination (time-limit truncations bootstrap)
-    dataset_id: str
-    gym_env_id: str
-    ref_min_score: float | None
-    ref_max_score: float | None
-    ref_source: str
+class Args:
+    algorithm: Algorithm = field(default_factory=Algorithm)
+    run: Run = field(default_factory=Run)
 
 
-def body_of(name: str) -> str | None:
-    """'hopper' for hopper-medium-v2, Hopper-v5, local/hopper/medium-v0, .../hopper_medium-v2.hdf5."""
-    lowered = name.lower()
-    for body in ("halfcheetah", "walker2d", "hopper"):
-        if body in lowered:
-            return body
-    return None
+ALGORITHM = "upq"
+PROJECT_VERSION = "0.2.0"
+CQL_FORMAT = "upq-cql-agent-v2"  # what cql_pretrain.py writes
+FINETUNED_FORMAT = "upq-finetuned-agent-v2"  # what this script writes: the same per-agent layout
+RUN_STATE_FORMAT = "upq-finetune-run-v2"  # replay, priorities, density-ratio net, RNG: what --resume needs
+SUM_TREE_FANOUT = 64  # children per sum-tree node: 4 levels for ~1M transitions instead of 20
+CUDA_GRAPH_WARMUP = 3  # eager updates at the start of every epoch before the step is recorded as a CUDA graph
 
 
-def normalized_score(returns, ref_min_score: float | None, ref_max_score: float | None):
-    """D4RL normalised score, 100 * (return - random) / (expert - random); NaN without references."""
-    returns = np.asarray(returns, dtype=np.float64)
-    if ref_min_score is None or ref_max_score is None:
-        return np.full_like(returns, np.nan)
-    return 100.0 * (returns - ref_min_score) / (ref_max_score - ref_min_score)
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's equations: small pure functions, each checked against a hand computation in tests/
+# ---------------------------------------------------------------------------------------------------------------
+def twin_min(q: torch.Tensor) -> torch.Tensor:
+    """Each member's pessimistic value min(Q1_i, Q2_i): [2N, B] (member 2i + j = critic j of agent i) -> [N, B]."""
+    return q.view(q.shape[0] // 2, 2, *q.shape[1:]).min(1).values
 
 
-def d4rl_file_name(name: str) -> str:
-    """hopper-medium-replay-v2 -> hopper_medium_replay-v2.hdf5, as D4RL names its downloads."""
-    body, level = D4RL_NAME.match(name).groups()
-    return f"{body}_{level.replace('-', '_')}-v2.hdf5"
+def ensemble_q_mean(q_members: torch.Tensor) -> torch.Tensor:  # Eq. (2)
+    """Q^E = (1/N) sum_i min(Q1_i, Q2_i): [N, B] -> [B]."""
+    return q_members.mean(0)
 
 
-def read_d4rl_hdf5(path: Path) -> dict[str, np.ndarray]:
-    """Transitions of a D4RL-layout file; timeouts bootstrap, terminals do not."""
-    import h5py
+def ensemble_policy(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # Eq. (3)
+    """pi^E: mean and log-std [B, A] of the pre-tanh Gaussian matching the moments of the N members' [N, B, A].
 
-    needed = ("observations", "actions", "rewards", "terminals")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [key for key in needed if key not in f]
-            if missing:
-                fail(f"{path} is not a D4RL-layout file: it lacks {', '.join(missing)}")
-            data = {key: f[key][()] for key in (*needed, "timeouts", "next_observations") if key in f}
-    except OSError as error:
-        fail(f"cannot read {path} as HDF5 ({error})")
-    size = len(data["rewards"])
-    timeouts = data.get("timeouts", np.zeros(size, dtype=bool)).astype(bool)
-    terminals = data["terminals"].astype(bool)
-    if "next_observations" in data:
-        keep = np.ones(size, dtype=bool)  # a timeout transition has its true next state: bootstrap
-        next_observations = data["next_observations"]
-    else:  # next state = next row, so the last row of every episode has none: drop it (d4rl.qlearning_dataset)
-        keep = ~timeouts
-        keep[-1] = False
-        next_observations = np.concatenate([data["observations"][1:], data["observations"][-1:]])
-    return dict(
-        observations=data["observations"][keep],
-        actions=data["actions"][keep],
-        rewards=data["rewards"].reshape(-1)[keep],
-        next_observations=next_observations[keep],
-        terminals=terminals.reshape(-1)[keep],
-    )
+    mean = (1/N) sum_i mu_i,  var = (1/N) sum_i (sigma_i^2 + mu_i^2) - mean^2, written as
+    (1/N) sum_i sigma_i^2 + (1/N) sum_i (mu_i - mean)^2 (the same number without cancellation);
+    std clamped to [e^-20, e^2] (Off2OnRL official).
+    """
+    ensemble_mean = mean.mean(0)
+    variance = (2.0 * log_std).exp().mean(0) + (mean - ensemble_mean).pow(2).mean(0)
+    return ensemble_mean, (0.5 * variance.log()).clamp(-20.0, 2.0)
 
 
-def fetch_d4rl(name: str) -> Path:
-    """The D4RL v2 file from D4RL's cache folder, downloaded there when absent and reachable."""
-    import urllib.request
-
-    folder = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
-    path = folder / d4rl_file_name(name)
-    if path.exists():
-        return path
-    url = D4RL_URL + path.name
-    body = body_of(name)
-    level = D4RL_NAME.match(name).group(2)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".part")
-        print(f"downloading {url} to {path}", flush=True)
-        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-        partial.replace(path)
-        return path
-    except OSError as error:
-        fail(
-            f"D4RL dataset {name} is not at {path} and could not be downloaded ({error}); fetch {url} "
-            f"into {folder}, or use the Minari dataset mujoco/{body}/{'medium' if 'medium' in level else level}-v0 "
-            f"(a different level from D4RL's), or make one offline: "
-            f"python make_dataset.py --env {D4RL_GYM_ENVS[body]} --kind {level}"
-        )
+def uncertainty_std(next_q_members: torch.Tensor) -> torch.Tensor:  # Eq. (4)
+    """U(s', a') = sqrt((1/N) sum_i (Q_i - Q^E)^2), the population std over the members: [N, B] -> [B]."""
+    return next_q_members.std(0, correction=0)
 
 
-def read_minari(dataset_id: str):
-    """Transitions of a Minari dataset (local, or downloaded when absent and reachable)."""
-    import minari
-
-    try:
-        dataset = minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        try:
-            dataset = minari.load_dataset(dataset_id, download=True)
-        except Exception as error:  # noqa: BLE001 -- any download failure gets the same advice
-            body = body_of(dataset_id) or "hopper"
-            fail(
-                f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} and could not be "
-                f"downloaded ({type(error).__name__}); make one offline with "
-                f"python make_dataset.py --env {D4RL_GYM_ENVS.get(body, 'Hopper-v5')} --kind medium"
-            )
-    columns = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    for episode in dataset.iterate_episodes():
-        columns["observations"].append(episode.observations[:-1])
-        columns["next_observations"].append(episode.observations[1:])
-        columns["actions"].append(episode.actions)
-        columns["rewards"].append(episode.rewards)
-        columns["terminals"].append(episode.terminations)
-    data = {key: np.concatenate(value) for key, value in columns.items()}
-    metadata = dataset.storage.metadata
-    env_id = dataset.env_spec.id if dataset.env_spec is not None else None
-    return data, env_id, metadata.get("ref_min_score"), metadata.get("ref_max_score")
+def penalized_target(rewards, terminals, next_q_members, next_log_prob, alpha, gamma: float, beta: float,
+                     uncertainty) -> torch.Tensor:  # Eq. (5)
+    """y_i = r + gamma (1 - terminal) [min(Q1_i, Q2_i)'(s', a') - alpha log pi^E(a'|s') - beta U(s', a')]: [N, B]."""
+    return rewards + gamma * (1.0 - terminals) * (next_q_members - alpha * next_log_prob - beta * uncertainty)
 
 
-def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
-    """Resolve --env into transitions, the gymnasium env to evaluate on and the score references."""
-    ref_min = ref_max = None
-    if D4RL_NAME.match(name):
-        data, env_id = read_d4rl_hdf5(fetch_d4rl(name)), D4RL_GYM_ENVS[body_of(name)]
-    elif name.endswith((".hdf5", ".h5")):
-        if not Path(name).is_file():
-            fail(f"dataset file {name} does not exist")
-        body = body_of(Path(name).name)
-        env_id = gym_env or D4RL_GYM_ENVS.get(body)
-        if env_id is None:
-            fail(f"cannot tell the environment of {name} from its name: pass --gym-env (e.g. Hopper-v5)")
-        data = read_d4rl_hdf5(Path(name))
-    elif "/" in name:
-        data, env_id, ref_min, ref_max = read_minari(name)
-    else:
-        fail(
-            f"unknown dataset {name!r}: expected a D4RL name such as hopper-medium-v2, a Minari id such as "
-            f"local/hopper/medium-v0, or a path to a .hdf5 file"
-        )
-    env_id = gym_env or env_id
-    if env_id is None:
-        fail(f"dataset {name} records no environment: pass --gym-env")
-    if ref_min is not None and ref_max is not None:
-        ref_source = f"dataset metadata ({ref_min:.3f} / {ref_max:.3f})"
-    elif body_of(env_id) in D4RL_REF_SCORES:
-        ref_min, ref_max = D4RL_REF_SCORES[body_of(env_id)]
-        ref_source = f"D4RL {body_of(env_id)} ({ref_min} / {ref_max})"
-    else:
-        ref_source = "none (normalised score is NaN)"
-    try:
-        env = gym.make(env_id)
-    except gym.error.Error as error:
-        fail(f"cannot make gymnasium env {env_id} ({error})")
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    env.close()
-    if data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,):
-        fail(
-            f"dataset {name} has observations {data['observations'].shape[1:]} and actions "
-            f"{data['actions'].shape[1:]}, but {env_id} has ({obs_dim},) and ({act_dim},)"
-        )
-    arrays = {key: np.asarray(value, dtype=np.float32) for key, value in data.items()}
-    return OfflineData(**arrays, dataset_id=name, gym_env_id=env_id, ref_min_score=ref_min,
-                       ref_max_score=ref_max, ref_source=ref_source)
+def critic_td_loss(q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # Eq. (6)
+    """sum over the 2N critics of mean_B (Q_k,i(s, a) - y_i)^2: q [2N, B], targets [N, B] -> scalar."""
+    return (q - targets.repeat_interleave(2, dim=0)).pow(2).mean(1).sum()
 
 
-# ---------------------------------------------------------------------------------------------
+def ensemble_actor_loss(alpha, log_prob: torch.Tensor, q_ensemble: torch.Tensor) -> torch.Tensor:  # Eq. (7)
+    """mean_B [alpha log pi^E(a~|s) - Q^E(s, a~)], a~ ~ pi^E(.|s) reparameterised: [B], [B] -> scalar."""
+    return (alpha * log_prob - q_ensemble).mean()
+
+
+def temperature_loss(log_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """SAC's automatic temperature: -mean_B [log alpha (log pi^E(a~|s) + target entropy)], log_prob detached."""
+    return -(log_alpha * (log_prob + target_entropy)).mean()
+
+
+def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor):
+    """Reparameterised a = tanh(mean + std * noise) and log pi(a|s) with the tanh correction."""
+    pre_tanh = mean + log_std.exp() * noise
+    return torch.tanh(pre_tanh), tanh_gaussian_log_prob(mean, log_std, pre_tanh)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_tanh: torch.Tensor) -> torch.Tensor:
+    """log N(u; mean, std) - sum log(1 - tanh(u)^2), summed over action dims; stable softplus form."""
+    gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    tanh_correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (gaussian - tanh_correction).sum(-1)
+
+
+def density_ratio_loss(w_offline: torch.Tensor, w_online: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon f-divergence loss of w (Off2OnRL): mean_off[-log(2/(w+1))] - mean_on[log(2w/(w+1))]."""
+    offline_term = -torch.log(2.0 / (w_offline + 1.0) + 1e-10)
+    online_term = torch.log(2.0 * w_online / (w_online + 1.0) + 1e-10)
+    return offline_term.mean() - online_term.mean()
+
+
+def balanced_replay_priorities(w_batch: torch.Tensor, w_offline: torch.Tensor, temperature: float) -> torch.Tensor:
+    """New priorities of the sampled batch: w^(1/T) / (mean_offline w^(1/T) + 1e-10), clamped to [1e-3, 1e3]."""
+    normalizer = w_offline.pow(1.0 / temperature).mean() + 1e-10
+    return (w_batch.pow(1.0 / temperature) / normalizer).clamp(1e-3, 1e3)
+
+
+def initial_online_priority(offline_size: int, online_fraction: float, first_epoch_steps: int) -> float:
+    """P_max before any update: the first epoch's online transitions then hold the fraction f of the total priority."""
+    return offline_size * online_fraction / ((1.0 - online_fraction) * first_epoch_steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Networks: every weight has a leading ensemble axis E, so one batched matmul runs all members
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------
 class VectorizedLinear(nn.Module):
     """E independent linear layers: x [E, B, in] -> [E, B, out]."""
 
@@ -335,11 +260,11 @@ def vectorized_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, ens
 
 
 class Actor(nn.Module):
-    """N tanh-Gaussian policies: obs [N, B, obs_dim] -> mean, log_std [N, B, act_dim] (pre-tanh)."""
+    """ensemble_size tanh-Gaussian policies (N, one per agent): obs [N, B, obs] -> mean, log_std [N, B, A] (pre-tanh)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], num_members: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int):
         super().__init__()
-        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * act_dim, num_members)
+        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * act_dim, ensemble_size)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, dim=-1)
@@ -347,11 +272,11 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """2N Q-functions, member 2k + j = critic j of agent k: [2N, B, obs+act] -> [2N, B]."""
+    """ensemble_size Q-functions (2N: member 2k + j = critic j of agent k): [2N, B, obs], [2N, B, A] -> [2N, B]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], num_members: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int):
         super().__init__()
-        self.net = vectorized_mlp(obs_dim + act_dim, hidden_sizes, 1, num_members)
+        self.net = vectorized_mlp(obs_dim + act_dim, hidden_sizes, 1, ensemble_size)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
@@ -369,100 +294,18 @@ class DensityRatio(nn.Module):
         return F.relu(self.net(state_action[None]))[0, :, 0]
 
 
-# ---------------------------------------------------------------------------------------------
-# The paper's equations: small pure functions, checked against hand computations in tests/
-# ---------------------------------------------------------------------------------------------
-def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor):
-    """Reparameterised a = tanh(mean + std * noise) and log pi(a|s) with the tanh correction."""
-    pre_tanh = mean + log_std.exp() * noise
-    return torch.tanh(pre_tanh), tanh_gaussian_log_prob(mean, log_std, pre_tanh)
-
-
-def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_tanh: torch.Tensor) -> torch.Tensor:
-    """log N(u; mean, std) - sum log(1 - tanh(u)^2), summed over action dims; stable softplus form."""
-    gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    tanh_correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
-    return (gaussian - tanh_correction).sum(-1)
-
-
-def twin_min(q: torch.Tensor) -> torch.Tensor:
-    """Each member's pessimistic value min(Q1_i, Q2_i): [2N, B] (member 2i + j = critic j of agent i) -> [N, B]."""
-    return q.view(q.shape[0] // 2, 2, *q.shape[1:]).min(1).values
-
-
-def ensemble_q_mean(q_members: torch.Tensor) -> torch.Tensor:  # Eq. (2)
-    """Q^E = (1/N) sum_i min(Q1_i, Q2_i): [N, B] -> [B]."""
-    return q_members.mean(0)
-
-
-def ensemble_policy(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # Eq. (3)
-    """pi^E: mean and log-std [B, A] of the pre-tanh Gaussian matching the moments of the N members' [N, B, A].
-
-    mean = (1/N) sum_i mu_i,  var = (1/N) sum_i (sigma_i^2 + mu_i^2) - mean^2, written as
-    (1/N) sum_i sigma_i^2 + (1/N) sum_i (mu_i - mean)^2 (the same number without cancellation);
-    std clamped to [e^-20, e^2] (Off2OnRL official).
-    """
-    ensemble_mean = mean.mean(0)
-    variance = (2.0 * log_std).exp().mean(0) + (mean - ensemble_mean).pow(2).mean(0)
-    return ensemble_mean, (0.5 * variance.log()).clamp(-20.0, 2.0)
-
-
-def uncertainty_std(next_q: torch.Tensor) -> torch.Tensor:  # Eq. (4)
-    """U(s', a') = sqrt((1/N) sum_i (Q_i - Q^E)^2), the population std over the members: [N, B] -> [B]."""
-    return next_q.std(0, correction=0)
-
-
-def penalized_target(rewards, terminals, next_q, next_log_prob, alpha, gamma: float, beta: float,
-                     uncertainty) -> torch.Tensor:  # Eq. (5)
-    """y_i = r + gamma (1 - terminal) [min(Q1_i, Q2_i)'(s', a') - alpha log pi^E(a'|s') - beta U(s', a')]: [N, B]."""
-    return rewards + gamma * (1.0 - terminals) * (next_q - alpha * next_log_prob - beta * uncertainty)
-
-
-def critic_td_loss(q: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # Eq. (6)
-    """sum over the 2N critics of mean_B (Q_k,i(s, a) - y_i)^2: q [2N, B], targets [N, B] -> scalar."""
-    return (q - targets.repeat_interleave(2, dim=0)).pow(2).mean(1).sum()
-
-
-def ensemble_actor_loss(alpha, log_prob: torch.Tensor, q_ensemble: torch.Tensor) -> torch.Tensor:  # Eq. (7)
-    """mean_B [alpha log pi^E(a~|s) - Q^E(s, a~)], a~ ~ pi^E(.|s) reparameterised: [B], [B] -> scalar."""
-    return (alpha * log_prob - q_ensemble).mean()
-
-
-def temperature_loss(log_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
-    """SAC's automatic temperature: -mean_B [log alpha (log pi^E(a~|s) + target entropy)], log_prob detached."""
-    return -(log_alpha * (log_prob + target_entropy)).mean()
-
-
-def density_ratio_loss(w_offline: torch.Tensor, w_online: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon f-divergence loss of w (Off2OnRL): mean_off[-log(2/(w+1))] - mean_on[log(2w/(w+1))]."""
-    offline_term = -torch.log(2.0 / (w_offline + 1.0) + 1e-10)
-    online_term = torch.log(2.0 * w_online / (w_online + 1.0) + 1e-10)
-    return offline_term.mean() - online_term.mean()
-
-
-def balanced_replay_priorities(w_batch: torch.Tensor, w_offline: torch.Tensor, temperature: float) -> torch.Tensor:
-    """New priorities of the sampled batch: w^(1/T) / (mean_offline w^(1/T) + 1e-10), clamped to [1e-3, 1e3]."""
-    normalizer = w_offline.pow(1.0 / temperature).mean() + 1e-10
-    return (w_batch.pow(1.0 / temperature) / normalizer).clamp(1e-3, 1e3)
-
-
-def initial_online_priority(offline_size: int, online_fraction: float, first_epoch_steps: int) -> float:
-    """P_max before any update: the first epoch's online transitions then hold the fraction f of the total priority."""
-    return offline_size * online_fraction / ((1.0 - online_fraction) * first_epoch_steps)
-
-
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------
 # Replay: offline data and online buffer as rows of one tensor, sampled through one sum tree
-# ---------------------------------------------------------------------------------------------
-def pack(obs, actions, rewards, next_obs, terminals) -> np.ndarray:
+# ---------------------------------------------------------------------------------------------------------------
+def pack_transitions(obs, actions, rewards, next_obs, terminals) -> np.ndarray:
     """Transitions as rows [obs | action | reward | next obs | terminal], float32 [M, 2 obs + act + 2]."""
     columns = (obs, actions, np.reshape(rewards, (-1, 1)), next_obs, np.reshape(terminals, (-1, 1)))
     return np.concatenate(columns, axis=1, dtype=np.float32)
 
 
-def unpack(rows: torch.Tensor, obs_dim: int, act_dim: int):
-    """Inverse of pack: obs [B, obs], actions [B, act], rewards [B], next obs [B, obs], terminals [B]."""
-    obs, actions, rewards, next_obs, terminals = rows.split([obs_dim, act_dim, 1, obs_dim, 1], dim=1)
+def unpack_transitions(packed: torch.Tensor, obs_dim: int, act_dim: int):
+    """Inverse of pack_transitions: obs [B, obs], actions [B, act], rewards [B], next obs [B, obs], terminals [B]."""
+    obs, actions, rewards, next_obs, terminals = packed.split([obs_dim, act_dim, 1, obs_dim, 1], dim=1)
     return obs, actions, rewards[:, 0], next_obs, terminals[:, 0]
 
 
@@ -513,31 +356,31 @@ class SumTree:
 
 
 class BalancedReplay:
-    """The offline data and the online ring buffer as rows of one tensor on the device, sampled as one buffer.
+    """The offline data and the online ring buffer as packed transitions in one tensor on the device, sampled as one.
 
     Rows 0 .. M-1 hold the offline transitions (priority 1), rows M .. M + capacity - 1 the online ones (priority
     P_max when written; P_max starts at initial_online_priority and rises to the largest priority ever written).
     balanced=False: no priorities, batches uniform over all rows written (the paper's Algorithm 1).
     """
 
-    def __init__(self, offline_rows: torch.Tensor, online_capacity: int, balanced: bool, p_max: float):
-        self.offline_size, self.online_capacity = len(offline_rows), online_capacity
+    def __init__(self, offline: torch.Tensor, online_capacity: int, balanced: bool, p_max: float):
+        self.offline_size, self.online_capacity = len(offline), online_capacity
         self.online_size = self.online_written = 0
-        self.rows = offline_rows.new_zeros(self.offline_size + online_capacity, offline_rows.shape[1])
-        self.rows[: self.offline_size] = offline_rows
-        self.tree = SumTree(len(self.rows), offline_rows.device) if balanced else None
+        self.transitions = offline.new_zeros(self.offline_size + online_capacity, offline.shape[1])
+        self.transitions[: self.offline_size] = offline
+        self.tree = SumTree(len(self.transitions), offline.device) if balanced else None
         if self.tree is not None:
-            self.tree.fill(torch.ones(self.offline_size, device=offline_rows.device))
-        self.p_max = torch.tensor(p_max, dtype=torch.float64, device=offline_rows.device)
+            self.tree.fill(torch.ones(self.offline_size, device=offline.device))
+        self.p_max = torch.tensor(p_max, dtype=torch.float64, device=offline.device)
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, online: torch.Tensor) -> None:
         """Online transitions [n, width] into the ring (the oldest overwritten once full), each with priority P_max."""
-        written = self.online_written + torch.arange(len(rows), device=rows.device)
+        written = self.online_written + torch.arange(len(online), device=online.device)
         slots = self.offline_size + written % self.online_capacity
-        self.rows[slots] = rows
+        self.transitions[slots] = online
         if self.tree is not None:
-            self.tree.update(slots, self.p_max.expand(len(rows)))
-        self.online_written += len(rows)
+            self.tree.update(slots, self.p_max.expand(len(online)))
+        self.online_written += len(online)
         self.online_size = min(self.online_written, self.online_capacity)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -545,7 +388,7 @@ class BalancedReplay:
 
         Without priorities, only the RL batch, uniform over offline + online rows.
         """
-        device = self.rows.device
+        device = self.transitions.device
         if self.tree is None:
             size = self.offline_size + self.online_size
             return torch.randint(size, (batch_size,), generator=generator, device=device)
@@ -560,52 +403,54 @@ class BalancedReplay:
     def state_dict(self) -> dict:
         """What --resume needs: the online rows, the priorities of all rows written, P_max, the ring position."""
         written = self.offline_size + self.online_size
-        return dict(online_rows=self.rows[self.offline_size: written].clone().cpu(),
+        return dict(online_rows=self.transitions[self.offline_size: written].clone().cpu(),
                     priorities=None if self.tree is None else self.tree.levels[0][:written].clone().cpu(),
                     p_max=float(self.p_max), online_size=self.online_size, online_written=self.online_written)
 
     def load_state_dict(self, state: dict) -> None:
         self.online_size, self.online_written = state["online_size"], state["online_written"]
-        self.rows[self.offline_size: self.offline_size + self.online_size] = state["online_rows"].to(self.rows.device)
+        online = state["online_rows"].to(self.transitions.device)
+        self.transitions[self.offline_size: self.offline_size + self.online_size] = online
         if self.tree is not None:
-            self.tree.fill(state["priorities"].to(self.rows.device))
+            self.tree.fill(state["priorities"].to(self.transitions.device))
         self.p_max.fill_(state["p_max"])
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------
 # One gradient step: all members in one graph, one backward
-# ---------------------------------------------------------------------------------------------
-def finetune_losses(actor, critic, target_critic, density_ratio, log_alpha, rows, noise, args):
-    """Losses of one fine-tuning step on one shared batch.
+# ---------------------------------------------------------------------------------------------------------------
+def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewards, next_obs, terminals, noise,
+                    gamma: float, beta: float, target_entropy: float, ensemble_mean_target: bool = False):
+    """Eqs. (2)-(7) on one batch, for any ensemble of N actors [N, ...] and 2N critics [2N, ...].
 
-    rows: replay rows [B] of the RL batch, then (balanced replay) [B] uniform offline and [B] uniform online rows.
-    noise [2B, A]: standard normal noise of the actions a~ at s and a' at s'.
-    Returns (loss to backpropagate, new priorities of the RL batch or None, dict of scalar metrics).
-    The actor's loss sees the critics frozen and the critics' targets see no graph, so one backward pass
-    gives each network the gradient of its own objective (as the official code's separate optimisers do).
+    obs [B, obs], actions [B, A], rewards [B], next_obs [B, obs], terminals [B]; noise [2B, A] standard normal,
+    for a~ at s and a' at s'. Returns (critic + actor + temperature loss, dict of scalar metrics). The actor's
+    loss sees the critics frozen and the targets see no graph, so one backward pass gives each network the
+    gradient of its own objective (as the official code's separate optimisers do).
     """
-    num_members, obs_dim, act_dim = actor.net[0].weight.shape[0], actor.net[0].weight.shape[1], noise.shape[1]
-    batch_size = args.batch_size
-    obs, actions, rewards, next_obs, terminals = unpack(rows[:batch_size], obs_dim, act_dim)
+    num_members, batch_size = actor.net[0].weight.shape[0], len(rewards)
     alpha = log_alpha.exp().detach()
+
+    def every_actor(x):  # [B, D] -> [N, B, D]
+        return x.expand(num_members, -1, -1)
 
     def every_critic(x):  # [B, D] -> [2N, B, D]: all critics see the same batch
         return x.expand(2 * num_members, -1, -1)
 
     # Eq. (3): pi^E at s (trained through the actor loss) and at s' (for the target only: no graph), a sample each
-    new_actions, new_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(obs.expand(num_members, -1, -1))),
+    new_actions, new_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(obs))),
                                                      noise[:batch_size])  # [B, A], [B]
     with torch.no_grad():
-        next_actions, next_log_prob = tanh_gaussian_sample(
-            *ensemble_policy(*actor(next_obs.expand(num_members, -1, -1))), noise[batch_size:])
+        next_actions, next_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(next_obs))),
+                                                           noise[batch_size:])
 
     # Eqs. (4)-(6): every member regresses to its own penalised target at the shared a' ~ pi^E(.|s')
     with torch.no_grad():
-        next_q = twin_min(target_critic(every_critic(next_obs), every_critic(next_actions)))  # [N, B]
-        uncertainty = uncertainty_std(next_q)  # [B]
-        if args.ensemble_mean_target:  # the paper's Q^E in the target, the same for every member
-            next_q = ensemble_q_mean(next_q).expand_as(next_q)
-        targets = penalized_target(rewards, terminals, next_q, next_log_prob, alpha, args.gamma, args.beta,
+        next_q_members = twin_min(target_critic(every_critic(next_obs), every_critic(next_actions)))  # [N, B]
+        uncertainty = uncertainty_std(next_q_members)  # [B]
+        if ensemble_mean_target:  # the paper's Q^E in the target, the same for every member
+            next_q_members = ensemble_q_mean(next_q_members).expand_as(next_q_members)
+        targets = penalized_target(rewards, terminals, next_q_members, next_log_prob, alpha, gamma, beta,
                                    uncertainty)  # [N, B]
     q_data = critic(every_critic(obs), every_critic(actions))  # [2N, B]
     critic_loss = critic_td_loss(q_data, targets)
@@ -614,61 +459,55 @@ def finetune_losses(actor, critic, target_critic, density_ratio, log_alpha, rows
     frozen = {name: p.detach() for name, p in critic.named_parameters()}
     q_new = twin_min(torch.func.functional_call(critic, frozen, (every_critic(obs), every_critic(new_actions))))
     actor_loss = ensemble_actor_loss(alpha, new_log_prob, ensemble_q_mean(q_new))
-    alpha_loss = temperature_loss(log_alpha, new_log_prob.detach(), args.target_entropy)
-    total = critic_loss + actor_loss + alpha_loss
-
-    priorities, ratio_loss = None, torch.zeros((), device=rows.device)
-    if density_ratio is not None:  # balanced replay: w on the RL batch and the uniform offline/online batches
-        w_batch, w_offline, w_online = density_ratio(rows[:, : obs_dim + act_dim]).split(batch_size)  # [B] each
-        ratio_loss = density_ratio_loss(w_offline, w_online)
-        priorities = balanced_replay_priorities(w_batch.detach(), w_offline.detach(), args.priority_temperature)
-        total = total + ratio_loss
-    metrics = dict(critic_loss=critic_loss.detach(), actor_loss=actor_loss.detach(), ratio_loss=ratio_loss.detach(),
-                   q_mean=q_data.detach().mean(), alpha=alpha[0], uncertainty=uncertainty.mean())
-    return total, priorities, metrics
+    alpha_loss = temperature_loss(log_alpha, new_log_prob.detach(), target_entropy)
+    metrics = dict(critic_loss=critic_loss.detach(), actor_loss=actor_loss.detach(), q_mean=q_data.detach().mean(),
+                   alpha=alpha[0], uncertainty=uncertainty.mean())
+    return critic_loss + actor_loss + alpha_loss, metrics
 
 
-def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, generator: torch.Generator, args) -> dict:
-    """One gradient step: draw the batch, losses, one backward, Adam steps, soft target update (tau), new priorities."""
-    index = replay.sample(args.batch_size, generator)
-    act_dim = nets["actor"].net[-1].weight.shape[-1] // 2
-    noise = torch.randn(2 * args.batch_size, act_dim, generator=generator, device=replay.rows.device)
-    loss, priorities, metrics = finetune_losses(
-        nets["actor"], nets["critic"], nets["target_critic"], nets["density_ratio"], nets["log_alpha"],
-        replay.rows[index], noise, args)
+def density_ratio_step(density_ratio, state_actions: torch.Tensor, temperature: float):
+    """Balanced replay on one draw: state_actions [3B, obs+act] = the RL batch, uniform offline, uniform online rows.
+
+    Returns (the JS loss of w on the offline and online rows, the RL batch's new priorities [B] from w before
+    its update)."""
+    w_batch, w_offline, w_online = density_ratio(state_actions).split(len(state_actions) // 3)  # [B] each
+    priorities = balanced_replay_priorities(w_batch.detach(), w_offline.detach(), temperature)
+    return density_ratio_loss(w_offline, w_online), priorities
+
+
+def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, generator: torch.Generator,
+                    batch_size: int, tau: float, priority_temperature: float, loss_args: dict) -> dict:
+    """One gradient step: draw the batch, losses, one backward, Adam steps, soft target update (tau), new priorities.
+
+    loss_args: finetune_losses' hyperparameters (loss_hyperparameters). Returns the step's metrics.
+    """
+    actor, density_ratio = nets["actor"], nets["density_ratio"]
+    obs_dim, act_dim = actor.net[0].weight.shape[1], actor.net[-1].weight.shape[-1] // 2
+    index = replay.sample(batch_size, generator)  # [B] ([3B] with balanced replay)
+    noise = torch.randn(2 * batch_size, act_dim, generator=generator, device=replay.transitions.device)
+    drawn = replay.transitions[index]
+    loss, metrics = finetune_losses(actor, nets["critic"], nets["target_critic"], nets["log_alpha"],
+                                    *unpack_transitions(drawn[:batch_size], obs_dim, act_dim), noise, **loss_args)
+    metrics["ratio_loss"] = torch.zeros((), device=loss.device)
+    if density_ratio is not None:
+        ratio_loss, priorities = density_ratio_step(density_ratio, drawn[:, : obs_dim + act_dim], priority_temperature)
+        loss, metrics["ratio_loss"] = loss + ratio_loss, ratio_loss.detach()
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     loss.backward()
     for opt in optimizers.values():
         opt.step()
     with torch.no_grad():
-        torch._foreach_lerp_(list(nets["target_critic"].parameters()), list(nets["critic"].parameters()), args.tau)
-        if priorities is not None:
-            replay.reprioritize(index[: args.batch_size], priorities)
-    metrics["online_fraction"] = (index[: args.batch_size] >= replay.offline_size).float().mean()
+        torch._foreach_lerp_(list(nets["target_critic"].parameters()), list(nets["critic"].parameters()), tau)
+        if density_ratio is not None:
+            replay.reprioritize(index[:batch_size], priorities)
+    metrics["online_fraction"] = (index[:batch_size] >= replay.offline_size).float().mean()
     return metrics
 
 
-def cuda_graphed(step):
-    """Record one call of step() as a CUDA graph; returns a function that replays it and returns step()'s outputs.
-
-    A replay launches the recorded kernels on the same tensors with no Python in between, so every state the step
-    changes must change in place, and Python values it reads (the online buffer's size) are frozen at recording.
-    """
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = step()
-
-    def replay():
-        graph.replay()
-        return outputs
-
-    return replay
-
-
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------
 # Acting and evaluation: the envs step on the CPU, pi^E runs on the device
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def collect(env, obs: np.ndarray, actor: Actor, steps: int, generator, device) -> tuple[np.ndarray, np.ndarray]:
     """`steps` env steps with a ~ pi^E(.|s) (Eq. 3); returns the packed transitions and the observation reached.
@@ -676,20 +515,20 @@ def collect(env, obs: np.ndarray, actor: Actor, steps: int, generator, device) -
     Episodes run across epochs; only termination stops bootstrapping, a time-limit truncation is reset.
     """
     num_members = actor.net[0].weight.shape[0]
-    rows = []
+    transitions = []
     for _ in range(steps):
         state = torch.as_tensor(obs, dtype=torch.float32, device=device)
         mean, log_std = ensemble_policy(*actor(state.expand(num_members, 1, -1)))  # [1, A]
         noise = torch.randn(mean.shape, generator=generator, device=device)
         action = tanh_gaussian_sample(mean, log_std, noise)[0][0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        rows.append(pack(obs[None], action[None], reward, next_obs[None], float(terminated)))
+        transitions.append(pack_transitions(obs[None], action[None], reward, next_obs[None], float(terminated)))
         obs = env.reset()[0] if terminated or truncated else next_obs
-    return np.concatenate(rows), obs
+    return np.concatenate(transitions), obs
 
 
 @torch.no_grad()
-def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device) -> np.ndarray:
+def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, device) -> np.ndarray:
     """Undiscounted returns [episodes] of the deterministic ensemble policy tanh(mean of pi^E), in lockstep."""
     num_members = actor.net[0].weight.shape[0]
     envs = [gym.make(env_id) for _ in range(episodes)]
@@ -709,9 +548,625 @@ def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device) -> np.
     return returns
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: agent k's slice of the ensemble tensors in agent_k.pt, the run's state in run_state.pt
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------
+# Algorithm 1: collect an epoch with pi^E, train, evaluate, save
+# ---------------------------------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    alg, run = args.algorithm, args.run
+    check_finetune_flags(alg, run)
+    device = pick_device(run.device)
+    torch.backends.cudnn.deterministic = run.torch_deterministic
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
+    save_dir, run_dir, saved = prepare_folders(run, f"checkpoints/{run.exp_name}__{slug}__seed{run.seed}",
+                                               f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
+                                               FINETUNED_FORMAT, RUN_STATE_FORMAT)
+    agents, sources = starting_agents(run, alg.num_agents, saved, slug)
+    data = load_offline_data(run.env, run.gym_env)
+    n, obs_dim, act_dim = len(agents), data.observations.shape[1], data.actions.shape[1]
+    alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
+    nets, optimizers, replay, generator = build_run(alg, run, agents, saved, data, device)
+    env_steps, grad_steps = (saved[0]["env_steps"], saved[0]["grad_steps"]) if saved else (0, 0)
+    meta = dict(algorithm=ALGORITHM, version=PROJECT_VERSION, run_id=saved[0]["run_id"] if saved else new_run_id(),
+                run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id, obs_dim=obs_dim,
+                act_dim=act_dim, hidden_sizes=list(ensemble_hidden_sizes(agents)), num_agents=n,
+                offline_size=len(data.rewards), pretrained=sources, args=flat_args(args))
+    logs = open_run_logs(run_dir, {"eval": ["step", "return", "normalized_score"],
+                                   "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
+                         env_steps if saved else None, meta)
+    wandb = start_wandb(run, meta) if run.track else None
+    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns: "
+          f"{data.ref_source}; ensemble of {n} agents (hidden {meta['hidden_sizes']}) on {device}; "
+          f"{'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoints {save_dir}")
+    loss_args = loss_hyperparameters(alg)
+
+    def evaluate_and_log(train_log: str = "") -> None:
+        returns = evaluate_ensemble(nets["actor"], data.gym_env_id, run.eval_episodes, run.seed + 10_000, device)
+        score = float(normalized_score(returns.mean(), data.ref_min_score, data.ref_max_score))
+        logs["eval"].write([env_steps, f"{returns.mean():.3f}", f"{score:.3f}"])
+        print(f"env steps {env_steps:,}: return {returns.mean():.1f} normalized {score:.1f}{train_log}", flush=True)
+        if wandb:
+            wandb.log({"eval/return": returns.mean(), "eval/normalized_score": score}, step=env_steps)
+
+    def save(stopped: bool = False) -> None:
+        save_finetuned(save_dir, nets, optimizers, replay, generator, {**meta, "step": env_steps,
+                                                                        "env_steps": env_steps,
+                                                                        "grad_steps": grad_steps})
+        if stopped:
+            exit_stopped(stop, f"env step {env_steps:,} (gradient step {grad_steps:,})", save_dir)
+
+    if env_steps == 0:
+        evaluate_and_log()  # the pre-trained ensemble, the first point of the paper's Fig. 2
+    stop, started, grad_steps_at_start = catch_stop_signals(), time.perf_counter(), grad_steps
+    cycle_start = started  # a cycle: evaluating and saving the last epoch, collecting and training this one
+    total_updates = updates_due(alg.total_steps, alg)
+    env = gym.make(data.gym_env_id)
+    obs = env.reset(seed=run.seed + env_steps)[0]  # a resumed run starts a fresh training episode
+    while env_steps < alg.total_steps:
+        if grad_steps == updates_due(env_steps, alg):  # the last epoch is trained: collect the next one
+            transitions, obs = collect(env, obs, nets["actor"], alg.steps_per_epoch, generator, device)
+            replay.add(torch.as_tensor(transitions, device=device))
+            env_steps += len(transitions)
+        num_updates, timer, sums = updates_due(env_steps, alg) - grad_steps, time.perf_counter(), 0
+        last_line = timer
+        step = functools.partial(finetune_update, nets, optimizers, replay, generator, alg.batch_size, alg.tau,
+                                 alg.priority_temperature, loss_args)
+        for i in range(num_updates if not stop["signal"] else 0):
+            if i == CUDA_GRAPH_WARMUP and run.cuda_graph and device.type == "cuda":
+                step = cuda_graphed(step)  # recorded again every epoch: the online buffer's size changed
+            metrics = step()
+            sums, grad_steps = sums + torch.stack(list(metrics.values())), grad_steps + 1
+            if stop["signal"]:
+                break
+            if time.perf_counter() - last_line > 60:  # a progress line at least every minute on a slow machine
+                last_line = time.perf_counter()
+                print(f"  training: {progress(grad_steps, total_updates, grad_steps_at_start, started, 'updates')}")
+        if stop["signal"]:
+            save(stopped=True)
+        means = dict(zip(metrics, (sums / num_updates).tolist()))  # the epoch's only host-device sync
+        check_finite(means, env_steps, save_dir)
+        speeds = dict(updates_per_s=num_updates / (time.perf_counter() - timer),
+                      env_steps_per_s=alg.steps_per_epoch / (time.perf_counter() - cycle_start))
+        cycle_start = time.perf_counter()
+        evaluate_and_log(epoch_line(means, speeds, progress(grad_steps, total_updates, grad_steps_at_start, started,
+                                                            "updates")))
+        logs["metrics"].write([env_steps, grad_steps, *(f"{means[k]:.6g}" for k in METRICS),
+                               *(f"{v:.2f}" for v in speeds.values())])
+        if wandb:
+            wandb.log({f"train/{key}": value for key, value in {**means, **speeds}.items()}, step=env_steps)
+        if env_steps % (run.save_every * alg.steps_per_epoch) == 0 or env_steps == alg.total_steps:
+            save()
+    env.close()
+    close_logs(logs, wandb)
+    print(f"{env_steps:,} env steps, {grad_steps:,} gradient steps in {duration(time.perf_counter() - started)}; "
+          f"saved {n} fine-tuned agents to {save_dir}; evaluations in {run_dir / 'eval.csv'}")
+
+
+
+
+# =============================================================================================================
+# Machinery of this script: flags, the ensemble from checkpoints, saving and resuming the run
+# =============================================================================================================
+METRICS = ["critic_loss", "actor_loss", "q_mean", "alpha", "uncertainty", "ratio_loss", "online_fraction"]
+FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
+    "algorithm": dict(beta=">= 0", num_agents=">= 1", total_steps=">= 1", steps_per_epoch=">= 1",
+                      first_epoch_multiplier=">= 1", batch_size=">= 1", gamma="in [0, 1)", tau="in (0, 1]",
+                      policy_lr="> 0", critic_lr="> 0", online_buffer_size=">= 1", init_online_fraction="in (0, 1)",
+                      priority_temperature="> 0", density_ratio_lr="> 0", density_ratio_hidden_sizes=">= 1"),
+    "run": dict(eval_episodes=">= 1", save_every=">= 1"),
+}
+RESUME_MUST_MATCH = ("balanced_replay", "steps_per_epoch", "first_epoch_multiplier", "online_buffer_size")
+
+
+def check_finetune_flags(alg: Algorithm, run: Run) -> None:
+    check_flags(alg, FLAG_RANGES_OF["algorithm"])
+    check_flags(run, FLAG_RANGES_OF["run"])
+    if alg.target_entropy is not None and not math.isfinite(alg.target_entropy):
+        fail(f"--target-entropy must be a finite number, not {alg.target_entropy}")
+    if alg.total_steps % alg.steps_per_epoch:
+        fail(f"--total-steps ({alg.total_steps:,}) must be a multiple of --steps-per-epoch ({alg.steps_per_epoch:,})")
+    if alg.online_buffer_size < alg.steps_per_epoch:
+        fail("--online-buffer-size must hold at least one epoch (--steps-per-epoch) of transitions")
+
+
+def loss_hyperparameters(alg: Algorithm) -> dict:
+    """finetune_losses' keyword arguments."""
+    return dict(gamma=alg.gamma, beta=alg.beta, target_entropy=alg.target_entropy,
+                ensemble_mean_target=alg.ensemble_mean_target)
+
+
+def updates_due(env_steps: int, alg: Algorithm) -> int:
+    """Gradient steps done once the epoch ending at env_steps is trained (epoch 0 does --first-epoch-multiplier x)."""
+    return env_steps + alg.steps_per_epoch * (alg.first_epoch_multiplier - 1) if env_steps else 0
+
+
+def epoch_line(means: dict, speeds: dict, where: str) -> str:
+    return (f" | Q {means['q_mean']:.2f}"
+            f" | U {means['uncertainty']:.3f}"
+            f" | alpha {means['alpha']:.4f} | online fraction {means['online_fraction']:.3f}"
+            f" | {speeds['updates_per_s']:.1f} updates/s | {speeds['env_steps_per_s']:.1f} env steps/s | {where}")
+
+
+def check_finite(means: dict, env_steps: int, save_dir: Path) -> None:
+    if not all(math.isfinite(means[key]) for key in ("critic_loss", "actor_loss", "ratio_loss")):
+        fail(f"a loss became non-finite in the epoch ending at env step {env_steps:,} (critic {means['critic_loss']}, "
+             f"actor {means['actor_loss']}, density ratio {means['ratio_loss']}); the checkpoints in {save_dir} were "
+             f"left as they were")
+
+
+def agent_paths(sources: tuple[str, ...], default: Path, num_agents: int | None) -> list[Path]:
+    """The agent files named by --checkpoints (a folder gives its saved set's agents in order), the first N of them."""
+    paths = []
+    for source in map(Path, sources or (default,)):
+        if source.is_dir():
+            files = read_set(source)[1]
+            paths += sorted((path for name, path in files.items() if name.startswith("agent_")),
+                            key=lambda path: int(re.match(r"agent_(\d+)", path.name).group(1)))
+        elif not sources:
+            fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> "
+                 f"or pass --checkpoints")
+        else:
+            paths.append(source)
+    if len({p.resolve() for p in paths}) != len(paths):
+        fail(f"a checkpoint is listed twice in {', '.join(map(str, paths))}")
+    if num_agents is not None:
+        if not 1 <= num_agents <= len(paths):
+            fail(f"--num-agents must lie between 1 and the {len(paths)} checkpoints given, not {num_agents}")
+        paths = paths[:num_agents]
+    return paths
+
+
+def starting_agents(run: Run, num_agents: int | None, saved, slug: str) -> tuple[list[dict], list[str]]:
+    """The agents to start from, in order, and where they were pre-trained: the cql_pretrain.py agents of
+    --checkpoints (all of one run and one step), or those of the resumed run."""
+    if saved is not None:
+        manifest, files = saved
+        agents = [files[name] for name in sorted((n for n in files if n.startswith("agent_")),
+                                                 key=lambda name: int(re.match(r"agent_(\d+)", name).group(1)))]
+        if num_agents not in (None, len(agents)):
+            fail(f"--resume: {manifest['run_dir']} fine-tunes {len(agents)} agents, not --num-agents {num_agents}")
+        return agents, agents[0]["meta"]["pretrained"]
+    paths = agent_paths(run.checkpoints, Path(f"checkpoints/{slug}__seed1"), num_agents)
+    agents = [load_checkpoint(path, CQL_FORMAT) for path in paths]
+    check_one_set(paths, agents)
+    return agents, [str(path) for path in paths]
+
+
+def ensemble_hidden_sizes(agents: list[dict]) -> tuple[int, ...]:
+    return tuple(agents[0]["meta"]["hidden_sizes"])
+
+
+def check_agents_fit(agents: list[dict], data: OfflineData) -> None:
+    """Every agent was made for this env, and all have one shape."""
+    obs_dim, act_dim, hidden = data.observations.shape[1], data.actions.shape[1], ensemble_hidden_sizes(agents)
+    for k, agent in enumerate(agents):
+        meta = agent["meta"]
+        if (meta["gym_env_id"], meta["obs_dim"], meta["act_dim"]) != (data.gym_env_id, obs_dim, act_dim):
+            fail(f"agent {k} was trained for {meta['gym_env_id']} (obs {meta['obs_dim']}, actions {meta['act_dim']}) "
+                 f"but --env {data.dataset_id} is {data.gym_env_id} (obs {obs_dim}, actions {act_dim})")
+        if tuple(meta["hidden_sizes"]) != hidden:
+            fail(f"agent {k} has hidden sizes {tuple(meta['hidden_sizes'])} but agent 0 has {hidden}: "
+                 f"the members of one ensemble must have one shape")
+    if any(agent["meta"]["dataset_id"] != data.dataset_id for agent in agents):
+        print(f"note: the agents were trained on {sorted({a['meta']['dataset_id'] for a in agents})}, "
+              f"the offline data here is {data.dataset_id}")
+
+
+def check_resumable(alg: Algorithm, run_state: dict, data: OfflineData) -> None:
+    """A resumed run keeps its schedule, replay and data; it may only run longer."""
+    meta = run_state["meta"]
+    changed = [key for key in RESUME_MUST_MATCH if meta["args"][key] != getattr(alg, key)]
+    if changed:
+        flag = changed[0].replace("_", "-")
+        fail(f"--resume: the saved run has --{flag} {meta['args'][changed[0]]}, this command {getattr(alg, changed[0])}")
+    if meta["offline_size"] != len(data.rewards):
+        fail(f"--resume: the saved run replays {meta['offline_size']:,} offline transitions, --env {data.dataset_id} "
+             f"holds {len(data.rewards):,}")
+    if alg.total_steps < meta["env_steps"]:
+        fail(f"--resume: the saved run is at env step {meta['env_steps']:,}, past --total-steps {alg.total_steps:,}")
+
+
+def stack_members(module: nn.Module, agents: list[dict], key: str) -> None:
+    """Load the agents' `key` tensors, concatenated along the ensemble axis, into module."""
+    try:
+        module.load_state_dict({name: torch.cat([agent[key][name] for agent in agents])
+                                for name in module.state_dict()})
+    except (KeyError, RuntimeError) as error:
+        fail(f"the {key!r} tensors of the checkpoints do not fit the shapes their meta records "
+             f"({type(error).__name__})")
+
+
+def make_optimizers(nets: dict, alg: Algorithm, device) -> dict:
+    """Adam for each network, stepped in this order: alpha, policy, critics, density ratio (Off2OnRL official)."""
+    adam = dict(fused=True, capturable=device.type == "cuda")  # capturable: its step count lives on the GPU
+    optimizers = {
+        "alpha": torch.optim.Adam([nets["log_alpha"]], lr=alg.policy_lr, **adam),
+        "actor": torch.optim.Adam(nets["actor"].parameters(), lr=alg.policy_lr, **adam),
+        "critic": torch.optim.Adam(nets["critic"].parameters(), lr=alg.critic_lr, **adam),
+    }
+    if nets["density_ratio"] is not None:
+        optimizers["density_ratio"] = torch.optim.Adam(nets["density_ratio"].parameters(), lr=alg.density_ratio_lr,
+                                                       **adam)
+    return optimizers
+
+
+def build_run(alg: Algorithm, run: Run, agents: list[dict], saved, data: OfflineData, device):
+    """The ensemble (actor member k = agent k's actor, critic member 2k + j = agent k's critic j), its optimisers,
+    the replay and the random stream: fresh from the CQL agents, or as the resumed run saved them."""
+    check_agents_fit(agents, data)
+    obs_dim, act_dim, hidden, n = (data.observations.shape[1], data.actions.shape[1], ensemble_hidden_sizes(agents),
+                                   len(agents))
+    torch.manual_seed(run.seed)
+    actor = Actor(obs_dim, act_dim, hidden, n)
+    critic = Critic(obs_dim, act_dim, hidden, 2 * n)
+    target_critic = Critic(obs_dim, act_dim, hidden, 2 * n)
+    stack_members(actor, agents, "actor")
+    stack_members(critic, agents, "critic")
+    stack_members(target_critic, agents, "target_critic" if saved else "critic")  # SPEC: targets start as the critics
+    target_critic.requires_grad_(False)
+    density_ratio = DensityRatio(obs_dim + act_dim, alg.density_ratio_hidden_sizes) if alg.balanced_replay else None
+    nets = {"actor": actor.to(device), "critic": critic.to(device), "target_critic": target_critic.to(device),
+            "log_alpha": torch.zeros(1, device=device, requires_grad=True),  # fresh temperature, alpha = 1 (SPEC)
+            "density_ratio": None if density_ratio is None else density_ratio.to(device)}
+    optimizers = make_optimizers(nets, alg, device)
+    # one random stream for the batches and the action noise: the device's default one, which CUDA graphs can replay
+    generator = (torch.default_generator if device.type == "cpu"
+                 else torch.cuda.default_generators[torch.cuda.current_device()])
+    generator.manual_seed(run.seed)
+    offline = pack_transitions(data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
+    replay = BalancedReplay(torch.as_tensor(offline, device=device), alg.online_buffer_size, alg.balanced_replay,
+                            initial_online_priority(len(offline), alg.init_online_fraction, alg.steps_per_epoch))
+    if saved is not None:
+        restore_run_state(saved[1]["run_state.pt"], agents, alg, data, nets, optimizers, replay, generator)
+    return nets, optimizers, replay, generator
+
+
+def restore_run_state(run_state: dict, agents: list[dict], alg: Algorithm, data: OfflineData, nets: dict,
+                      optimizers: dict, replay: BalancedReplay, generator) -> None:
+    """Adam moments, temperature, density-ratio net, replay and random stream of the resumed run."""
+    check_resumable(alg, run_state, data)
+    for name, opt in optimizers.items():
+        if name in ("actor", "critic"):
+            opt.load_state_dict(concat_optimizer_states([agent["optimizers"][name] for agent in agents]))
+        else:
+            opt.load_state_dict(run_state["optimizers"][name])
+        for group in opt.param_groups:  # the saved run may have used the other device
+            group["capturable"] = replay.transitions.device.type == "cuda"
+    with torch.no_grad():
+        nets["log_alpha"].copy_(agents[0]["log_alpha"])
+    if nets["density_ratio"] is not None:
+        nets["density_ratio"].load_state_dict(run_state["density_ratio"])
+    replay.load_state_dict(run_state["replay"])
+    if run_state["generator_state"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
+        fail("the run was saved on another kind of device: resume on that --device")
+    generator.set_state(run_state["generator_state"])
+    print(f"resumed {len(agents)} fine-tuned agents at env step {run_state['meta']['env_steps']:,}")
+
+
+def save_finetuned(save_dir: Path, nets: dict, optimizers: dict, replay: BalancedReplay, generator, meta: dict) -> None:
+    """One set: agent_k.pt (agent k's actor, critics, target critics, log alpha, Adam moments) and run_state.pt."""
+    files = {"run_state.pt": dict(
+        optimizers={name: opt.state_dict() for name, opt in optimizers.items() if name not in ("actor", "critic")},
+        density_ratio=None if nets["density_ratio"] is None else nets["density_ratio"].state_dict(),
+        replay=replay.state_dict(), generator_state=generator.get_state(), meta={**meta, "format": RUN_STATE_FORMAT})}
+    for k in range(meta["num_agents"]):
+        rows = agent_slices(k)
+        agent = {name: {key: value[rows[name]].clone() for key, value in nets[name].state_dict().items()}
+                 for name in ("actor", "critic", "target_critic")}
+        agent["log_alpha"] = nets["log_alpha"].detach().clone()
+        agent["optimizers"] = {name: slice_optimizer_state(optimizers[name].state_dict(), rows[name])
+                               for name in ("actor", "critic")}
+        files[f"agent_{k}.pt"] = {**agent, "meta": {**meta, "format": FINETUNED_FORMAT, "agent": k}}
+    save_set(save_dir, files, {"script": ALGORITHM, "run_id": meta["run_id"], "step": meta["step"],
+                               "env_steps": meta["env_steps"], "grad_steps": meta["grad_steps"],
+                               "run_dir": meta["run_dir"]})
+# =============================================================================================================
+# Shared machinery: flags, run folders, checkpoint sets, per-run logs, stop signals, offline data, CUDA graphs.
+# The same block, byte for byte, in cql_pretrain.py, off2on_finetune.py and upq_finetune.py (tests/test_shared_code.py).
+# =============================================================================================================
+FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence refusal states them
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+}
+SET_FORMAT = "upq-checkpoint-set-v1"
+SET_MANIFEST, SET_COMMIT = "manifest.json", "commit.json"  # the complete set's list of files; a save's commit point
+SET_FILE = re.compile(r"^(agent_\d+|run_state)\.pt$")
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with one clear sentence on stderr and exit code 1."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_flags(args, ranges: dict[str, str]) -> None:
+    """Refuse, in one sentence naming the flag, a numeric flag outside its range (NaN and inf included)."""
+    for name, allowed in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or not all(math.isfinite(v) and FLAG_RANGES[allowed](v) for v in values):
+            shown = " ".join(map(str, values)) or "(nothing)"
+            each = " each, at least one value" if isinstance(value, tuple) else ""
+            fail(f"--{name.replace('_', '-')} must be {allowed}{each}, not {shown}")
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto: cuda when torch sees one, else cpu."""
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def make_writable(folder: Path, flag: str) -> Path:
+    """Create `folder` and probe it with a file, so an unwritable --save-dir or --run-dir stops the run before step 1."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
+    return folder
+
+
+def write_json(path: Path, content: dict) -> None:
+    """A JSON file written whole or not at all (a temporary file, then a rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(content, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        fail(f"{path} cannot be read ({type(error).__name__}); it is not a file this script wrote")
+
+
+def save_set(folder: Path, files: dict[str, dict], manifest: dict) -> None:
+    """Write a checkpoint set as one unit: every file as NAME.next, then commit.json (the commit point), then renames.
+
+    Whenever the process dies, the folder holds the previous complete set, or a committed one that finish_set
+    completes: a reader never sees files of two saves as one set.
+    """
+    finish_set(folder)
+    for name, content in files.items():
+        torch.save(content, folder / f"{name}.next")
+    write_json(folder / SET_COMMIT, {"format": SET_FORMAT, **manifest, "files": sorted(files)})
+    finish_set(folder)
+
+
+def finish_set(folder: Path) -> None:
+    """Complete a committed save (rename its .next files, its commit becomes the manifest), then delete leftovers:
+    .next files of a save that died before its commit, and set files of an earlier run that the set does not list."""
+    commit = read_json(folder / SET_COMMIT)
+    if commit is not None:
+        for name in commit["files"]:
+            if (folder / f"{name}.next").exists():
+                os.replace(folder / f"{name}.next", folder / name)
+        os.replace(folder / SET_COMMIT, folder / SET_MANIFEST)
+    manifest = read_json(folder / SET_MANIFEST)
+    for path in folder.glob("*.pt.next"):
+        path.unlink()
+    for path in folder.iterdir() if manifest is not None else ():
+        if SET_FILE.match(path.name) and path.name not in manifest["files"]:
+            path.unlink()
+
+
+def read_set(folder: Path) -> tuple[dict, dict[str, Path]]:
+    """The folder's complete checkpoint set, read-only: its manifest and the path of each of its files."""
+    commit = read_json(folder / SET_COMMIT)  # a save that died after its commit point: its files are complete
+    if commit is not None:
+        return commit, {n: folder / f"{n}.next" if (folder / f"{n}.next").exists() else folder / n
+                        for n in commit["files"]}
+    manifest = read_json(folder / SET_MANIFEST)
+    if manifest is None:
+        found = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+        fail(f"{folder} holds no complete checkpoint set (no {SET_MANIFEST}"
+             + (f"; its {', '.join(found)} come from an older version or an unfinished save)" if found else ")"))
+    return manifest, {name: folder / name for name in manifest["files"]}
+
+
+def holds_a_set(folder: Path) -> bool:
+    return folder.is_dir() and any(p.name in (SET_MANIFEST, SET_COMMIT) or SET_FILE.match(p.name)
+                                   for p in folder.iterdir())
+
+
+def load_checkpoint(path: Path, expected_format: str) -> dict:
+    """A checkpoint file, or one clear sentence on why it cannot be used."""
+    if not path.is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 -- truncated zip, pickle error, ...: all mean "corrupted"
+        fail(f"checkpoint {path} is corrupted or not a checkpoint ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("meta", {}).get("format") != expected_format:
+        fail(f"{path} is not a {expected_format} checkpoint")
+    return checkpoint
+
+
+def check_one_set(paths: list[Path], checkpoints: list[dict]) -> None:
+    """Refuse agents of different runs or saved at different steps, in one sentence."""
+    stamps = {(c["meta"]["run_id"], c["meta"]["step"]) for c in checkpoints}
+    if len(stamps) > 1:
+        listed = ", ".join(f"{p.name} (run {c['meta']['run_id']}, step {c['meta']['step']:,})"
+                           for p, c in zip(paths, checkpoints))
+        fail(f"these checkpoints come from different runs or steps and cannot form one ensemble: {listed}")
+
+
+def prepare_folders(run, default_save_dir: str, default_run_dir: str, agent_format: str,
+                    run_state_format: str | None = None) -> tuple[Path, Path, tuple[dict, dict] | None]:
+    """--save-dir and --run-dir, checked before anything is loaded: a fresh run refuses a save dir that holds a set
+    or a run dir that holds an eval.csv unless --overwrite (the old set is replaced at the first save); both are
+    created and probed for writing. --resume: the run dir defaults to the saved run's, a save cut short is completed,
+    and the saved set comes back as (manifest, {file name: checkpoint})."""
+    save_dir = Path(run.save_dir or default_save_dir)
+    if run.resume and run.overwrite:
+        fail("--resume and --overwrite exclude each other")
+    if run.resume and not holds_a_set(save_dir):
+        fail(f"--resume: {save_dir} holds no checkpoints to continue")
+    if not run.resume and holds_a_set(save_dir) and not run.overwrite:
+        fail(f"{save_dir} already holds checkpoints: pass --resume to continue them, --overwrite to replace them, "
+             f"or another --save-dir")
+    run_dir = Path(run.run_dir or (read_set(save_dir)[0]["run_dir"] if run.resume else default_run_dir))
+    if not run.resume and (run_dir / "eval.csv").exists() and not run.overwrite:
+        fail(f"{run_dir / 'eval.csv'} already exists: pass --resume to continue that run, --overwrite to start it "
+             f"anew, or another --run-dir")
+    make_writable(save_dir, "--save-dir")
+    make_writable(run_dir, "--run-dir")
+    if not run.resume:
+        return save_dir, run_dir, None
+    finish_set(save_dir)
+    manifest, paths = read_set(save_dir)
+    checkpoints = {name: load_checkpoint(path, run_state_format if name == "run_state.pt" else agent_format)
+                   for name, path in paths.items()}
+    check_one_set(list(paths.values()), list(checkpoints.values()))
+    return save_dir, run_dir, (manifest, checkpoints)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class CsvLog:
+    """A per-run CSV log with a `step` column, flushed every row. With resume_step, the rows past it (written
+    after the checkpoint a resumed run continues from) are cut first, so every step has one row."""
+
+    def __init__(self, path: Path, header: list[str], resume_step: int | None):
+        kept = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if rows and rows[0] != header:
+                fail(f"{path} has the columns {rows[0]}, not {header}: it is not this run's log")
+            kept = [row for row in rows[1:] if len(row) == len(header) and int(row[0]) <= resume_step]
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "w", newline="") as f:
+            csv.writer(f).writerows([header, *kept])
+        os.replace(temporary, path)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+
+    def write(self, row: list) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def catch_stop_signals() -> dict:
+    """From here on SIGINT (Ctrl-C) and SIGTERM only set stop["signal"]: the loop finishes its update, saves a
+    complete set and exits (exit code 128 + the signal's number)."""
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return stop
+
+
+def exit_stopped(stop: dict, where: str, save_dir: Path) -> NoReturn:
+    name = signal.Signals(stop["signal"]).name
+    print(f"{name} at {where}: saved a complete set to {save_dir}; continue with the same command and --resume",
+          flush=True)
+    raise SystemExit(128 + stop["signal"])
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s, 12s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress(done: int, total: int, done_at_start: int, started: float, unit: str) -> str:
+    """'12,000/200,000 steps (6%), 4m10s elapsed, 48.0 steps/s, ETA 1h05m': this session's speed."""
+    elapsed = time.perf_counter() - started
+    speed = (done - done_at_start) / max(elapsed, 1e-9)
+    eta = duration((total - done) / speed) if speed > 0 else "?"
+    return (f"{done:,}/{total:,} {unit} ({100 * done / max(total, 1):.0f}%), {duration(elapsed)} elapsed, "
+            f"{speed:.1f} {unit}/s, ETA {eta}")
+
+
+class Tee:
+    """A console stream that also writes everything to the run's train.log."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.log.flush()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> dict:
+    """<run-dir>/train.log (the console, appended on resume), config.json, and one CsvLog per entry of columns."""
+    console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
+    sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
+    config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
+              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    previous = read_json(run_dir / "config.json") if resume_step is not None else None
+    if previous is not None:  # the first start's config, and every resume's own below it
+        config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
+    write_json(run_dir / "config.json", config)
+    return {name: CsvLog(run_dir / f"{name}.csv", header, resume_step) for name, header in columns.items()}
+
+
+def close_logs(logs: dict, wandb) -> None:
+    for log in logs.values():
+        log.close()
+    if wandb:
+        wandb.finish()
+    sys.stdout, sys.stderr = getattr(sys.stdout, "stream", sys.stdout), getattr(sys.stderr, "stream", sys.stderr)
+
+
+def source_commit() -> str | None:
+    """The git commit of this script's folder, if it is a git checkout."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def flat_args(args) -> dict:
+    """Every flag's value, the algorithm's and the run's, as plain JSON types."""
+    values = {**dataclasses.asdict(args.algorithm), **dataclasses.asdict(args.run)}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+def start_wandb(run, meta: dict):
+    """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
+    import wandb
+
+    wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
+               name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
+    return wandb
+
+
+def agent_slices(k: int) -> dict[str, slice]:
+    """Agent k's rows of the ensemble tensors: its actor, its two critics (and targets), its scalars."""
+    return {"actor": slice(k, k + 1), "critic": slice(2 * k, 2 * k + 2), "target_critic": slice(2 * k, 2 * k + 2),
+            "scalar": slice(k, k + 1)}
+
+
 def slice_optimizer_state(state: dict, rows: slice) -> dict:
     """An optimizer state_dict restricted to one agent's rows (Adam moments share the params' layout)."""
     return {
@@ -738,280 +1193,245 @@ def concat_optimizer_states(states: list[dict]) -> dict:
     }
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a reader never sees a half-written file."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+def cuda_graphed(step, generators=()):
+    """Record one call of step() as a CUDA graph; returns a function that replays it and returns step()'s outputs.
+
+    A replay launches the recorded kernels on the same tensors with no Python in between, so every state the step
+    changes must change in place, and Python values it reads are frozen at recording. `generators` (other than the
+    device's default one, which every graph follows) are registered, so each replay advances them as an eager call
+    would and a graphed run draws the same numbers as an eager one.
+    """
+    graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        outputs = step()
+
+    def replay():
+        graph.replay()
+        return outputs
+
+    return replay
 
 
-def load_checkpoint(path: Path, expected_format: str) -> dict:
-    """A checkpoint file, or one clear sentence on why it cannot be used."""
-    if not path.is_file():
-        fail(f"checkpoint {path} does not exist")
+# Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files ---------------------------------------------------
+D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+}
+D4RL_GYM_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+D4RL_NAME = re.compile(r"^(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2$")
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+TRANSITION_AXES = {"observations": 2, "actions": 2, "rewards": 1, "next_observations": 2, "terminals": 1,
+                   "timeouts": 1}  # rewards, terminals and timeouts may also come as [M, 1]
+
+
+@dataclass
+class OfflineData:
+    observations: np.ndarray  # [M, obs_dim] float32
+    actions: np.ndarray  # [M, act_dim]
+    rewards: np.ndarray  # [M]
+    next_observations: np.ndarray  # [M, obs_dim]
+    terminals: np.ndarray  # [M], 1.0 only for true termination (time-limit truncations bootstrap)
+    dataset_id: str
+    gym_env_id: str
+    ref_min_score: float | None
+    ref_max_score: float | None
+    ref_source: str
+
+
+def body_of(name: str) -> str | None:
+    """'hopper' for hopper-medium-v2, Hopper-v5, local/hopper/medium-v0, .../hopper_medium-v2.hdf5."""
+    lowered = name.lower()
+    for body in ("halfcheetah", "walker2d", "hopper"):
+        if body in lowered:
+            return body
+    return None
+
+
+def normalized_score(returns, ref_min_score: float | None, ref_max_score: float | None):
+    """D4RL normalised score, 100 * (return - random) / (expert - random); NaN without references."""
+    returns = np.asarray(returns, dtype=np.float64)
+    if ref_min_score is None or ref_max_score is None:
+        return np.full_like(returns, np.nan)
+    return 100.0 * (returns - ref_min_score) / (ref_max_score - ref_min_score)
+
+
+def check_transitions(name: str, data: dict[str, np.ndarray]) -> None:
+    """One sentence unless every array has one row per transition (at least one), the expected axes and finite
+    values, and next_observations the width of observations."""
+    size = len(data["rewards"])
+    for key, array in data.items():
+        axes = TRANSITION_AXES[key]
+        if array.ndim != axes and not (axes == 1 and array.ndim == 2 and array.shape[1] == 1):
+            fail(f"dataset {name}: {key} has shape {array.shape}, but it needs {axes} axes")
+        if len(array) != size:
+            fail(f"dataset {name}: {key} has {len(array):,} rows but rewards {size:,}; every array needs one row "
+                 f"per transition")
+    if size == 0:
+        fail(f"dataset {name} holds no transitions")
+    if "next_observations" in data and data["next_observations"].shape[1:] != data["observations"].shape[1:]:
+        fail(f"dataset {name}: next_observations are {data['next_observations'].shape[1:]}, observations "
+             f"{data['observations'].shape[1:]}")
+    for key, array in data.items():
+        bad = ~np.isfinite(array.reshape(size, -1).astype(np.float64)).all(1)
+        if bad.any():
+            fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values (the first is row "
+                 f"{np.flatnonzero(bad)[0]:,})")
+
+
+def d4rl_file_name(name: str) -> str:
+    """hopper-medium-replay-v2 -> hopper_medium_replay-v2.hdf5, as D4RL names its downloads."""
+    body, level = D4RL_NAME.match(name).groups()
+    return f"{body}_{level.replace('-', '_')}-v2.hdf5"
+
+
+def read_d4rl_hdf5(path: Path) -> dict[str, np.ndarray]:
+    """Transitions of a D4RL-layout file; timeouts bootstrap, terminals do not."""
+    import h5py
+
+    needed = ("observations", "actions", "rewards", "terminals")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 -- truncated zip, pickle error, ...: all mean "corrupted"
-        fail(f"checkpoint {path} is corrupted or not a checkpoint ({type(error).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("meta", {}).get("format") != expected_format:
-        fail(f"{path} is not a {expected_format} checkpoint")
-    return checkpoint
-
-
-def checkpoint_paths(sources: tuple[str, ...], default: Path, num_agents: int | None) -> list[Path]:
-    """The agent files named by --checkpoints (folders give their agent_*.pt in agent order), the first N of them."""
-    paths = []
-    for source in map(Path, sources or (default,)):
-        if source.is_dir():
-            found = sorted(source.glob("agent_*.pt"), key=lambda p: (len(p.name), p.name))  # agent_2 before agent_10
-            if not found:
-                fail(f"{source} holds no agent_*.pt checkpoints")
-            paths += found
-        elif not sources:
-            fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> "
-                 f"or pass --checkpoints")
-        else:
-            paths.append(source)
-    if len({p.resolve() for p in paths}) != len(paths):
-        fail(f"a checkpoint is listed twice in {', '.join(map(str, paths))}")
-    if num_agents is not None:
-        if not 1 <= num_agents <= len(paths):
-            fail(f"--num-agents must lie between 1 and the {len(paths)} checkpoints given, not {num_agents}")
-        paths = paths[:num_agents]
-    return paths
-
-
-def check_agents(paths: list[Path], checkpoints: list[dict], data: OfflineData, obs_dim: int, act_dim: int) -> tuple:
-    """The members' common hidden sizes; fails unless all were made for this env and have one shape."""
-    hidden = tuple(checkpoints[0]["meta"]["hidden_sizes"])
-    for path, checkpoint in zip(paths, checkpoints):
-        meta = checkpoint["meta"]
-        if (meta["gym_env_id"], meta["obs_dim"], meta["act_dim"]) != (data.gym_env_id, obs_dim, act_dim):
-            fail(f"{path} was trained for {meta['gym_env_id']} (obs {meta['obs_dim']}, actions {meta['act_dim']}) but "
-                 f"--env {data.dataset_id} is {data.gym_env_id} (obs {obs_dim}, actions {act_dim})")
-        if tuple(meta["hidden_sizes"]) != hidden:
-            fail(f"{path} has hidden sizes {tuple(meta['hidden_sizes'])} but {paths[0]} has {hidden}: "
-                 f"the members of one ensemble must have one shape")
-    return hidden
-
-
-def stack_members(module: nn.Module, checkpoints: list[dict], key: str) -> None:
-    """Load the agents' `key` tensors, concatenated along the ensemble axis, into module."""
-    try:
-        module.load_state_dict({name: torch.cat([c[key][name] for c in checkpoints]) for name in module.state_dict()})
-    except (KeyError, RuntimeError) as error:
-        fail(f"the {key!r} tensors of the checkpoints do not fit the shapes their meta records "
-             f"({type(error).__name__})")
-
-
-def save_run(save_dir: Path, nets: dict, optimizers: dict, run_state: dict, meta: dict) -> None:
-    """agent_k.pt: agent k's actor, critics, target critics, log alpha and Adam moments; run_state.pt: the rest."""
-    save_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save({**run_state, "meta": {**meta, "format": RUN_STATE_FORMAT}}, save_dir / "run_state.pt")
-    for k in range(nets["actor"].net[0].weight.shape[0]):
-        rows = {"actor": slice(k, k + 1), "critic": slice(2 * k, 2 * k + 2), "target_critic": slice(2 * k, 2 * k + 2)}
-        checkpoint = {name: {key: value[rows[name]].clone() for key, value in nets[name].state_dict().items()}
-                      for name in rows}
-        checkpoint["log_alpha"] = nets["log_alpha"].detach().clone()
-        checkpoint["optimizers"] = {name: slice_optimizer_state(optimizers[name].state_dict(), rows[name])
-                                    for name in ("actor", "critic")}
-        checkpoint["meta"] = {**meta, "format": FINETUNED_FORMAT, "agent": k}
-        atomic_save(checkpoint, save_dir / f"agent_{k}.pt")
-
-
-# ---------------------------------------------------------------------------------------------
-def main(args: Args) -> None:
-    if args.total_steps < 1 or args.steps_per_epoch < 1 or args.total_steps % args.steps_per_epoch:
-        fail("--total-steps must be a positive multiple of --steps-per-epoch")
-    if args.batch_size < 1 or args.eval_episodes < 1 or args.first_epoch_multiplier < 1 or args.save_every < 1:
-        fail("--batch-size, --eval-episodes, --first-epoch-multiplier and --save-every must be >= 1")
-    if args.beta < 0:
-        fail("--beta must be >= 0")
-    if not 0.0 < args.init_online_fraction < 1.0:
-        fail("--init-online-fraction must lie strictly between 0 and 1")
-    if args.online_buffer_size < args.steps_per_epoch:
-        fail("--online-buffer-size must hold at least one epoch (--steps-per-epoch) of transitions")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for, but torch sees no CUDA device")
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.env)
-    save_dir = Path(args.save_dir or f"checkpoints/{ALGORITHM}__{slug}__seed{args.seed}")
-    existing = sorted(save_dir.glob("agent_*.pt"), key=lambda p: (len(p.name), p.name))
-    if args.resume and args.overwrite:
-        fail("--resume and --overwrite exclude each other")
-    if existing and not (args.resume or args.overwrite):
-        fail(f"{save_dir} already holds {len(existing)} checkpoints: pass --resume to continue them or --overwrite")
-    if args.resume and not existing:
-        fail(f"--resume: no agent_*.pt in {save_dir}")
-
-    data = load_offline_data(args.env, args.gym_env)
-    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    offline_size = len(data.rewards)
-    if args.target_entropy is None:
-        args.target_entropy = -float(act_dim)
-    if args.resume:  # the fine-tuned agents and the run's state, both from --save-dir
-        paths = existing
-        checkpoints = [load_checkpoint(p, FINETUNED_FORMAT) for p in paths]
-        run_state = load_checkpoint(save_dir / "run_state.pt", RUN_STATE_FORMAT)
-        stamps = {(c["meta"]["algorithm"], c["meta"]["env_steps"], c["meta"]["args"]["balanced_replay"])
-                  for c in (*checkpoints, run_state)}
-        if stamps != {(ALGORITHM, run_state["meta"]["env_steps"], args.balanced_replay)}:
-            fail(f"{save_dir} does not hold one {ALGORITHM} run saved at one step with balanced_replay="
-                 f"{args.balanced_replay}: its files say (algorithm, env steps, balanced replay) = {sorted(stamps)}")
-        saved = (len(paths), run_state["meta"]["offline_size"], run_state["replay"]["online_size"])
-        if args.num_agents not in (None, saved[0]) or saved[1] != offline_size or saved[2] > args.online_buffer_size:
-            fail(f"{save_dir} holds {saved[0]} agents, {saved[1]:,} offline and {saved[2]:,} online transitions, which "
-                 f"--num-agents {args.num_agents}, --env ({offline_size:,}) or --online-buffer-size do not fit")
-    else:  # the pre-trained CQL agents
-        paths = checkpoint_paths(args.checkpoints, Path(f"checkpoints/{slug}__seed1"), args.num_agents)
-        checkpoints = [load_checkpoint(p, CQL_FORMAT) for p in paths]
-    hidden = check_agents(paths, checkpoints, data, obs_dim, act_dim)
-    if any(c["meta"]["dataset_id"] != data.dataset_id for c in checkpoints):
-        print(f"note: the checkpoints were trained on {sorted({c['meta']['dataset_id'] for c in checkpoints})}, "
-              f"the offline data here is {data.dataset_id}")
-    n = len(paths)
-
-    # The ensemble: actor member k = agent k's actor, critic member 2k + j = agent k's critic j
-    torch.manual_seed(args.seed)
-    actor = Actor(obs_dim, act_dim, hidden, n)
-    critic = Critic(obs_dim, act_dim, hidden, 2 * n)
-    target_critic = Critic(obs_dim, act_dim, hidden, 2 * n)
-    stack_members(actor, checkpoints, "actor")
-    stack_members(critic, checkpoints, "critic")
-    stack_members(target_critic, checkpoints, "target_critic" if args.resume else "critic")  # SPEC: targets = critics
-    actor, critic, target_critic = actor.to(device), critic.to(device), target_critic.to(device)
-    target_critic.requires_grad_(False)
-    log_alpha = torch.zeros(1, device=device, requires_grad=True)  # fresh temperature, alpha = 1 (SPEC)
-    density_ratio = None
-    if args.balanced_replay:
-        density_ratio = DensityRatio(obs_dim + act_dim, tuple(args.density_ratio_hidden_sizes)).to(device)
-    adam = dict(fused=True, capturable=device.type == "cuda")  # capturable: its step count lives on the GPU
-    optimizers = {  # stepped in this order: alpha, policy, critics, density ratio (Off2OnRL official)
-        "alpha": torch.optim.Adam([log_alpha], lr=args.policy_lr, **adam),
-        "actor": torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam),
-        "critic": torch.optim.Adam(critic.parameters(), lr=args.critic_lr, **adam),
-    }
-    if density_ratio is not None:
-        optimizers["density_ratio"] = torch.optim.Adam(density_ratio.parameters(), lr=args.density_ratio_lr, **adam)
-    # one random stream for the batches and the action noise: the device's default one, which CUDA graphs can replay
-    generator = (torch.default_generator if device.type == "cpu"
-                 else torch.cuda.default_generators[torch.cuda.current_device()])
-    generator.manual_seed(args.seed)
-    nets = {"actor": actor, "critic": critic, "target_critic": target_critic, "log_alpha": log_alpha,
-            "density_ratio": density_ratio}
-    offline_rows = pack(data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
-    p_max = initial_online_priority(offline_size, args.init_online_fraction, args.steps_per_epoch)
-    replay = BalancedReplay(torch.as_tensor(offline_rows, device=device), args.online_buffer_size,
-                            args.balanced_replay, p_max)
-    env_steps = grad_steps = 0
-
-    if args.resume:
-        for name, opt in optimizers.items():
-            if name in ("actor", "critic"):
-                opt.load_state_dict(concat_optimizer_states([c["optimizers"][name] for c in checkpoints]))
-            else:
-                opt.load_state_dict(run_state["optimizers"][name])
-            for group in opt.param_groups:  # the saved run may have used the other device
-                group["capturable"] = device.type == "cuda"
-        with torch.no_grad():
-            log_alpha.copy_(checkpoints[0]["log_alpha"])
-        if density_ratio is not None:
-            density_ratio.load_state_dict(run_state["density_ratio"])
-        replay.load_state_dict(run_state["replay"])
-        if run_state["generator_state"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
-            fail(f"the run in {save_dir} was saved on another kind of device: resume on that --device")
-        generator.set_state(run_state["generator_state"])
-        env_steps, grad_steps = run_state["meta"]["env_steps"], run_state["meta"]["grad_steps"]
-        print(f"resumed {n} fine-tuned agents from {save_dir} at env step {env_steps:,}")
-
-    run_dir = Path(args.run_dir or f"runs/{ALGORITHM}__{slug}__{args.seed}__{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    eval_csv = run_dir / "eval.csv"
-    if eval_csv.exists() and not (args.resume or args.overwrite):
-        fail(f"{eval_csv} already exists: pass --resume to append to it, --overwrite to start it anew, or another --run-dir")
-    new_csv = not (eval_csv.exists() and args.resume)
-    csv_file = open(eval_csv, "a" if args.resume else "w", newline="")
-    writer = csv.writer(csv_file)
-    if new_csv:
-        writer.writerow(["step", "return", "normalized_score"])
-    meta = dict(
-        algorithm=ALGORITHM, version=PROJECT_VERSION, dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
-        obs_dim=obs_dim, act_dim=act_dim, hidden_sizes=list(hidden), num_agents=n, offline_size=offline_size,
-        pretrained=[str(p) for p in paths] if not args.resume else checkpoints[0]["meta"]["pretrained"],
-        args={k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(args).items()},
+        with h5py.File(path, "r") as f:
+            missing = [key for key in needed if key not in f]
+            if missing:
+                fail(f"{path} is not a D4RL-layout file: it lacks {', '.join(missing)}")
+            data = {key: f[key][()] for key in (*needed, "timeouts", "next_observations") if key in f}
+    except OSError as error:
+        fail(f"cannot read {path} as HDF5 ({error})")
+    check_transitions(str(path), data)
+    size = len(data["rewards"])
+    timeouts = data.get("timeouts", np.zeros(size, dtype=bool)).reshape(-1).astype(bool)
+    terminals = data["terminals"].reshape(-1).astype(bool)
+    if "next_observations" in data:
+        keep = np.ones(size, dtype=bool)  # a timeout transition has its true next state: bootstrap
+        next_observations = data["next_observations"]
+    else:  # next state = next row, so the last row of every episode has none: drop it (d4rl.qlearning_dataset)
+        keep = ~timeouts
+        keep[-1] = False
+        next_observations = np.concatenate([data["observations"][1:], data["observations"][-1:]])
+    return dict(
+        observations=data["observations"][keep],
+        actions=data["actions"][keep],
+        rewards=data["rewards"].reshape(-1)[keep],
+        next_observations=next_observations[keep],
+        terminals=terminals[keep],
     )
-    wandb = None
-    if args.track:
-        import wandb
 
-        wandb.init(project=args.wandb_project, config=meta["args"], name=run_dir.name)
-    print(f"dataset {data.dataset_id}: {offline_size:,} transitions, env {data.gym_env_id}, reference returns: "
-          f"{data.ref_source}; ensemble of {n} agents (hidden {hidden}) on {device}; "
-          f"{'balanced' if args.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoints {save_dir}")
 
-    def evaluate_and_log(step: int, train_log: str = "") -> None:
-        returns = evaluate(actor, data.gym_env_id, args.eval_episodes, args.seed + 10_000, device)
-        score = float(normalized_score(returns.mean(), data.ref_min_score, data.ref_max_score))
-        writer.writerow([step, f"{returns.mean():.3f}", f"{score:.3f}"])
-        csv_file.flush()
-        print(f"env steps {step:,}: return {returns.mean():.1f} normalized {score:.1f}{train_log}", flush=True)
-        if wandb:
-            wandb.log({"eval/return": returns.mean(), "eval/normalized_score": score}, step=step)
+def fetch_d4rl(name: str) -> Path:
+    """The D4RL v2 file from D4RL's cache folder, downloaded there when absent and reachable."""
+    import urllib.request
 
-    started = cycle_start = time.perf_counter()  # a cycle: evaluation, saving, collecting, training
-    steps_at_start = env_steps
-    if env_steps == 0:
-        evaluate_and_log(0)  # the pre-trained ensemble, the first point of the paper's Fig. 2
-    env = gym.make(data.gym_env_id)
-    obs = env.reset(seed=args.seed + env_steps)[0]  # a resumed run starts a fresh training episode
-    for epoch in range(env_steps // args.steps_per_epoch, args.total_steps // args.steps_per_epoch):
-        # Collect: the epoch's transitions go into the online buffer with priority P_max
-        rows, obs = collect(env, obs, actor, args.steps_per_epoch, generator, device)
-        replay.add(torch.as_tensor(rows, device=device))
-        env_steps += len(rows)
+    folder = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
+    path = folder / d4rl_file_name(name)
+    if path.exists():
+        return path
+    url = D4RL_URL + path.name
+    body = body_of(name)
+    level = D4RL_NAME.match(name).group(2)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".part")
+        print(f"downloading {url} to {path}", flush=True)
+        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        partial.replace(path)
+        return path
+    except OSError as error:
+        fail(
+            f"D4RL dataset {name} is not at {path} and could not be downloaded ({error}); fetch {url} "
+            f"into {folder}, or use the Minari dataset mujoco/{body}/{'medium' if 'medium' in level else level}-v0 "
+            f"(a different level from D4RL's), or make one offline: "
+            f"python make_dataset.py --env {D4RL_GYM_ENVS[body]} --kind {level}"
+        )
 
-        # Train: --steps-per-epoch gradient steps (times --first-epoch-multiplier in epoch 0)
-        num_updates = args.steps_per_epoch * (args.first_epoch_multiplier if epoch == 0 else 1)
-        timer, sums = time.perf_counter(), 0
-        step = functools.partial(finetune_update, nets, optimizers, replay, generator, args)
-        for i in range(num_updates):
-            if i == CUDA_GRAPH_WARMUP and args.cuda_graph and device.type == "cuda":
-                step = cuda_graphed(step)  # recorded again every epoch: the online buffer's size changed
-            metrics = step()
-            sums = sums + torch.stack(list(metrics.values()))
-        grad_steps += num_updates
-        means = dict(zip(metrics, (sums / num_updates).tolist()))  # the epoch's only host-device sync
-        speed = num_updates / (time.perf_counter() - timer)
-        env_speed = len(rows) / (time.perf_counter() - cycle_start)  # everything since the last epoch's training
-        cycle_start = time.perf_counter()
-        if not all(math.isfinite(means[key]) for key in ("critic_loss", "actor_loss", "ratio_loss")):
-            fail(f"a loss became non-finite in epoch {epoch} (critic {means['critic_loss']}, actor "
-                 f"{means['actor_loss']}, density ratio {means['ratio_loss']}); the checkpoints in {save_dir} "
-                 f"were left as they were")
 
-        train_log = (f" | Q {means['q_mean']:.2f}"
-                     f" | U {means['uncertainty']:.3f}"
-                     f" | alpha {means['alpha']:.4f} | online fraction {means['online_fraction']:.3f}"
-                     f" | {speed:.1f} updates/s | {env_speed:.1f} env steps/s")
-        evaluate_and_log(env_steps, train_log)
-        if wandb:
-            speeds = {"updates_per_s": speed, "env_steps_per_s": env_speed}
-            wandb.log({f"train/{key}": value for key, value in means.items()} | speeds, step=env_steps)
-        if (epoch + 1) % args.save_every == 0 or env_steps == args.total_steps:
-            run_state = dict(  # the per-agent files hold the actor's and critics' Adam moments
-                optimizers={name: opt.state_dict() for name, opt in optimizers.items()
-                            if name not in ("actor", "critic")},
-                density_ratio=None if density_ratio is None else density_ratio.state_dict(),
-                replay=replay.state_dict(), generator_state=generator.get_state(),
-            )
-            save_run(save_dir, nets, optimizers, run_state, {**meta, "env_steps": env_steps, "grad_steps": grad_steps})
-    csv_file.close()
+def read_minari(dataset_id: str):
+    """Transitions of a Minari dataset (local, or downloaded when absent and reachable; local/ ids never are)."""
+    import minari
+
+    body = body_of(dataset_id)
+    kind = re.sub(r"-v\d+$", "", dataset_id.rsplit("/", 1)[-1])
+    advice = (f"make one offline with python make_dataset.py --env {D4RL_GYM_ENVS.get(body, '<MuJoCo env id>')} "
+              f"--kind {kind if kind in ('random', 'medium', 'medium-replay', 'expert', 'medium-expert') else 'medium'}")
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        if dataset_id.startswith("local/"):
+            fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
+                 f"local/ datasets are made on this machine: {advice}")
+        try:
+            dataset = minari.load_dataset(dataset_id, download=True)
+        except Exception as error:  # noqa: BLE001 -- any download failure gets the same advice
+            fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} and could not be "
+                 f"downloaded ({type(error).__name__}); {advice}")
+    columns = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    for episode in dataset.iterate_episodes():
+        columns["observations"].append(episode.observations[:-1])
+        columns["next_observations"].append(episode.observations[1:])
+        columns["actions"].append(episode.actions)
+        columns["rewards"].append(episode.rewards)
+        columns["terminals"].append(episode.terminations)
+    if not columns["rewards"]:
+        fail(f"dataset {dataset_id} holds no episodes")
+    data = {key: np.concatenate(value) for key, value in columns.items()}
+    metadata = dataset.storage.metadata
+    env_id = dataset.env_spec.id if dataset.env_spec is not None else None
+    return data, env_id, metadata.get("ref_min_score"), metadata.get("ref_max_score")
+
+
+def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
+    """Resolve --env into checked transitions, the gymnasium env to evaluate on and the score references."""
+    ref_min = ref_max = None
+    if D4RL_NAME.match(name):
+        data, env_id = read_d4rl_hdf5(fetch_d4rl(name)), D4RL_GYM_ENVS[body_of(name)]
+    elif name.endswith((".hdf5", ".h5")):
+        if not Path(name).is_file():
+            fail(f"dataset file {name} does not exist")
+        body = body_of(Path(name).name)
+        env_id = gym_env or D4RL_GYM_ENVS.get(body)
+        if env_id is None:
+            fail(f"cannot tell the environment of {name} from its name: pass --gym-env (e.g. Hopper-v5)")
+        data = read_d4rl_hdf5(Path(name))
+    elif "/" in name:
+        data, env_id, ref_min, ref_max = read_minari(name)
+    else:
+        fail(
+            f"unknown dataset {name!r}: expected a D4RL name such as hopper-medium-v2, a Minari id such as "
+            f"local/hopper/medium-v0, or a path to a .hdf5 file"
+        )
+    check_transitions(name, data)
+    env_id = gym_env or env_id
+    if env_id is None:
+        fail(f"dataset {name} records no environment: pass --gym-env")
+    if ref_min is not None and ref_max is not None:
+        ref_source = f"dataset metadata ({ref_min:.3f} / {ref_max:.3f})"
+    elif body_of(env_id) in D4RL_REF_SCORES:
+        ref_min, ref_max = D4RL_REF_SCORES[body_of(env_id)]
+        ref_source = f"D4RL {body_of(env_id)} ({ref_min} / {ref_max})"
+    else:
+        ref_source = "none (normalised score is NaN)"
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as error:
+        fail(f"cannot make gymnasium env {env_id} ({error})")
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     env.close()
-    minutes = (time.perf_counter() - started) / 60
-    print(f"{env_steps - steps_at_start:,} env steps in {minutes:.1f} min; saved {n} fine-tuned agents to {save_dir}; "
-          f"evaluations in {eval_csv}")
+    if data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,):
+        fail(
+            f"dataset {name} has observations {data['observations'].shape[1:]} and actions "
+            f"{data['actions'].shape[1:]}, but {env_id} has ({obs_dim},) and ({act_dim},)"
+        )
+    arrays = {key: np.asarray(value, dtype=np.float32) for key, value in data.items()}
+    return OfflineData(**arrays, dataset_id=name, gym_env_id=env_id, ref_min_score=ref_min,
+                       ref_max_score=ref_max, ref_source=ref_source)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was saved")

@@ -13,6 +13,7 @@ Writes one CSV row per measurement to --out.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import resource
 import subprocess
@@ -20,7 +21,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -156,8 +156,7 @@ def measure_cql(args, device, num_agents: int, compile_losses: bool = False, gra
         "critic": torch.optim.Adam(critic.parameters(), lr=3e-4, **adam),
         "alpha": torch.optim.Adam([log_alpha], lr=1e-4, **adam),
     }
-    defaults = cql.Args()
-    cql_args = SimpleNamespace(**{**vars(defaults), "target_entropy": -float(ACT_DIM), "bc_steps": 0})
+    loss_args = cql.cql_hyperparameters(dataclasses.replace(cql.Algorithm(), target_entropy=-float(ACT_DIM)))
     data = synthetic_dataset(args.dataset_size, device)
     generators = [torch.Generator(device=device).manual_seed(k) for k in range(num_agents)]
 
@@ -165,9 +164,9 @@ def measure_cql(args, device, num_agents: int, compile_losses: bool = False, gra
 
     def eager():
         batch = cql.sample_batch(data, generators, args.batch_size)
-        noise = cql.draw_noise(generators, args.batch_size, ACT_DIM, cql_args.num_random, device)
-        return cql.cql_update(actor, critic, target_critic, log_alpha, None, optimizers, batch, noise, cql_args,
-                              ACT_DIM, 0, losses)
+        noise = cql.draw_noise(generators, args.batch_size, ACT_DIM, loss_args["num_random"], device)
+        return cql.cql_update(actor, critic, target_critic, log_alpha, None, optimizers, batch, noise, False,
+                              5e-3, loss_args, losses)
 
     step = eager
     if graph and device.type == "cuda":
@@ -201,14 +200,12 @@ def measure_finetune(args, device, num_agents: int, script: str):
         "critic": torch.optim.Adam(critic.parameters(), lr=3e-4, **adam),
         "density_ratio": torch.optim.Adam(density_ratio.parameters(), lr=3e-4, **adam),
     }
-    defaults = module.Args()
-    finetune_args = SimpleNamespace(**{**vars(defaults), "target_entropy": -float(ACT_DIM),
-                                       "batch_size": args.batch_size})
+    algorithm = dataclasses.replace(module.Algorithm(), target_entropy=-float(ACT_DIM), batch_size=args.batch_size)
     data = synthetic_dataset(args.dataset_size, "cpu")
-    rows = module.pack(*(data[key].numpy() for key in ("observations", "actions", "rewards", "next_observations",
-                                                       "terminals")))
+    rows = module.pack_transitions(*(data[key].numpy() for key in ("observations", "actions", "rewards",
+                                                                   "next_observations", "terminals")))
     del data
-    replay = module.BalancedReplay(torch.as_tensor(rows, device=device), defaults.online_buffer_size, True,
+    replay = module.BalancedReplay(torch.as_tensor(rows, device=device), algorithm.online_buffer_size, True,
                                    module.initial_online_priority(len(rows), 0.5, 1000))
     replay.add(torch.as_tensor(rows[:10_000], device=device))
     del rows
@@ -217,7 +214,8 @@ def measure_finetune(args, device, num_agents: int, script: str):
             "density_ratio": density_ratio}
 
     def eager():
-        return module.finetune_update(nets, optimizers, replay, generator, finetune_args)
+        return module.finetune_update(nets, optimizers, replay, generator, algorithm.batch_size, algorithm.tau,
+                                      algorithm.priority_temperature, module.loss_hyperparameters(algorithm))
 
     step = eager
     if device.type == "cuda":

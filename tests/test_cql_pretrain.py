@@ -3,6 +3,7 @@ per-agent loop, data loading, checkpoints, determinism/resume and the command-li
 
 import csv
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -158,17 +159,18 @@ def small_problem(num_agents=2, batch_size=3, num_random=2, obs_dim=4, act_dim=3
     generators = [torch.Generator().manual_seed(10 + k) for k in range(num_agents)]
     noise = cql.draw_noise(generators, batch_size, act_dim, num_random, "cpu")
     noise = {key: value.to(torch.float64) for key, value in noise.items()}
-    args = SimpleNamespace(num_random=num_random, gamma=0.99, cql_temperature=1.0, min_q_weight=5.0,
-                           lagrange_threshold=None, bc_steps=5, target_entropy=-float(act_dim))
+    args = dict(num_random=num_random, gamma=0.99, cql_temperature=1.0, min_q_weight=5.0, lagrange_threshold=None,
+                target_entropy=-float(act_dim))
     return actor, critic, target_critic, log_alpha, batch, noise, args
 
 
 @pytest.mark.parametrize("behaviour_cloning", [True, False])
 def test_vectorized_losses_equal_per_agent_loop(behaviour_cloning):
     actor, critic, target_critic, log_alpha, batch, noise, args = small_problem()
-    total, metrics = cql.cql_losses(actor, critic, target_critic, log_alpha, None, batch, noise, args, 3,
-                                    behaviour_cloning)
-    expected = reference_losses(actor, critic, target_critic, log_alpha, batch, noise, args, behaviour_cloning)
+    total, metrics = cql.cql_losses(actor, critic, target_critic, log_alpha, None, *batch, noise, behaviour_cloning,
+                                    **args)
+    expected = reference_losses(actor, critic, target_critic, log_alpha, batch, noise, SimpleNamespace(**args),
+                                behaviour_cloning)
     assert torch.allclose(metrics["critic_loss"], expected["critic"], atol=1e-9)
     assert torch.allclose(metrics["actor_loss"], expected["actor"], atol=1e-9)
     assert total.item() == pytest.approx(sum(v.sum().item() for v in expected.values()), abs=1e-8)
@@ -176,9 +178,9 @@ def test_vectorized_losses_equal_per_agent_loop(behaviour_cloning):
 
 def test_compiled_losses_equal_eager_losses():
     actor, critic, target_critic, log_alpha, batch, noise, args = small_problem()
-    eager_total, eager = cql.cql_losses(actor, critic, target_critic, log_alpha, None, batch, noise, args, 3, False)
-    compiled_total, compiled = torch.compile(cql.cql_losses)(actor, critic, target_critic, log_alpha, None, batch,
-                                                             noise, args, 3, False)
+    eager_total, eager = cql.cql_losses(actor, critic, target_critic, log_alpha, None, *batch, noise, False, **args)
+    compiled_total, compiled = torch.compile(cql.cql_losses)(actor, critic, target_critic, log_alpha, None, *batch,
+                                                             noise, False, **args)
     assert compiled_total.item() == pytest.approx(eager_total.item(), rel=1e-9)
     for key in eager:
         assert torch.allclose(compiled[key], eager[key], rtol=1e-9)
@@ -186,7 +188,7 @@ def test_compiled_losses_equal_eager_losses():
 
 def test_one_backward_gives_each_network_its_own_gradient():
     actor, critic, target_critic, log_alpha, batch, noise, args = small_problem()
-    total, metrics = cql.cql_losses(actor, critic, target_critic, log_alpha, None, batch, noise, args, 3, False)
+    total, metrics = cql.cql_losses(actor, critic, target_critic, log_alpha, None, *batch, noise, False, **args)
     critic_grads = torch.autograd.grad(total, list(critic.parameters()), retain_graph=True)
     actor_grads = torch.autograd.grad(total, list(actor.parameters()), retain_graph=True)
     only_critic = torch.autograd.grad(metrics["critic_loss"].sum(), list(critic.parameters()), retain_graph=True)
@@ -200,9 +202,9 @@ def test_one_backward_gives_each_network_its_own_gradient():
 
 def test_lagrange_term_pushes_alpha_prime_towards_threshold():
     actor, critic, target_critic, log_alpha, batch, noise, args = small_problem()
-    args.lagrange_threshold = -1e3  # far below any gap: alpha' must grow
+    args["lagrange_threshold"] = -1e3  # far below any gap: alpha' must grow
     log_alpha_prime = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-    total, _ = cql.cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, batch, noise, args, 3, False)
+    total, _ = cql.cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, *batch, noise, False, **args)
     (grad,) = torch.autograd.grad(total, [log_alpha_prime])
     assert (grad < 0).all()  # gradient descent increases log alpha'
 
@@ -312,7 +314,7 @@ def trained(run_script, tiny_hopper_hdf5, tmp_path_factory):
 
 def test_smoke_run_writes_checkpoints_and_eval_csv(trained):
     root, stdout = trained
-    assert sorted(p.name for p in (root / "a").iterdir()) == ["agent_0.pt", "agent_1.pt"]
+    assert sorted(p.name for p in (root / "a").iterdir()) == ["agent_0.pt", "agent_1.pt", "manifest.json"]
     rows = read_eval(root / "run_a" / "eval.csv")
     assert [(r["step"], r["agent"]) for r in rows] == [(s, a) for s in ("0", "20", "30") for a in ("0", "1")]
     low, high = cql.D4RL_REF_SCORES["hopper"]
@@ -321,7 +323,7 @@ def test_smoke_run_writes_checkpoints_and_eval_csv(trained):
     assert "updates/s" in stdout
     ckpt = torch.load(root / "a" / "agent_1.pt", weights_only=True)
     meta = ckpt["meta"]
-    assert (meta["format"], meta["gym_env_id"], meta["grad_steps"], meta["seed"]) == ("upq-cql-agent-v1", "Hopper-v5", 30, 2)
+    assert (meta["format"], meta["gym_env_id"], meta["grad_steps"], meta["seed"]) == ("upq-cql-agent-v2", "Hopper-v5", 30, 2)
     assert ckpt["actor"]["net.0.weight"].shape == (1, 11, 16) and ckpt["critic"]["net.0.weight"].shape == (2, 14, 16)
 
 
@@ -331,7 +333,7 @@ def test_checkpoint_round_trip_reproduces_the_logged_evaluation(trained):
         ckpt = torch.load(root / "a" / f"agent_{k}.pt", weights_only=True)
         actor = cql.Actor(11, 3, (16, 16), 1)
         actor.load_state_dict(ckpt["actor"])
-        returns = cql.evaluate(actor, "Hopper-v5", 1, 1, seed=1 + 10_000, device="cpu")
+        returns = cql.evaluate_agents(actor, "Hopper-v5", 1, 1, seed=1 + 10_000, device="cpu")
         logged = [r for r in read_eval(root / "run_a" / "eval.csv") if r["step"] == "30" and r["agent"] == str(k)]
         assert returns[0, 0] == pytest.approx(float(logged[0]["return"]), abs=1e-3)
 
@@ -387,7 +389,7 @@ def test_occupied_save_dir_and_corrupted_resume_are_refused(run_script, tiny_hop
                            "--save-dir", root / "b", "--total-steps", "5", "--run-dir", tmp_path / "run")
 
     broken = tmp_path / "broken"
-    broken.mkdir()
+    shutil.copytree(root / "b", broken)
     for k in range(2):
         (broken / f"agent_{k}.pt").write_bytes(before[: len(before) // 2])
     assert_refused_leaving(run_script, broken / "agent_0.pt", "corrupted", "--env", tiny_hopper_hdf5, *TINY,
@@ -412,7 +414,7 @@ def test_resume_on_another_kind_of_device_is_refused(run_script, tiny_hopper_hdf
     """A CUDA generator's state (16 bytes) cannot continue a CPU generator's stream (5,056 bytes), nor the reverse."""
     root, _ = trained
     moved = tmp_path / "moved"
-    moved.mkdir()
+    shutil.copytree(root / "b", moved)
     for k in range(2):
         checkpoint = torch.load(root / "b" / f"agent_{k}.pt", weights_only=True)
         checkpoint["generator_state"] = torch.zeros(16, dtype=torch.uint8)

@@ -4,7 +4,6 @@ against a member-by-member loop, balanced replay's sampler, checkpoint loading, 
 import csv
 import math
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -131,7 +130,7 @@ def member_by_member_step(script, actor, critic, target_critic, log_alpha, rows,
     actors = [one_agent_module(script, actor, slice(k, k + 1), script.Actor) for k in range(n)]
     critics = [one_agent_module(script, critic, slice(m, m + 1), script.Critic) for m in range(2 * n)]
     targets = [one_agent_module(script, target_critic, slice(m, m + 1), script.Critic) for m in range(2 * n)]
-    obs, actions, rewards, next_obs, terminals = script.unpack(rows[:batch_size], OBS, ACT)
+    obs, actions, rewards, next_obs, terminals = script.unpack_transitions(rows[:batch_size], OBS, ACT)
     alpha = log_alpha.exp().item()
 
     outputs = [a(torch.cat([obs, next_obs])[None]) for a in actors]
@@ -174,12 +173,13 @@ def test_one_backward_gives_every_member_the_gradient_of_its_own_loss(script, be
     rows[:, OBS: OBS + ACT] = rows[:, OBS: OBS + ACT].tanh()
     rows[:, -1] = (torch.arange(3 * batch_size) % 3 == 0).double()  # some terminals
     noise = torch.randn(2 * batch_size, ACT, dtype=F64)
-    args = SimpleNamespace(batch_size=batch_size, gamma=0.99, target_entropy=-3.0, priority_temperature=5.0, beta=beta,
-                           ensemble_mean_target=mean_target)
+    upq_terms = dict(beta=beta, ensemble_mean_target=mean_target) if script is upq else {}
 
-    loss, priorities, metrics = script.finetune_losses(actor, critic, target_critic, density_ratio, log_alpha, rows,
-                                                       noise, args)
-    loss.backward()
+    loss, metrics = script.finetune_losses(actor, critic, target_critic, log_alpha,
+                                           *script.unpack_transitions(rows[:batch_size], OBS, ACT), noise, gamma=0.99,
+                                           target_entropy=-3.0, **upq_terms)
+    ratio_loss, priorities = script.density_ratio_step(density_ratio, rows[:, : OBS + ACT], 5.0)
+    (loss + ratio_loss).backward()
     critic_loss, actor_loss, actors, critics, new_log_prob = member_by_member_step(
         script, actor, critic, target_critic, log_alpha, rows, noise, batch_size, beta, mean_target)
     assert metrics["critic_loss"].item() == pytest.approx(critic_loss.item(), rel=1e-10)
@@ -195,7 +195,7 @@ def test_one_backward_gives_every_member_the_gradient_of_its_own_loss(script, be
     # the temperature and the density-ratio network on their batches
     assert log_alpha.grad.item() == pytest.approx(-(new_log_prob - 3.0).mean().item(), rel=1e-10)
     w_batch, w_offline, w_online = density_ratio(rows[:, : OBS + ACT]).split(batch_size)
-    assert torch.allclose(metrics["ratio_loss"], script.density_ratio_loss(w_offline, w_online))
+    assert torch.allclose(ratio_loss, script.density_ratio_loss(w_offline, w_online))
     assert torch.allclose(priorities, script.balanced_replay_priorities(w_batch, w_offline, 5.0))
 
 
@@ -238,7 +238,8 @@ def test_online_fraction_after_the_first_epoch_is_f(script, fraction):
     p_max = script.initial_online_priority(offline_size, fraction, first_epoch)
     replay = script.BalancedReplay(torch.zeros(offline_size, width), 5_000, balanced=True, p_max=p_max)
     replay.add(torch.ones(first_epoch, width))
-    assert (replay.rows[offline_size: offline_size + first_epoch] == 1).all() and replay.online_size == first_epoch
+    assert (replay.transitions[offline_size: offline_size + first_epoch] == 1).all()
+    assert replay.online_size == first_epoch
     generator = torch.Generator().manual_seed(0)
     index = torch.stack([replay.sample(256, generator) for _ in range(50)])
     rl, offline, online = index.view(50, 3, 256).unbind(1)
@@ -260,11 +261,11 @@ def test_online_buffer_is_a_ring_and_resumes_exactly(script):
     replay = script.BalancedReplay(torch.zeros(10, 4), 6, balanced=True, p_max=3.0)
     replay.add(torch.arange(4.0)[:, None].expand(4, 4))
     replay.add(torch.arange(4.0, 8.0)[:, None].expand(4, 4))  # 8 written into 6 slots: 6 and 7 overwrite 0 and 1
-    assert replay.rows[10:, 0].tolist() == [6, 7, 2, 3, 4, 5] and replay.online_size == 6
+    assert replay.transitions[10:, 0].tolist() == [6, 7, 2, 3, 4, 5] and replay.online_size == 6
     assert replay.tree.levels[-1].item() == 10 + 6 * 3.0
     copy = script.BalancedReplay(torch.zeros(10, 4), 6, balanced=True, p_max=1.0)
     copy.load_state_dict(replay.state_dict())
-    assert torch.equal(copy.rows, replay.rows)
+    assert torch.equal(copy.transitions, replay.transitions)
     assert all(torch.equal(a, b) for a, b in zip(copy.tree.levels, replay.tree.levels))
     assert (copy.p_max, copy.online_written) == (replay.p_max, 8)
 
@@ -305,7 +306,7 @@ def finetuned(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path_facto
 
 def test_smoke_run_saves_agents_eval_csv_and_log(finetuned, tiny_cql_checkpoints):
     root, stdout = finetuned
-    assert sorted(p.name for p in (root / "off2on").iterdir()) == ["agent_0.pt", "agent_1.pt", "run_state.pt"]
+    assert sorted(p.name for p in (root / "off2on").iterdir()) == ["agent_0.pt", "agent_1.pt", "manifest.json", "run_state.pt"]
     rows = eval_rows(root / "off2on_run")
     assert [r["step"] for r in rows] == ["0", "10", "20"]  # an evaluation at the start of every epoch, and the end
     low, high = off2on.D4RL_REF_SCORES["hopper"]
@@ -319,7 +320,7 @@ def test_smoke_run_saves_agents_eval_csv_and_log(finetuned, tiny_cql_checkpoints
     checkpoint = torch.load(root / "off2on" / "agent_1.pt", weights_only=True)
     meta = checkpoint["meta"]
     assert (meta["format"], meta["algorithm"], meta["agent"], meta["gym_env_id"]) == (
-        "upq-finetuned-agent-v1", "off2on", 1, "Hopper-v5")
+        "upq-finetuned-agent-v2", "off2on", 1, "Hopper-v5")
     assert (meta["env_steps"], meta["grad_steps"]) == (20, 10 * 2 + 10)  # epoch 0 does 2x the updates
     assert checkpoint["actor"]["net.0.weight"].shape == (1, 11, 32)
     assert checkpoint["critic"]["net.0.weight"].shape == (2, 14, 32)
@@ -330,7 +331,7 @@ def test_smoke_run_saves_agents_eval_csv_and_log(finetuned, tiny_cql_checkpoints
     actor = off2on.Actor(11, 3, (32, 32), 2)
     agents = [torch.load(tiny_cql_checkpoints / f"agent_{k}.pt", weights_only=True) for k in range(2)]
     off2on.stack_members(actor, agents, "actor")
-    returns = off2on.evaluate(actor, "Hopper-v5", 1, seed=3 + 10_000, device="cpu")
+    returns = off2on.evaluate_ensemble(actor, "Hopper-v5", 1, seed=3 + 10_000, device="cpu")
     assert float(rows[0]["return"]) == pytest.approx(returns.mean(), abs=1e-3)
 
 
@@ -405,7 +406,7 @@ def edited_checkpoint(source, target, **meta):
     ("corrupted", "is corrupted"),
     ("other env", "was trained for HalfCheetah-v5 (obs 17, actions 6)"),
     ("other hidden sizes", "has hidden sizes (16, 16) but"),
-    ("finetuned, not cql", "is not a upq-cql-agent-v1 checkpoint"),
+    ("finetuned, not cql", "is not a upq-cql-agent-v2 checkpoint"),
 ])
 def test_bad_checkpoints_give_one_sentence_and_overwrite_nothing(run_script, finetuned, tiny_hopper_hdf5,
                                                                  tiny_cql_checkpoints, tmp_path, case, message):
@@ -426,7 +427,7 @@ def test_bad_checkpoints_give_one_sentence_and_overwrite_nothing(run_script, fin
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert (root / "off2on" / "agent_0.pt").read_bytes() == before and not (tmp_path / "run").exists()
+    assert (root / "off2on" / "agent_0.pt").read_bytes() == before and not (tmp_path / "run" / "eval.csv").exists()
 
 
 def test_nan_loss_stops_the_run_before_anything_is_saved(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path):
@@ -435,7 +436,7 @@ def test_nan_loss_stops_the_run_before_anything_is_saved(run_script, tiny_hopper
                         "--checkpoints", nan_agent, tiny_cql_checkpoints / "agent_1.pt",
                         "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run", env=ONE_THREAD)
     assert result.returncode != 0 and "non-finite" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "save").exists()
+    assert not any((tmp_path / "save").iterdir())  # created and probed before the run, then left empty
     assert [r["step"] for r in eval_rows(tmp_path / "run")] == ["0"]
 
 

@@ -145,6 +145,54 @@ def test_bad_input_is_a_system_exit_with_a_message(flags, message, minari_root, 
     assert message in " ".join(f"{exit_info.value.code} {capsys.readouterr().err}".split())
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--num-steps", "0"], "--num-steps must be >= 1, not 0"),  # once wrote an empty dataset that CQL failed on
+    (["--num-steps", "-5"], "--num-steps must be >= 1, not -5"),
+    (["--total-timesteps", "0"], "--total-timesteps must be >= 1, not 0"),
+    (["--eval-frequency", "0"], "--eval-frequency must be >= 1, not 0"),
+    (["--eval-episodes", "0"], "--eval-episodes must be >= 1, not 0"),
+    (["--num-threads", "0"], "--num-threads must be >= 1, not 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, not 0"),
+    (["--policy-frequency", "0"], "--policy-frequency must be >= 1, not 0"),
+    (["--target-network-frequency", "0"], "--target-network-frequency must be >= 1, not 0"),
+    (["--max-episode-steps", "0"], "--max-episode-steps must be >= 1, not 0"),
+    (["--learning-starts", "-1"], "--learning-starts must be >= 0, not -1"),
+    (["--seed", "-1"], "--seed must be >= 0, not -1"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1), not 1.5"),
+    (["--gamma", "1"], "--gamma must be in [0, 1), not 1.0"),
+    (["--tau", "0"], "--tau must be in (0, 1], not 0.0"),
+    (["--q-lr", "-1"], "--q-lr must be > 0, not -1.0"),
+    (["--policy-lr", "inf"], "--policy-lr must be > 0, not inf"),
+    (["--alpha", "-0.1", "--no-autotune"], "--alpha must be >= 0, not -0.1"),
+    (["--target-return", "nan"], "--target-return must be a finite number, not nan"),
+])
+def test_out_of_range_flag_is_refused_in_one_sentence_before_anything_is_written(flags, message, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:  # a tiny random dataset if the refusal were missing
+        md.main(tyro.cli(md.Args, args=["--kind", "random", "--num-steps", "10", *flags]))
+    assert exit_info.value.code == f"error: {message}"  # a string code: printed to stderr, exit status 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_num_steps_zero_exits_1_with_one_line_on_stderr_and_writes_nothing(tmp_path, run_script):
+    result = run_script("make_dataset.py", "--kind", "random", "--num-steps", "0",
+                        env={"MINARI_DATASETS_PATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --num-steps must be >= 1, not 0"
+    assert not any(tmp_path.iterdir())
+
+
+def test_progress_and_duration_match_hand_computation(monkeypatch):
+    monkeypatch.setattr(md.time, "perf_counter", lambda: 110.0)  # 10 s after started=100
+    # 50 of 200 done from 0 in 10 s: 5.0 steps/s; 150 left / 5.0 = 30 s
+    assert md.progress(50, 200, 0, 100.0, "steps") == "50/200 steps (25%), 10s elapsed, 5.0 steps/s, ETA 30s"
+    # resumed at 150: 50 this session in 10 s is 5.0 steps/s; 1,800 left / 5.0 = 360 s
+    assert md.progress(200, 2000, 150, 100.0, "steps") == "200/2,000 steps (10%), 10s elapsed, 5.0 steps/s, ETA 6m00s"
+    assert md.progress(150, 2000, 150, 100.0, "steps").endswith("0.0 steps/s, ETA ?")  # nothing done yet
+    assert [md.duration(s) for s in (0, 12.9, 185, 3725, 36000)] == ["0s", "12s", "3m05s", "1h02m", "10h00m"]
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         tyro.cli(md.Args, args=["--help"])
@@ -263,8 +311,28 @@ def test_sac_kinds_medium_replay_and_medium_expert(minari_root):
         np.testing.assert_array_equal(a.truncations, b.truncations)
 
 
-def test_medium_target_not_reached_within_budget_is_a_clear_error(minari_root):
+def test_medium_target_not_reached_within_budget_is_a_clear_error(minari_root, capsys):
     with pytest.raises(SystemExit, match="raise --total-timesteps"):
         md.main(tiny_sac_args(kind="medium", target_return=1e9, total_timesteps=100,
                               dataset_id="unreached/hopper/medium-v0"))
     assert not (minari_root / "unreached/hopper/medium-v0").exists()
+    eval_lines = [line for line in capsys.readouterr().out.splitlines() if "eval return" in line]
+    assert len(eval_lines) >= 2 and "/100 steps (" in eval_lines[0] and "ETA" in eval_lines[0]
+    assert "(or sooner: stops at an eval return >= 1e+09)" in eval_lines[0]  # medium stops at its target
+    assert "/100 steps (" in eval_lines[-1] or "(past --total-timesteps 100 to end the episode)" in eval_lines[-1]
+
+
+def test_progress_lines_say_done_of_total_elapsed_speed_and_eta(minari_root, monkeypatch, capsys):
+    monkeypatch.setattr(md, "LOG_EVERY_STEPS", 25)  # step lines, not only eval lines, within the tiny budget
+    md.main(tiny_sac_args(kind="expert", dataset_id="progress/hopper/expert-v0"))
+    out = capsys.readouterr().out.splitlines()
+    sac = [line for line in out if line.startswith("[SAC]") and "trained" not in line]
+    rollout = [line for line in out if line.startswith("[expert] collected")]
+    assert any("eval return" in line for line in sac) and any("eval return" not in line for line in sac)
+    assert len(rollout) == 10  # every 10% of --num-steps 150
+    for line, total in [*((line, 300) for line in sac), *((line, 150) for line in rollout)]:
+        assert " elapsed, " in line and " steps/s, ETA " in line, line
+        done, shown_total = map(int, re.search(r"(\d+)/(\d+) steps \(", line).groups())
+        # the last episode of the budget may end past it, and then says so
+        assert shown_total == total or (done == shown_total > total and "past --total-timesteps 300" in line), line
+    assert rollout[-1].startswith("[expert] collected 150/150 steps (100%)") and ", ETA 0s |" in rollout[-1]

@@ -1,5 +1,6 @@
 """Every command the wandb sweep files generate parses with the scripts' own command lines."""
 
+import functools
 import importlib
 import itertools
 from pathlib import Path
@@ -38,10 +39,11 @@ def test_every_generated_command_parses(path):
     module = importlib.import_module(Path(spec["program"]).stem)
     commands = sweep_commands(spec)
     assert len(commands) >= 9  # at least the paper's nine tasks
+    parse = functools.partial(tyro.cli, tyro.conf.OmitArgPrefixes[module.Args])  # as the scripts parse
     for argv in commands:
-        args = tyro.cli(module.Args, args=argv)
-        assert module.D4RL_NAME.match(args.env), args.env
-        assert args.track
+        args = parse(args=argv)
+        assert module.D4RL_NAME.match(args.run.env), args.run.env
+        assert args.run.track
     if path.stem == "table2_beta":
-        betas = {tyro.cli(module.Args, args=argv).beta for argv in commands}
+        betas = {parse(args=argv).algorithm.beta for argv in commands}
         assert betas == {0.1, 0.01, 0.001, 0.0001}
