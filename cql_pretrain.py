@@ -13,7 +13,7 @@ Where each piece of Eq. (1) lives in this file:
     E_s[log sum_a exp Q(s, a)], importance sampled over 30 actions   cql_logsumexp
     alpha * (E_s[logsumexp] - E_(s,a)~D[Q(s, a)]), the conservative gap   conservative_gap
     the TD term to r + gamma (1 - d) min(Q1', Q2')(s', a')          bellman_target
-    the SAC actor (behaviour cloning first) and temperature          policy_loss, temperature_loss
+    the SAC actor (behaviour cloning first) and temperature          policy_loss, temperature_loss_per_agent
     one gradient step of all N agents                                cql_losses, cql_update
     the training loop                                                main
 
@@ -173,7 +173,8 @@ def policy_loss(alpha, log_prob, q_policy, bc_log_prob, behaviour_cloning: bool)
     return (alpha * log_prob - target).mean(-1)
 
 
-def temperature_loss(log_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
+def temperature_loss_per_agent(log_alpha: torch.Tensor, log_prob: torch.Tensor,
+                               target_entropy: float) -> torch.Tensor:
     """SAC's automatic temperature per agent: -mean_B [log alpha_k (log pi_k(a~|s) + target entropy)]: [N]."""
     return -(log_alpha[:, None] * (log_prob.detach() + target_entropy)).mean(-1)
 
@@ -328,7 +329,7 @@ def cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, obs, ac
     q_policy = twin_min(torch.func.functional_call(critic, frozen, (per_critic(obs), per_critic(a_policy))))
     bc_log_prob = action_log_prob(mean_s, log_std_s, actions)
     actor_loss = policy_loss(alpha, logp_policy, q_policy, bc_log_prob, behaviour_cloning)  # [N]
-    alpha_loss = temperature_loss(log_alpha, logp_policy, target_entropy)  # [N]
+    alpha_loss = temperature_loss_per_agent(log_alpha, logp_policy, target_entropy)  # [N]
 
     total = critic_loss.sum() + actor_loss.sum() + alpha_loss.sum() + alpha_prime_loss
     metrics = dict(critic_loss=critic_loss, actor_loss=actor_loss, alpha=alpha[:, 0], q_data=q_data.mean((1, 2)),
@@ -420,7 +421,8 @@ def main(args: Args) -> None:
                                    "metrics": ["step", *METRICS, "updates_per_s"]}, start_step if saved else None, meta)
     wandb = start_wandb(run, meta) if run.track else None
     print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, "
-          f"reference returns: {data.ref_source}; {n} agents on {device}; run dir {run_dir}; checkpoints {save_dir}")
+          f"reference returns: {data.ref_source}; {n} agents on {device}; run dir {run_dir}; checkpoints {save_dir}"
+          + (f"; resumed at step {start_step:,}" if saved else ""))
     tensors = {key: torch.as_tensor(getattr(data, key), device=device)
                for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
     losses, loss_args = torch.compile(cql_losses) if run.compile else cql_losses, cql_hyperparameters(alg)
@@ -579,7 +581,6 @@ def restore_agents(agents: list[dict], obs_dim: int, act_dim: int, alg: Algorith
         if agent["generator_state"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
             fail("the agents were saved on another kind of device: resume on that --device")
         generator.set_state(agent["generator_state"])
-    print(f"resumed {len(agents)} agents at step {agents[0]['meta']['step']:,}")
 
 
 def log_training(logs: dict, wandb, loss, metrics: dict, done: int, last_line, save_dir: Path, where: str) -> None:

@@ -91,8 +91,7 @@ class Args:
     """auto-tune the temperature towards entropy -|A| (CleanRL)"""
 
 
-# D4RL normalisation (min = random, max = expert returns), keyed by body name.
-D4RL_REF_SCORES = {
+D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
     "hopper": (-20.272305, 3234.3),
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),

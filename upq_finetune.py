@@ -576,7 +576,8 @@ def main(args: Args) -> None:
     wandb = start_wandb(run, meta) if run.track else None
     print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns: "
           f"{data.ref_source}; ensemble of {n} agents (hidden {meta['hidden_sizes']}) on {device}; "
-          f"{'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoints {save_dir}")
+          f"{'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoints {save_dir}"
+          + (f"; resumed {n} fine-tuned agents at env step {env_steps:,}" if saved else ""))
     loss_args = loss_hyperparameters(alg)
 
     def evaluate_and_log(train_log: str = "") -> None:
@@ -839,7 +840,6 @@ def restore_run_state(run_state: dict, agents: list[dict], alg: Algorithm, data:
     if run_state["generator_state"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
         fail("the run was saved on another kind of device: resume on that --device")
     generator.set_state(run_state["generator_state"])
-    print(f"resumed {len(agents)} fine-tuned agents at env step {run_state['meta']['env_steps']:,}")
 
 
 def save_finetuned(save_dir: Path, nets: dict, optimizers: dict, replay: BalancedReplay, generator, meta: dict) -> None:

@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny datasets made here (nothing is downloaded) and a runner for the scripts."""
+"""Shared fixtures and helpers: tiny datasets made here (nothing is downloaded), a runner for the scripts (also one
+that kills a run at a chosen file rename), and the checks every bad-input test makes."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -14,30 +16,66 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+# Runs a script, counting the renames into one folder and killing itself (SIGKILL) at the k-th, before it happens;
+# at exit it prints "renames: <count>" on stderr. Arguments: folder, k (0: never), script, the script's arguments.
+KILL_AT_RENAME = """
+import atexit, os, runpy, signal, sys
+folder, kill_at, script = os.path.abspath(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+renames, real_replace = [0], os.replace
+def replace(source, target, *args, **kwargs):
+    if os.path.dirname(os.path.abspath(target)) == folder:
+        renames[0] += 1
+        if renames[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(source, target, *args, **kwargs)
+os.replace = replace
+atexit.register(lambda: print(f"renames: {renames[0]}", file=sys.stderr))
+sys.argv = [script, *sys.argv[4:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 @pytest.fixture(scope="session")
-def run_script(tmp_path_factory):
+def script_env(tmp_path_factory) -> dict:
+    """The environment the scripts run in: downloads fail fast (HF_HUB_OFFLINE, an empty D4RL cache), Minari looks in
+    a private folder, wandb is off, one thread per process (2 shared cores)."""
+    base = tmp_path_factory.mktemp("script_env")
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "D4RL_DATASET_DIR": str(base / "d4rl"),
+            "MINARI_DATASETS_PATH": str(base / "minari"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+            "CWD": str(base)}
+
+
+@pytest.fixture(scope="session")
+def run_script(script_env):
     """Run a top-level script as a user would; returns the CompletedProcess (never raises on failure).
 
-    Downloads fail fast (HF_HUB_OFFLINE, an empty D4RL cache) and Minari looks in a private folder
-    unless the caller's env overrides them.
+    kill_at_rename=(folder, k) runs it under KILL_AT_RENAME. `env` entries override script_env's.
     """
-    base = tmp_path_factory.mktemp("script_env")
 
-    def run(script: str, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        environment = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "D4RL_DATASET_DIR": str(base / "d4rl"),
-            "MINARI_DATASETS_PATH": str(base / "minari"),
-            "WANDB_MODE": "disabled",
-            **(env or {}),
-        }
-        return subprocess.run(
-            [sys.executable, str(REPO / script), *map(str, args)],
-            capture_output=True, text=True, env=environment, timeout=timeout, cwd=base,
-        )
+    def run(script: str, *args: str, env: dict | None = None, timeout: float = 300,
+            kill_at_rename: tuple[Path, int] | None = None) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(REPO / script), *map(str, args)]
+        if kill_at_rename is not None:
+            folder, k = kill_at_rename
+            command[1:1] = ["-c", KILL_AT_RENAME, str(folder), str(k)]
+        return subprocess.run(command, capture_output=True, text=True, env={**script_env, **(env or {})},
+                              timeout=timeout, cwd=script_env["CWD"])
 
     return run
+
+
+def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:
+    """A bad input: non-zero exit, the message in one sentence, the last line on stderr, and no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()  # (before it, at most a library's warning, e.g. MuJoCo's)
+    assert message in lines[-1] and lines[-1].startswith("error: ") and "error: " not in "".join(lines[:-1])
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a CSV log (eval.csv, metrics.csv) as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def write_random_hopper_hdf5(path: Path, num_steps: int, max_episode_steps: int, seed: int = 0) -> dict:
@@ -75,6 +113,6 @@ def tiny_cql_checkpoints(run_script, tiny_hopper_hdf5, tmp_path_factory) -> Path
     root = tmp_path_factory.mktemp("cql_agents")
     result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "3", "--total-steps", "50",
                         "--hidden-sizes", "32", "32", "--batch-size", "32", "--eval-episodes", "1",
-                        "--save-dir", root / "agents", "--run-dir", root / "run", env={"OMP_NUM_THREADS": "1"})
+                        "--save-dir", root / "agents", "--run-dir", root / "run")
     assert result.returncode == 0, result.stderr
     return root / "agents"

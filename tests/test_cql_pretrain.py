@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cql_pretrain as cql
-from conftest import write_random_hopper_hdf5
+from conftest import assert_refused, read_rows, write_random_hopper_hdf5
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -272,22 +272,11 @@ TINY = ["--num-agents", "2", "--hidden-sizes", "16", "16", "--batch-size", "16",
         "--eval-episodes", "1", "--bc-steps", "5", "--log-every", "10"]
 
 
-def assert_refused(result, message):
-    """A bad input: non-zero exit, the message in one clear sentence on stderr, no traceback."""
-    assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
-
-
 def assert_refused_leaving(run_script, kept: Path, message, *flags):
     """A bad run of cql_pretrain.py is refused and leaves the file `kept` byte for byte as it was."""
     before = kept.read_bytes()
     assert_refused(run_script("cql_pretrain.py", *flags), message)
     assert kept.read_bytes() == before
-
-
-def read_eval(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def params_of(path):
@@ -315,7 +304,7 @@ def trained(run_script, tiny_hopper_hdf5, tmp_path_factory):
 def test_smoke_run_writes_checkpoints_and_eval_csv(trained):
     root, stdout = trained
     assert sorted(p.name for p in (root / "a").iterdir()) == ["agent_0.pt", "agent_1.pt", "manifest.json"]
-    rows = read_eval(root / "run_a" / "eval.csv")
+    rows = read_rows(root / "run_a" / "eval.csv")
     assert [(r["step"], r["agent"]) for r in rows] == [(s, a) for s in ("0", "20", "30") for a in ("0", "1")]
     low, high = cql.D4RL_REF_SCORES["hopper"]
     for row in rows:
@@ -334,7 +323,7 @@ def test_checkpoint_round_trip_reproduces_the_logged_evaluation(trained):
         actor = cql.Actor(11, 3, (16, 16), 1)
         actor.load_state_dict(ckpt["actor"])
         returns = cql.evaluate_agents(actor, "Hopper-v5", 1, 1, seed=1 + 10_000, device="cpu")
-        logged = [r for r in read_eval(root / "run_a" / "eval.csv") if r["step"] == "30" and r["agent"] == str(k)]
+        logged = [r for r in read_rows(root / "run_a" / "eval.csv") if r["step"] == "30" and r["agent"] == str(k)]
         assert returns[0, 0] == pytest.approx(float(logged[0]["return"]), abs=1e-3)
 
 
@@ -345,7 +334,7 @@ def test_agents_are_independent_and_runs_deterministic(trained):
     _, b0 = params_of(root / "b" / "agent_0.pt")
     assert not torch.equal(a0, a1)
     assert torch.equal(a0, b0)
-    assert read_eval(root / "run_a" / "eval.csv") == read_eval(root / "run_b" / "eval.csv")
+    assert read_rows(root / "run_a" / "eval.csv") == read_rows(root / "run_b" / "eval.csv")
 
 
 def test_resume_equals_uninterrupted_run(trained):

@@ -1,0 +1,107 @@
+"""The scripts stand alone, so what they share is copied: every top-level definition that two scripts both have must be
+byte-identical, except the ones listed in PURPOSELY_DIFFERENT (each script's own flags, metrics and loop, and the UPQ
+change between off2on_finetune.py and upq_finetune.py), and the shared machinery block is the same text in all three
+training scripts."""
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("cql_pretrain.py", "off2on_finetune.py", "upq_finetune.py", "make_dataset.py")
+CQL, OFF2ON, UPQ, DATASET = SCRIPTS
+SHARED_BLOCK = "# Shared machinery: "
+# name -> the groups of scripts whose definitions may differ from each other (within a group they must not)
+PURPOSELY_DIFFERENT = {
+    "Algorithm": [{CQL}, {OFF2ON}, {UPQ}],  # each method's hyperparameters
+    "Run": [{CQL}, {OFF2ON}, {UPQ}],  # each script's default run name
+    "FLAG_RANGES_OF": [{CQL}, {OFF2ON}, {UPQ}],
+    "METRICS": [{CQL}, {OFF2ON}, {UPQ}],
+    "main": [{CQL}, {OFF2ON, UPQ}, {DATASET}],  # fine-tuning: one loop for both methods
+    "ALGORITHM": [{OFF2ON}, {UPQ}],
+    "finetune_losses": [{OFF2ON}, {UPQ}],  # the UPQ change: Eqs. (4)-(5)
+    "loss_hyperparameters": [{OFF2ON}, {UPQ}],  # ... its beta
+    "epoch_line": [{OFF2ON}, {UPQ}],  # ... and its log column U
+    "Actor": [{CQL, OFF2ON, UPQ}, {DATASET}],  # make_dataset.py's SAC behaviour agent (CleanRL)
+    "Args": [{CQL, OFF2ON, UPQ}, {DATASET}],
+}
+
+
+def top_level_definitions(source: str) -> dict[str, str]:
+    """Name -> source text of every top-level function, class and assigned constant."""
+    definitions = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            targets = [t for target in node.targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names = [node.target.id]
+        else:
+            continue
+        for name in names:
+            definitions[name] = ast.get_source_segment(source, node)
+    return definitions
+
+
+def drifted(sources: dict[str, str]) -> dict[str, list[set[str]]]:
+    """Names whose copies differ beyond what PURPOSELY_DIFFERENT allows: name -> the groups of identical copies."""
+    copies = defaultdict(dict)
+    for script, source in sources.items():
+        for name, text in top_level_definitions(source).items():
+            copies[name][script] = text
+    found = {}
+    for name, by_script in copies.items():
+        groups = defaultdict(set)
+        for script, text in by_script.items():
+            groups[text].add(script)
+        allowed = [group & set(by_script) for group in PURPOSELY_DIFFERENT.get(name, [set(by_script)])]
+        if sorted(map(sorted, groups.values())) != sorted(map(sorted, filter(None, allowed))):
+            found[name] = list(groups.values())
+    return found
+
+
+def shared_block(source: str) -> str:
+    start = source.index(SHARED_BLOCK)
+    return source[start: source.index('\n\nif __name__ == "__main__":', start)]
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict[str, str]:
+    return {script: (REPO / script).read_text() for script in SCRIPTS}
+
+
+def test_every_shared_definition_is_the_same_in_every_script(sources):
+    assert drifted(sources) == {}
+    shared = top_level_definitions(shared_block(sources[UPQ]))
+    assert {"fail", "check_flags", "save_set", "finish_set", "read_set", "prepare_folders", "CsvLog", "load_checkpoint",
+            "load_offline_data", "cuda_graphed", "progress"} <= set(shared)
+    for helper in ("fail", "check_flags", "FLAG_RANGES", "progress", "duration"):  # make_dataset.py's share too
+        assert helper in top_level_definitions(sources[DATASET])
+
+
+def test_the_shared_block_is_one_text_in_the_three_training_scripts(sources):
+    blocks = {script: shared_block(sources[script]) for script in (CQL, OFF2ON, UPQ)}
+    assert blocks[CQL] == blocks[OFF2ON] == blocks[UPQ]
+    assert len(blocks[UPQ].splitlines()) > 300
+
+
+@pytest.mark.parametrize("script, name", [(CQL, "finish_set"), (OFF2ON, "fail"), (UPQ, "twin_min"),
+                                          (DATASET, "progress"), (UPQ, "ensemble_policy")])
+def test_a_one_character_change_to_one_copy_is_caught(sources, script, name):
+    text = top_level_definitions(sources[script])[name]
+    changed_text = text.replace("(", "( ", 1)
+    changed = {**sources, script: sources[script].replace(text, changed_text, 1)}
+    assert name in drifted(changed)
+    if name in top_level_definitions(shared_block(sources[UPQ])) and script != DATASET:
+        assert shared_block(changed[script]) != shared_block(sources[script])
+
+
+def test_an_allowed_difference_must_stay_within_its_groups(sources):
+    """off2on and upq must keep one main: a change to one of them is drift, though main differs from cql's."""
+    text = top_level_definitions(sources[OFF2ON])["main"]
+    changed = {**sources, OFF2ON: sources[OFF2ON].replace(text, text.replace("(", "( ", 1), 1)}
+    assert "main" in drifted(changed)
