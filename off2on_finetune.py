@@ -536,6 +536,22 @@ def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, devic
 # ---------------------------------------------------------------------------------------------------------------
 # Algorithm 1: collect an epoch with pi^E, train, evaluate, save
 # ---------------------------------------------------------------------------------------------------------------
+def train_epoch(update, num_updates: int, cuda_graph: bool, stop: dict, report) -> tuple[dict, int]:
+    """num_updates calls of update(), recorded as a CUDA graph after CUDA_GRAPH_WARMUP eager ones if cuda_graph (again
+    every epoch: the online buffer's size changed), fewer if a stop signal comes. Returns each metric's mean over the
+    updates done (the epoch's only host-device sync) and their number; report(done) runs about once a minute."""
+    sums, last_line, done = 0, time.perf_counter(), 0
+    while done < num_updates and not stop["signal"]:
+        if done == CUDA_GRAPH_WARMUP and cuda_graph:
+            update = cuda_graphed(update)
+        metrics = update()
+        sums, done = sums + torch.stack(list(metrics.values())), done + 1
+        if time.perf_counter() - last_line > 60:  # a progress line at least every minute on a slow machine
+            last_line = time.perf_counter()
+            report(done)
+    return (dict(zip(metrics, (sums / done).tolist())) if done else {}), done
+
+
 def main(args: Args) -> None:
     alg, run = args.algorithm, args.run
     check_finetune_flags(alg, run)
@@ -580,6 +596,9 @@ def main(args: Args) -> None:
         if stopped:
             exit_stopped(stop, f"env step {env_steps:,} (gradient step {grad_steps:,})", save_dir)
 
+    def report(done: int) -> None:  # within an epoch
+        print(f"  training: {progress(grad_steps + done, total_updates, grad_steps_at_start, started, 'updates')}")
+
     if env_steps == 0:
         evaluate_and_log()  # the pre-trained ensemble, the first point of the paper's Fig. 2
     stop, started, grad_steps_at_start = catch_stop_signals(), time.perf_counter(), grad_steps
@@ -587,30 +606,24 @@ def main(args: Args) -> None:
     total_updates = updates_due(alg.total_steps, alg)
     env = gym.make(data.gym_env_id)
     obs = env.reset(seed=run.seed + env_steps)[0]  # a resumed run starts a fresh training episode
-    while env_steps < alg.total_steps:
-        if grad_steps == updates_due(env_steps, alg):  # the last epoch is trained: collect the next one
+    while env_steps < alg.total_steps or grad_steps < updates_due(env_steps, alg):  # (a stopped run: its epoch's rest)
+        # Collect an epoch with a ~ pi^E (Eq. 3) into the online buffer, at priority P_max
+        if grad_steps == updates_due(env_steps, alg):  # the last epoch is trained
             transitions, obs = collect(env, obs, nets["actor"], alg.steps_per_epoch, generator, device)
             replay.add(torch.as_tensor(transitions, device=device))
             env_steps += len(transitions)
-        num_updates, timer, sums = updates_due(env_steps, alg) - grad_steps, time.perf_counter(), 0
-        last_line = timer
-        step = functools.partial(finetune_update, nets, optimizers, replay, generator, alg.batch_size, alg.tau,
-                                 alg.priority_temperature, loss_args)
-        for i in range(num_updates if not stop["signal"] else 0):
-            if i == CUDA_GRAPH_WARMUP and run.cuda_graph and device.type == "cuda":
-                step = cuda_graphed(step)  # recorded again every epoch: the online buffer's size changed
-            metrics = step()
-            sums, grad_steps = sums + torch.stack(list(metrics.values())), grad_steps + 1
-            if stop["signal"]:
-                break
-            if time.perf_counter() - last_line > 60:  # a progress line at least every minute on a slow machine
-                last_line = time.perf_counter()
-                print(f"  training: {progress(grad_steps, total_updates, grad_steps_at_start, started, 'updates')}")
+        # Train: as many gradient steps as env steps (x --first-epoch-multiplier in epoch 0), Eqs. (2)-(7)
+        timer = time.perf_counter()
+        update = functools.partial(finetune_update, nets, optimizers, replay, generator, alg.batch_size, alg.tau,
+                                   alg.priority_temperature, loss_args)
+        means, done = train_epoch(update, updates_due(env_steps, alg) - grad_steps,
+                                  run.cuda_graph and device.type == "cuda", stop, report)
+        grad_steps += done
         if stop["signal"]:
             save(stopped=True)
-        means = dict(zip(metrics, (sums / num_updates).tolist()))  # the epoch's only host-device sync
+        # Evaluate pi^E, log, save
         check_finite(means, env_steps, save_dir)
-        speeds = dict(updates_per_s=num_updates / (time.perf_counter() - timer),
+        speeds = dict(updates_per_s=done / (time.perf_counter() - timer),
                       env_steps_per_s=alg.steps_per_epoch / (time.perf_counter() - cycle_start))
         cycle_start = time.perf_counter()
         evaluate_and_log(epoch_line(means, speeds, progress(grad_steps, total_updates, grad_steps_at_start, started,
@@ -625,8 +638,6 @@ def main(args: Args) -> None:
     close_logs(logs, wandb)
     print(f"{env_steps:,} env steps, {grad_steps:,} gradient steps in {duration(time.perf_counter() - started)}; "
           f"saved {n} fine-tuned agents to {save_dir}; evaluations in {run_dir / 'eval.csv'}")
-
-
 
 
 # =============================================================================================================

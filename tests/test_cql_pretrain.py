@@ -2,8 +2,12 @@
 per-agent loop, data loading, checkpoints, determinism/resume and the command-line behaviour."""
 
 import csv
+import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -434,19 +438,25 @@ def test_cuda_graph_replays_the_eager_updates(run_script, tiny_hopper_hdf5, tmp_
             assert torch.allclose(checkpoint["log_alpha"], eager["log_alpha"], rtol=1e-4, atol=1e-6)
 
 
-def test_readme_loading_snippet_gives_the_deterministic_action(trained):
-    """The three lines the README shows for loading a checkpoint and acting, run as written."""
+def test_readme_loading_snippet_gives_the_deterministic_action(trained, tmp_path):
+    """The lines the README shows for loading a checkpoint and acting, run as written from another folder, in a fresh
+    interpreter that has only the standard path."""
     root, _ = trained
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    snippet = snippet.replace("checkpoints/hopper-medium-v2/agent_0.pt", str(root / "a" / "agent_0.pt"))
+    snippet = snippet.replace("checkpoints/hopper-medium-v2__seed1/agent_0.pt", str(root / "a" / "agent_0.pt"))
+    snippet = snippet.replace("path/to/upq", str(Path(__file__).resolve().parents[1]))
     obs = np.linspace(-1, 1, 11)
-    namespace = {"obs": obs}
-    exec(snippet, namespace)
+    program = f"import numpy as np\nobs = np.linspace(-1, 1, 11)\n{snippet}\nprint(type(action).__name__, action.tolist())"
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path,
+                            env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr
+    kind, values = result.stdout.split(" ", 1)
     reference = cql.Actor(11, 3, (16, 16), 1)
     reference.load_state_dict(torch.load(root / "a" / "agent_0.pt", weights_only=True)["actor"])
     out = mlp_member(reference.net, 0, torch.as_tensor(obs, dtype=torch.float32)[None])[0]  # layer by layer
-    assert torch.allclose(namespace["action"], torch.tanh(out[:3]), atol=1e-6)
+    assert kind == "ndarray"
+    assert np.allclose(json.loads(values), torch.tanh(out[:3]).detach().numpy(), atol=1e-6)
 
 
 def test_a_used_run_dir_is_refused_without_resume_or_overwrite(run_script, tiny_hopper_hdf5, trained, tmp_path):
