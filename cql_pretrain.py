@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NoReturn
@@ -118,6 +119,10 @@ class Run:
     """torch.compile the losses (fuses the elementwise work; on 2 CPU cores, N = 4: +30% updates/s after ~1 min of compilation)"""
     cuda_graph: bool = True
     """on cuda, record the whole update (sampling, noise, losses, Adam, target update) once per phase as a CUDA graph and replay it"""
+    capture_video: bool = False
+    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL); MuJoCo renders offscreen through MUJOCO_GL (egl unless set)"""
+    video_every: int = 0
+    """with --capture-video, also record every this many evaluations (0: only the last)"""
     torch_deterministic: bool = True
     """torch.backends.cudnn.deterministic (CleanRL); CPU runs are deterministic either way"""
     track: bool = False
@@ -377,9 +382,10 @@ def sample_batch(data: dict[str, torch.Tensor], generators, batch_size: int):
 # Evaluation: all agents' episodes in lockstep, one batched actor call per env step
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_agents(actor: Actor, env_id: str, num_agents: int, episodes: int, seed: int, device) -> np.ndarray:
-    """Undiscounted returns [N, episodes] of the deterministic policies tanh(mean)."""
-    envs = [[gym.make(env_id) for _ in range(episodes)] for _ in range(num_agents)]
+def evaluate_agents(actor: Actor, env_id: str, num_agents: int, episodes: int, seed: int, device,
+                    video_dir: Path | None = None) -> np.ndarray:
+    """Undiscounted returns [N, episodes] of the deterministic policies tanh(mean); with video_dir, recorded there."""
+    envs = [[make_eval_env(env_id, video_dir, f"agent{k}-eval{e}") for e in range(episodes)] for k in range(num_agents)]
     obs = np.stack([[env.reset(seed=seed + e)[0] for e, env in enumerate(row)] for row in envs])
     returns = np.zeros((num_agents, episodes))
     running = np.ones((num_agents, episodes), dtype=bool)
@@ -410,6 +416,7 @@ def main(args: Args) -> None:
     start_step = saved[0]["step"] if saved else 0
     if saved and check_cql_resumable(alg, saved, save_dir):
         return
+    check_video(run)
     data = load_offline_data(run.env, run.gym_env)
     obs_dim, act_dim, n = data.observations.shape[1], data.actions.shape[1], alg.num_agents
     alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
@@ -436,7 +443,9 @@ def main(args: Args) -> None:
                           losses)
 
     def evaluate_and_log(step: int):
-        returns = evaluate_agents(nets["actor"], data.gym_env_id, n, run.eval_episodes, run.seed + 10_000, device)
+        videos = video_folder(run, run_dir, -(-step // run.eval_every), step, step == alg.total_steps)
+        returns = evaluate_agents(nets["actor"], data.gym_env_id, n, run.eval_episodes, run.seed + 10_000, device,
+                                  videos)
         per_agent = normalized_score(returns, data.ref_min_score, data.ref_max_score).mean(1)
         for k in range(n):
             logs["eval"].write([step, k, f"{returns[k].mean():.3f}", f"{per_agent[k]:.3f}"])
@@ -477,10 +486,10 @@ def main(args: Args) -> None:
 # =============================================================================================================
 METRICS = ["critic_loss", "actor_loss", "q_data", "cql_gap", "alpha"]
 FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
-    "algorithm": dict(num_agents=">= 1", total_steps=">= 0", batch_size=">= 1", hidden_sizes=">= 1",
+    "algorithm": dict(num_agents=">= 1", total_steps=">= 1", batch_size=">= 1", hidden_sizes=">= 1",
                       gamma="in [0, 1)", tau="in (0, 1]", critic_lr="> 0", policy_lr="> 0", min_q_weight=">= 0",
                       num_random=">= 1", cql_temperature="> 0", bc_steps=">= 0"),
-    "run": dict(eval_every=">= 1", eval_episodes=">= 1", save_every=">= 1", log_every=">= 1"),
+    "run": dict(seed=">= 0", video_every=">= 0", eval_every=">= 1", eval_episodes=">= 1", save_every=">= 1", log_every=">= 1"),
 }
 
 
@@ -916,6 +925,46 @@ def start_wandb(run, meta: dict):
     wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
                name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
     return wandb
+
+
+def check_video(run, env_id: str = "InvertedPendulum-v5") -> None:
+    """--capture-video: MuJoCo must render offscreen here (MUJOCO_GL, egl unless set: called before MuJoCo is first
+    imported) and moviepy, which gymnasium's recorder writes with, must be installed; else one sentence on what to
+    install. Any MuJoCo env tells whether the OpenGL backend works."""
+    if not run.capture_video:
+        return
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs moviepy, which gymnasium's video recorder writes with: pip install moviepy")
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as error:  # noqa: BLE001 -- every OpenGL failure gets the same advice
+        fail(f"--capture-video: MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
+             f"({type(error).__name__}); install EGL (apt-get install libegl1) and set MUJOCO_GL=egl, or OSMesa "
+             f"(apt-get install libosmesa6) and set MUJOCO_GL=osmesa")
+
+
+def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> Path | None:
+    """Where --capture-video records evaluation number `evaluation` (0 = the first), at `step`: the last one, and
+    every --video-every-th; None when it is not recorded."""
+    if run.capture_video and (last or (run.video_every and evaluation % run.video_every == 0)):
+        return run_dir / "videos" / f"step_{step}"
+    return None
+
+
+def make_eval_env(env_id: str, video_dir: Path | None, name: str) -> gym.Env:
+    """An evaluation env; with video_dir, gymnasium's RecordVideo writes its episode to video_dir/<name>-episode-0.mp4."""
+    if video_dir is None:
+        return gym.make(env_id)
+    with warnings.catch_warnings():  # the envs of one evaluation share their folder on purpose
+        warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
+        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), str(video_dir), name_prefix=name,
+                                        episode_trigger=lambda episode: True, disable_logger=True)
 
 
 def agent_slices(k: int) -> dict[str, slice]:

@@ -39,9 +39,10 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -97,8 +98,9 @@ class Run:
     """offline dataset replayed beside the online data: a D4RL name, a Minari id or a D4RL-layout .hdf5 file (paper: D4RL v2)"""
     gym_env: str | None = None
     """gymnasium env to fine-tune and evaluate on (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
-    checkpoints: tuple[str, ...] = ()
-    """cql_pretrain.py agents: folders (their saved set) or agent_k.pt files; default checkpoints/<env>__seed1 (cql_pretrain.py's default --save-dir), e.g. checkpoints/hopper-medium-v2__seed1"""
+    checkpoints: Annotated[tuple[str, ...], tyro.conf.arg(
+        help_behavior_hint="(default: checkpoints/<env>__seed1, cql_pretrain.py's default --save-dir)")] = ()
+    """cql_pretrain.py agents: folders (their saved set) or agent_k.pt files, e.g. checkpoints/hopper-medium-v2__seed1"""
     seed: int = 1
     """seed of the density-ratio net, the batches, the action noise and the envs"""
     eval_episodes: int = 5
@@ -119,6 +121,10 @@ class Run:
     """auto = cuda when available; the envs always step on the CPU"""
     cuda_graph: bool = True
     """on cuda, record each epoch's update step once as a CUDA graph and replay it (the same kernels, less overhead)"""
+    capture_video: bool = False
+    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL); MuJoCo renders offscreen through MUJOCO_GL (egl unless set)"""
+    video_every: int = 0
+    """with --capture-video, also record every this many evaluations (0: only the last)"""
     torch_deterministic: bool = True
     """torch.backends.cudnn.deterministic (CleanRL); CPU runs are deterministic either way"""
     track: bool = False
@@ -513,10 +519,12 @@ def collect(env, obs: np.ndarray, actor: Actor, steps: int, generator, device) -
 
 
 @torch.no_grad()
-def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, device) -> np.ndarray:
-    """Undiscounted returns [episodes] of the deterministic ensemble policy tanh(mean of pi^E), in lockstep."""
+def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, device,
+                      video_dir: Path | None = None) -> np.ndarray:
+    """Undiscounted returns [episodes] of the deterministic ensemble policy tanh(mean of pi^E), in lockstep; with
+    video_dir, recorded there."""
     num_members = actor.net[0].weight.shape[0]
-    envs = [gym.make(env_id) for _ in range(episodes)]
+    envs = [make_eval_env(env_id, video_dir, f"eval{e}") for e in range(episodes)]
     obs = np.stack([env.reset(seed=seed + e)[0] for e, env in enumerate(envs)])
     returns = np.zeros(episodes)
     running = np.ones(episodes, dtype=bool)
@@ -562,6 +570,7 @@ def main(args: Args) -> None:
                                                f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
                                                FINETUNED_FORMAT, RUN_STATE_FORMAT)
     agents, sources = starting_agents(run, alg.num_agents, saved, slug)
+    check_video(run)
     data = load_offline_data(run.env, run.gym_env)
     n, obs_dim, act_dim = len(agents), data.observations.shape[1], data.actions.shape[1]
     alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
@@ -582,7 +591,9 @@ def main(args: Args) -> None:
     loss_args = loss_hyperparameters(alg)
 
     def evaluate_and_log(train_log: str = "") -> None:
-        returns = evaluate_ensemble(nets["actor"], data.gym_env_id, run.eval_episodes, run.seed + 10_000, device)
+        videos = video_folder(run, run_dir, env_steps // alg.steps_per_epoch, env_steps, env_steps == alg.total_steps)
+        returns = evaluate_ensemble(nets["actor"], data.gym_env_id, run.eval_episodes, run.seed + 10_000, device,
+                                    videos)
         score = float(normalized_score(returns.mean(), data.ref_min_score, data.ref_max_score))
         logs["eval"].write([env_steps, f"{returns.mean():.3f}", f"{score:.3f}"])
         print(f"env steps {env_steps:,}: return {returns.mean():.1f} normalized {score:.1f}{train_log}", flush=True)
@@ -649,7 +660,7 @@ FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
                       first_epoch_multiplier=">= 1", batch_size=">= 1", gamma="in [0, 1)", tau="in (0, 1]",
                       policy_lr="> 0", critic_lr="> 0", online_buffer_size=">= 1", init_online_fraction="in (0, 1)",
                       priority_temperature="> 0", density_ratio_lr="> 0", density_ratio_hidden_sizes=">= 1"),
-    "run": dict(eval_episodes=">= 1", save_every=">= 1"),
+    "run": dict(seed=">= 0", video_every=">= 0", eval_episodes=">= 1", save_every=">= 1"),
 }
 RESUME_MUST_MATCH = ("balanced_replay", "steps_per_epoch", "first_epoch_multiplier", "online_buffer_size")
 
@@ -1153,6 +1164,46 @@ def start_wandb(run, meta: dict):
     wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
                name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
     return wandb
+
+
+def check_video(run, env_id: str = "InvertedPendulum-v5") -> None:
+    """--capture-video: MuJoCo must render offscreen here (MUJOCO_GL, egl unless set: called before MuJoCo is first
+    imported) and moviepy, which gymnasium's recorder writes with, must be installed; else one sentence on what to
+    install. Any MuJoCo env tells whether the OpenGL backend works."""
+    if not run.capture_video:
+        return
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        fail("--capture-video needs moviepy, which gymnasium's video recorder writes with: pip install moviepy")
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as error:  # noqa: BLE001 -- every OpenGL failure gets the same advice
+        fail(f"--capture-video: MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
+             f"({type(error).__name__}); install EGL (apt-get install libegl1) and set MUJOCO_GL=egl, or OSMesa "
+             f"(apt-get install libosmesa6) and set MUJOCO_GL=osmesa")
+
+
+def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> Path | None:
+    """Where --capture-video records evaluation number `evaluation` (0 = the first), at `step`: the last one, and
+    every --video-every-th; None when it is not recorded."""
+    if run.capture_video and (last or (run.video_every and evaluation % run.video_every == 0)):
+        return run_dir / "videos" / f"step_{step}"
+    return None
+
+
+def make_eval_env(env_id: str, video_dir: Path | None, name: str) -> gym.Env:
+    """An evaluation env; with video_dir, gymnasium's RecordVideo writes its episode to video_dir/<name>-episode-0.mp4."""
+    if video_dir is None:
+        return gym.make(env_id)
+    with warnings.catch_warnings():  # the envs of one evaluation share their folder on purpose
+        warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
+        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), str(video_dir), name_prefix=name,
+                                        episode_trigger=lambda episode: True, disable_logger=True)
 
 
 def agent_slices(k: int) -> dict[str, slice]:

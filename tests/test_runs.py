@@ -329,3 +329,105 @@ def test_a_local_minari_id_that_is_not_on_disk_fails_at_once(run_script, script_
     assert_refused(result, f"Minari dataset local/hopper/medium-replay-v0 is not in {script_env['MINARI_DATASETS_PATH']}")
     assert "python make_dataset.py --env Hopper-v5 --kind medium-replay" in result.stderr
     assert time.perf_counter() - started < 20  # no download retries (they took ~27 s)
+
+
+# --------------------------------------------------------------------------- the run folder, progress, wandb, video
+@pytest.fixture(scope="module")
+def tracked(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path_factory):
+    """A fine-tuning run with --track in wandb's offline mode, stopped after 10 env steps and resumed to 20."""
+    root = tmp_path_factory.mktemp("tracked")
+    args = ["--env", tiny_hopper_hdf5, *UPQ_TINY, "--checkpoints", tiny_cql_checkpoints, "--track", "--save-dir",
+            root / "save", "--exp-name", "mine"]
+    first = run_script("upq_finetune.py", *args, "--total-steps", "10", "--run-dir", root / "run",
+                       env={"WANDB_MODE": "offline"})
+    second = run_script("upq_finetune.py", *args, "--total-steps", "20", "--resume", env={"WANDB_MODE": "offline"})
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    return root, first.stdout + second.stdout
+
+
+def test_the_run_folder_holds_config_console_log_and_training_metrics(tracked):
+    root, stdout = tracked
+    run_dir = root / "run"  # the resumed run found its folder in the checkpoint set
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["args"]["beta"] == 0.1 and config["args"]["total_steps"] == 10 and config["gym_env_id"] == "Hopper-v5"
+    assert config["dataset_id"].endswith("hopper_tiny-v2.hdf5") and config["version"] == upq.PROJECT_VERSION
+    assert config["commit"] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                              text=True).stdout.strip()
+    assert config["resumed"][0]["at_step"] == 10 and config["resumed"][0]["args"]["total_steps"] == 20
+    log = (run_dir / "train.log").read_text()
+    for line in stdout.splitlines():
+        if line.startswith(("env steps", "dataset")):
+            assert line in log
+    metrics = read_rows(run_dir / "metrics.csv")
+    assert [row["step"] for row in metrics] == ["10", "20"] and [row["grad_steps"] for row in metrics] == ["20", "30"]
+    assert set(metrics[0]) == {"step", "grad_steps", *upq.METRICS, "updates_per_s", "env_steps_per_s"}
+    assert all(float(row["uncertainty"]) > 0 and 0 <= float(row["online_fraction"]) <= 1 for row in metrics)
+
+
+def test_log_lines_say_where_the_run_is_its_speed_and_eta(tracked, run_script, tiny_hopper_hdf5, tmp_path):
+    _, stdout = tracked
+    epoch_lines = [line for line in stdout.splitlines() if line.startswith("env steps 20:")]
+    assert re.search(r"30/30 updates \(100%\), \d+s elapsed, [\d.]+ updates/s, ETA 0s", epoch_lines[0])
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "8",
+                        "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and re.match(r"step 4/8 steps \(50%\), \d+s elapsed, [\d.]+ steps/s, ETA \d+s \|", lines[0])
+
+
+def test_progress_and_duration_by_hand(monkeypatch):
+    monkeypatch.setattr(upq.time, "perf_counter", lambda: 1000.0 + 3725.0)
+    # 2,000 of 10,000 done since this session started at 500 done, 3,725 s ago: 1500 / 3725 = 0.4 steps/s
+    line = upq.progress(2000, 10_000, 500, 1000.0, "steps")
+    assert line == "2,000/10,000 steps (20%), 1h02m elapsed, 0.4 steps/s, ETA 5h31m"  # 8000 / (1500 / 3725) s
+    assert (upq.duration(59), upq.duration(61), upq.duration(7199)) == ("59s", "1m01s", "1h59m")
+
+
+def test_track_with_resume_continues_the_same_wandb_run(tracked):
+    root, _ = tracked
+    run_id = json.loads((root / "save" / "manifest.json").read_text())["run_id"]
+    runs = sorted(p.name for p in (root / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
+
+
+def renders_offscreen() -> bool:
+    probe = "import gymnasium as gym; e = gym.make('InvertedPendulum-v5', render_mode='rgb_array'); e.reset(); e.render()"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, env={"MUJOCO_GL": "egl", "PATH": ""})
+    return result.returncode == 0
+
+
+@pytest.mark.skipif(not renders_offscreen(), reason="MuJoCo cannot render offscreen here (no EGL): see the README")
+def test_capture_video_records_the_last_evaluation(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path):
+    result = run_script("off2on_finetune.py", "--env", tiny_hopper_hdf5, *UPQ_TINY[:-2], "--eval-episodes", "2",
+                        "--checkpoints", tiny_cql_checkpoints, "--total-steps", "20", "--capture-video",
+                        "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    videos = sorted(p.relative_to(tmp_path / "run" / "videos").as_posix()
+                    for p in (tmp_path / "run" / "videos").rglob("*.mp4"))
+    assert videos == ["step_20/eval0-episode-0.mp4", "step_20/eval1-episode-0.mp4"]
+    assert all((tmp_path / "run" / "videos" / v).stat().st_size > 1000 for v in videos)
+    assert "Overwriting" not in result.stderr
+
+
+def test_capture_video_without_a_working_opengl_backend_is_one_sentence(run_script, tiny_hopper_hdf5,
+                                                                        tiny_cql_checkpoints, tmp_path):
+    result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, "--checkpoints", tiny_cql_checkpoints,
+                        "--capture-video", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run",
+                        env={"MUJOCO_GL": "osmesa"})
+    if result.returncode == 0 or "cannot render offscreen" not in result.stderr:
+        pytest.skip("OSMesa renders here, so this machine cannot show the refusal")
+    assert_refused(result, "--capture-video: MuJoCo cannot render offscreen with MUJOCO_GL=osmesa")
+    assert "apt-get install libegl1" in result.stderr and not (tmp_path / "run" / "eval.csv").exists()
+
+
+@pytest.mark.parametrize("module", [cql, off2on, upq], ids=["cql", "off2on", "upq"])
+def test_help_groups_the_flags_and_documents_every_one(module, capsys):
+    with pytest.raises(SystemExit):
+        tyro.cli(tyro.conf.OmitArgPrefixes[module.Args], args=["--help"])
+    text = capsys.readouterr().out
+    assert text.index("algorithm options") < text.index("run options")
+    for group in (module.Algorithm, module.Run):
+        for flag in group.__dataclass_fields__:
+            assert f"--{flag.replace('_', '-')}" in text
+    assert "--wandb-project-name" in text and "--torch-deterministic" in text and "--exp-name" in text
+    if module is not cql:
+        assert "(default: checkpoints/<env>__seed1" in " ".join(text.replace("│", " ").split())
