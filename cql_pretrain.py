@@ -191,10 +191,11 @@ def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor, noise: torch
 
 
 def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_tanh: torch.Tensor) -> torch.Tensor:
-    """log N(u; mean, std) - sum log(1 - tanh(u)^2), summed over action dims; stable softplus form."""
+    """log N(u; mean, std) - log(1 - tanh(u)^2 + 1e-6), summed over action dims: the official CQL code's form (rlkit's
+    TanhNormal), whose 1e-6 bounds the correction where tanh(u) rounds to +-1 (the fine-tuning scripts use
+    Off2OnRL's exact softplus form; they differ once actions saturate)."""
     gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    tanh_correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
-    return (gaussian - tanh_correction).sum(-1)
+    return (gaussian - torch.log(1.0 - torch.tanh(pre_tanh) ** 2 + 1e-6)).sum(-1)
 
 
 def action_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -222,32 +223,51 @@ class VectorizedLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-def vectorized_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, ensemble_size: int) -> nn.Sequential:
+def vectorized_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, ensemble_size: int,
+                   last_layer_bound: float, hidden_bias: float) -> nn.Sequential:
+    """An MLP with ReLUs, initialised as rlkit's Mlp (the official CQL and Off2OnRL codes): hidden weights by rlkit's
+    fanin_init, uniform within 1/sqrt(size[0]) of a torch Linear weight [out, in], i.e. 1/sqrt(the layer's output
+    width); hidden biases `hidden_bias`; the last layer's weights and biases uniform within +-last_layer_bound."""
     layers, width = [], in_dim
     for hidden in hidden_sizes:
         layers += [VectorizedLinear(width, hidden, ensemble_size), nn.ReLU()]
         width = hidden
-    return nn.Sequential(*layers, VectorizedLinear(width, out_dim, ensemble_size))
+    mlp = nn.Sequential(*layers, VectorizedLinear(width, out_dim, ensemble_size))
+    with torch.no_grad():
+        for layer in mlp[:-1:2]:
+            bound = 1.0 / math.sqrt(layer.weight.shape[-1])  # weight [E, in, out]: rlkit's size[0] of [out, in]
+            layer.weight.uniform_(-bound, bound)
+            layer.bias.fill_(hidden_bias)
+        mlp[-1].weight.uniform_(-last_layer_bound, last_layer_bound)
+        mlp[-1].bias.uniform_(-last_layer_bound, last_layer_bound)
+    return mlp
 
 
 class Actor(nn.Module):
-    """ensemble_size tanh-Gaussian policies (N, one per agent): obs [N, B, obs] -> mean, log_std [N, B, A] (pre-tanh)."""
+    """ensemble_size tanh-Gaussian policies (N, one per agent): obs [N, B, obs] -> mean, log_std [N, B, A] (pre-tanh).
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int):
+    Initialised as the official CQL code's TanhGaussianPolicy (hidden biases 0.1, mean and log-std heads within
+    +-1e-3); log_std clamped to log_std_range."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int,
+                 log_std_range: tuple[float, float] = (-5.0, 2.0)):
         super().__init__()
-        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * act_dim, ensemble_size)
+        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * act_dim, ensemble_size, 1e-3, 0.1)
+        self.log_std_range = log_std_range
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(-5.0, 2.0)  # official CQL/SPEC: log-std in [-5, 2]
+        return mean, log_std.clamp(*self.log_std_range)
 
 
 class Critic(nn.Module):
-    """ensemble_size Q-functions (2N: member 2k + j = critic j of agent k): [2N, B, obs], [2N, B, A] -> [2N, B]."""
+    """ensemble_size Q-functions (2N: member 2k + j = critic j of agent k): [2N, B, obs], [2N, B, A] -> [2N, B].
+
+    Initialised as the official CQL code's FlattenMlp (hidden biases 0.1, last layer within +-3e-3)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int):
         super().__init__()
-        self.net = vectorized_mlp(obs_dim + act_dim, hidden_sizes, 1, ensemble_size)
+        self.net = vectorized_mlp(obs_dim + act_dim, hidden_sizes, 1, ensemble_size, 3e-3, 0.1)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
@@ -296,10 +316,10 @@ def cql_critic_loss(critic, target_critic, log_alpha_prime, obs, actions, reward
     if log_alpha_prime is None:
         conservative = min_q_weight * gap
         alpha_prime_loss = torch.zeros((), device=obs.device)
-    else:  # dual gradient: alpha' grows while the gap exceeds the threshold
+    else:  # dual gradient (official CQL): alpha' (w gap - threshold); alpha' grows while w gap exceeds the threshold
         alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)[:, None]  # [N, 1]
-        conservative = alpha_prime.detach() * min_q_weight * (gap - lagrange_threshold)
-        alpha_prime_loss = -(alpha_prime * min_q_weight * (gap.detach() - lagrange_threshold)).mean(1).sum()
+        conservative = alpha_prime.detach() * (min_q_weight * gap - lagrange_threshold)
+        alpha_prime_loss = -(alpha_prime * (min_q_weight * gap.detach() - lagrange_threshold)).mean(1).sum()
     return (td_loss + conservative).sum(1), alpha_prime_loss, q_data, gap
 
 

@@ -10,6 +10,7 @@ upq_finetune.py is this file plus the uncertainty penalty (Eqs. 4-5 with beta > 
 Where each equation of the UPQ paper lives in this file:
     Eq. (2)  Q^E = (1/N) sum_i min(Q1_i, Q2_i)                            ensemble_q_mean, twin_min
     Eq. (3)  pi^E: one Gaussian with the mixture's mean and variance       ensemble_policy
+    Eq. (4)  U(s', a'), the members' spread: measured, not used           uncertainty_std
     Eq. (5)  y_i = r + gamma (1 - d) [Q_i' - alpha log pi^E], beta = 0     soft_target
     Eq. (6)  sum over the 2N critics of (Q_k,i - y_i)^2                   critic_td_loss
     Eq. (7)  mean [alpha log pi^E(a~|s) - Q^E(s, a~)]                     ensemble_actor_loss
@@ -147,6 +148,7 @@ CQL_FORMAT = "upq-cql-agent-v2"  # what cql_pretrain.py writes
 FINETUNED_FORMAT = "upq-finetuned-agent-v2"  # what this script writes: the same per-agent layout
 RUN_STATE_FORMAT = "upq-finetune-run-v2"  # replay, priorities, density-ratio net, RNG: what --resume needs
 SUM_TREE_FANOUT = 64  # children per sum-tree node: 4 levels for ~1M transitions instead of 20
+LOG_STD_RANGE = (-20.0, 2.0)  # each member's log-std clamp while fine-tuning (Off2OnRL official; CQL: [-5, 2])
 CUDA_GRAPH_WARMUP = 3  # eager updates at the start of every epoch before the step is recorded as a CUDA graph
 
 
@@ -173,6 +175,11 @@ def ensemble_policy(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Te
     ensemble_mean = mean.mean(0)
     variance = (2.0 * log_std).exp().mean(0) + (mean - ensemble_mean).pow(2).mean(0)
     return ensemble_mean, (0.5 * variance.log()).clamp(-20.0, 2.0)
+
+
+def uncertainty_std(next_q_members: torch.Tensor) -> torch.Tensor:  # Eq. (4)
+    """U(s', a') = sqrt((1/N) sum_i (Q_i - Q^E)^2), the population std over the members: [N, B] -> [B]."""
+    return next_q_members.std(0, correction=0)
 
 
 def soft_target(rewards, terminals, next_q_members, next_log_prob, alpha,
@@ -246,32 +253,51 @@ class VectorizedLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-def vectorized_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, ensemble_size: int) -> nn.Sequential:
+def vectorized_mlp(in_dim: int, hidden_sizes: tuple[int, ...], out_dim: int, ensemble_size: int,
+                   last_layer_bound: float, hidden_bias: float) -> nn.Sequential:
+    """An MLP with ReLUs, initialised as rlkit's Mlp (the official CQL and Off2OnRL codes): hidden weights by rlkit's
+    fanin_init, uniform within 1/sqrt(size[0]) of a torch Linear weight [out, in], i.e. 1/sqrt(the layer's output
+    width); hidden biases `hidden_bias`; the last layer's weights and biases uniform within +-last_layer_bound."""
     layers, width = [], in_dim
     for hidden in hidden_sizes:
         layers += [VectorizedLinear(width, hidden, ensemble_size), nn.ReLU()]
         width = hidden
-    return nn.Sequential(*layers, VectorizedLinear(width, out_dim, ensemble_size))
+    mlp = nn.Sequential(*layers, VectorizedLinear(width, out_dim, ensemble_size))
+    with torch.no_grad():
+        for layer in mlp[:-1:2]:
+            bound = 1.0 / math.sqrt(layer.weight.shape[-1])  # weight [E, in, out]: rlkit's size[0] of [out, in]
+            layer.weight.uniform_(-bound, bound)
+            layer.bias.fill_(hidden_bias)
+        mlp[-1].weight.uniform_(-last_layer_bound, last_layer_bound)
+        mlp[-1].bias.uniform_(-last_layer_bound, last_layer_bound)
+    return mlp
 
 
 class Actor(nn.Module):
-    """ensemble_size tanh-Gaussian policies (N, one per agent): obs [N, B, obs] -> mean, log_std [N, B, A] (pre-tanh)."""
+    """ensemble_size tanh-Gaussian policies (N, one per agent): obs [N, B, obs] -> mean, log_std [N, B, A] (pre-tanh).
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int):
+    Initialised as the official CQL code's TanhGaussianPolicy (hidden biases 0.1, mean and log-std heads within
+    +-1e-3); log_std clamped to log_std_range."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int,
+                 log_std_range: tuple[float, float] = (-5.0, 2.0)):
         super().__init__()
-        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * act_dim, ensemble_size)
+        self.net = vectorized_mlp(obs_dim, hidden_sizes, 2 * act_dim, ensemble_size, 1e-3, 0.1)
+        self.log_std_range = log_std_range
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(-5.0, 2.0)  # official CQL/SPEC: log-std in [-5, 2]
+        return mean, log_std.clamp(*self.log_std_range)
 
 
 class Critic(nn.Module):
-    """ensemble_size Q-functions (2N: member 2k + j = critic j of agent k): [2N, B, obs], [2N, B, A] -> [2N, B]."""
+    """ensemble_size Q-functions (2N: member 2k + j = critic j of agent k): [2N, B, obs], [2N, B, A] -> [2N, B].
+
+    Initialised as the official CQL code's FlattenMlp (hidden biases 0.1, last layer within +-3e-3)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: tuple[int, ...], ensemble_size: int):
         super().__init__()
-        self.net = vectorized_mlp(obs_dim + act_dim, hidden_sizes, 1, ensemble_size)
+        self.net = vectorized_mlp(obs_dim + act_dim, hidden_sizes, 1, ensemble_size, 3e-3, 0.1)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
@@ -282,7 +308,7 @@ class DensityRatio(nn.Module):
 
     def __init__(self, in_dim: int, hidden_sizes: tuple[int, ...]):
         super().__init__()
-        self.net = vectorized_mlp(in_dim, hidden_sizes, 1, 1)
+        self.net = vectorized_mlp(in_dim, hidden_sizes, 1, 1, 3e-3, 0.0)  # Off2OnRL's rlkit Mlp: hidden biases 0
         nn.init.constant_(self.net[-1].bias, 1.0)  # Off2OnRL official: w starts near 1
 
     def forward(self, state_action: torch.Tensor) -> torch.Tensor:
@@ -442,8 +468,10 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
     # Eqs. (5)-(6): every member regresses to its own target at the shared a' ~ pi^E(.|s')
     with torch.no_grad():
         next_q_members = twin_min(target_critic(every_critic(next_obs), every_critic(next_actions)))  # [N, B]
+        uncertainty = uncertainty_std(next_q_members)  # [B]: measured only, Off2OnRL does not use it
         targets = soft_target(rewards, terminals, next_q_members, next_log_prob, alpha, gamma)  # [N, B]
     q_data = critic(every_critic(obs), every_critic(actions))  # [2N, B]
+    q_members = twin_min(q_data.detach())  # [N, B]
     critic_loss = critic_td_loss(q_data, targets)
 
     # Eq. (7) with Eq. (2), the critics frozen; and the temperature
@@ -451,8 +479,11 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
     q_new = twin_min(torch.func.functional_call(critic, frozen, (every_critic(obs), every_critic(new_actions))))
     actor_loss = ensemble_actor_loss(alpha, new_log_prob, ensemble_q_mean(q_new))
     alpha_loss = temperature_loss(log_alpha, new_log_prob.detach(), target_entropy)
-    metrics = dict(critic_loss=critic_loss.detach(), actor_loss=actor_loss.detach(), q_mean=q_data.detach().mean(),
-                   alpha=alpha[0])
+    metrics = dict(critic_loss=critic_loss.detach(), actor_loss=actor_loss.detach(),
+                   q_ensemble=ensemble_q_mean(q_members).mean(),  # Q^E(s, a) on the batch
+                   q_spread=q_members.std(0, correction=0).mean(),  # the members' disagreement at (s, a)
+                   target_mean=targets.mean(), uncertainty=uncertainty.mean(), uncertainty_max=uncertainty.max(),
+                   alpha=alpha[0], entropy=-new_log_prob.detach().mean())  # pi^E's entropy, estimated
     return critic_loss + actor_loss + alpha_loss, metrics
 
 
@@ -460,10 +491,11 @@ def density_ratio_step(density_ratio, state_actions: torch.Tensor, temperature: 
     """Balanced replay on one draw: state_actions [3B, obs+act] = the RL batch, uniform offline, uniform online rows.
 
     Returns (the JS loss of w on the offline and online rows, the RL batch's new priorities [B] from w before
-    its update)."""
+    its update, the mean of w on the offline and on the online rows)."""
     w_batch, w_offline, w_online = density_ratio(state_actions).split(len(state_actions) // 3)  # [B] each
     priorities = balanced_replay_priorities(w_batch.detach(), w_offline.detach(), temperature)
-    return density_ratio_loss(w_offline, w_online), priorities
+    means = dict(w_offline=w_offline.detach().mean(), w_online=w_online.detach().mean())
+    return density_ratio_loss(w_offline, w_online), priorities, means
 
 
 def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, generator: torch.Generator,
@@ -479,10 +511,13 @@ def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, genera
     drawn = replay.transitions[index]
     loss, metrics = finetune_losses(actor, nets["critic"], nets["target_critic"], nets["log_alpha"],
                                     *unpack_transitions(drawn[:batch_size], obs_dim, act_dim), noise, **loss_args)
-    metrics["ratio_loss"] = torch.zeros((), device=loss.device)
+    zero = torch.zeros((), device=loss.device)
+    metrics.update(ratio_loss=zero, w_offline=zero, w_online=zero)
     if density_ratio is not None:
-        ratio_loss, priorities = density_ratio_step(density_ratio, drawn[:, : obs_dim + act_dim], priority_temperature)
-        loss, metrics["ratio_loss"] = loss + ratio_loss, ratio_loss.detach()
+        ratio_loss, priorities, w_means = density_ratio_step(density_ratio, drawn[:, : obs_dim + act_dim],
+                                                             priority_temperature)
+        loss = loss + ratio_loss
+        metrics.update(ratio_loss=ratio_loss.detach(), **w_means)
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -500,13 +535,12 @@ def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, genera
 # Acting and evaluation: the envs step on the CPU, pi^E runs on the device
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def collect(env, obs: np.ndarray, actor: Actor, steps: int, generator, device) -> tuple[np.ndarray, np.ndarray]:
-    """`steps` env steps with a ~ pi^E(.|s) (Eq. 3); returns the packed transitions and the observation reached.
-
-    Episodes run across epochs; only termination stops bootstrapping, a time-limit truncation is reset.
-    """
+def collect(env, actor: Actor, steps: int, seed: int, generator, device) -> np.ndarray:
+    """`steps` env steps with a ~ pi^E(.|s) (Eq. 3) from a fresh episode (reset with `seed`), as Off2OnRL's collector
+    starts every epoch: returns the packed transitions. Only termination stops bootstrapping; an episode cut by the
+    time limit or by the end of the epoch bootstraps (Off2OnRL keeps the cut path, terminal 0)."""
     num_members = actor.net[0].weight.shape[0]
-    transitions = []
+    transitions, obs = [], env.reset(seed=seed)[0]
     for _ in range(steps):
         state = torch.as_tensor(obs, dtype=torch.float32, device=device)
         mean, log_std = ensemble_policy(*actor(state.expand(num_members, 1, -1)))  # [1, A]
@@ -515,7 +549,7 @@ def collect(env, obs: np.ndarray, actor: Actor, steps: int, generator, device) -
         next_obs, reward, terminated, truncated, _ = env.step(action)
         transitions.append(pack_transitions(obs[None], action[None], reward, next_obs[None], float(terminated)))
         obs = env.reset()[0] if terminated or truncated else next_obs
-    return np.concatenate(transitions), obs
+    return np.concatenate(transitions)
 
 
 @torch.no_grad()
@@ -616,11 +650,10 @@ def main(args: Args) -> None:
     cycle_start = started  # a cycle: evaluating and saving the last epoch, collecting and training this one
     total_updates = updates_due(alg.total_steps, alg)
     env = gym.make(data.gym_env_id)
-    obs = env.reset(seed=run.seed + env_steps)[0]  # a resumed run starts a fresh training episode
     while env_steps < alg.total_steps or grad_steps < updates_due(env_steps, alg):  # (a stopped run: its epoch's rest)
         # Collect an epoch with a ~ pi^E (Eq. 3) into the online buffer, at priority P_max
         if grad_steps == updates_due(env_steps, alg):  # the last epoch is trained
-            transitions, obs = collect(env, obs, nets["actor"], alg.steps_per_epoch, generator, device)
+            transitions = collect(env, nets["actor"], alg.steps_per_epoch, run.seed + env_steps, generator, device)
             replay.add(torch.as_tensor(transitions, device=device))
             env_steps += len(transitions)
         # Train: as many gradient steps as env steps (x --first-epoch-multiplier in epoch 0), Eqs. (2)-(7)
@@ -654,7 +687,8 @@ def main(args: Args) -> None:
 # =============================================================================================================
 # Machinery of this script: flags, the ensemble from checkpoints, saving and resuming the run
 # =============================================================================================================
-METRICS = ["critic_loss", "actor_loss", "q_mean", "alpha", "ratio_loss", "online_fraction"]
+METRICS = ["critic_loss", "actor_loss", "q_ensemble", "q_spread", "target_mean", "uncertainty", "uncertainty_max",
+           "alpha", "entropy", "ratio_loss", "w_offline", "w_online", "online_fraction"]
 FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
     "algorithm": dict(num_agents=">= 1", total_steps=">= 1", steps_per_epoch=">= 1",
                       first_epoch_multiplier=">= 1", batch_size=">= 1", gamma="in [0, 1)", tau="in (0, 1]",
@@ -687,7 +721,8 @@ def updates_due(env_steps: int, alg: Algorithm) -> int:
 
 
 def epoch_line(means: dict, speeds: dict, where: str) -> str:
-    return (f" | Q {means['q_mean']:.2f}"
+    return (f" | Q {means['q_ensemble']:.2f}"
+            f" | U {means['uncertainty']:.3f}"
             f" | alpha {means['alpha']:.4f} | online fraction {means['online_fraction']:.3f}"
             f" | {speeds['updates_per_s']:.1f} updates/s | {speeds['env_steps_per_s']:.1f} env steps/s | {where}")
 
@@ -802,7 +837,7 @@ def build_run(alg: Algorithm, run: Run, agents: list[dict], saved, data: Offline
     obs_dim, act_dim, hidden, n = (data.observations.shape[1], data.actions.shape[1], ensemble_hidden_sizes(agents),
                                    len(agents))
     torch.manual_seed(run.seed)
-    actor = Actor(obs_dim, act_dim, hidden, n)
+    actor = Actor(obs_dim, act_dim, hidden, n, LOG_STD_RANGE)
     critic = Critic(obs_dim, act_dim, hidden, 2 * n)
     target_critic = Critic(obs_dim, act_dim, hidden, 2 * n)
     stack_members(actor, agents, "actor")

@@ -10,7 +10,9 @@ Each --series is PANEL:LABEL=GLOB; every file the glob matches is one seed. A fi
 column (cql_pretrain.py) counts the mean over its agents and is drawn as a level (its final score), since
 its steps are gradient steps, not env steps. Curves show the mean over
 seeds and a band of one standard deviation; the table gives mean ± std over seeds of the last
-evaluation, in normalised score.
+evaluation, in normalised score. --ensemble-level draws the fine-tuning runs' step-0 score (the
+pre-trained ensemble) as a level. --diagnostics adds, below each panel, the uncertainty U, Q^E and
+beta U / |y| of every fine-tuning series against env steps, from the metrics.csv beside each eval.csv.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ class Args:
     """PNG with one panel per PANEL"""
     table: str = "results/table1.md"
     """Markdown table of final normalised scores (mean ± std over seeds)"""
+    ensemble_level: bool = False
+    """draw the mean step-0 score of each panel's fine-tuning runs (the pre-trained ensemble) as a dashed level"""
+    diagnostics: bool = False
+    """add rows for U, Q^E and beta U / |y| (metrics.csv of the fine-tuning runs) below the score curves"""
+
+
+DIAGNOSTICS = {"uncertainty": "U(s', a'), mean", "q_ensemble": "Q^E(s, a)", "penalty_fraction": "beta U / |y|"}
 
 
 def read_curve(path: str) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -49,6 +58,25 @@ def read_curve(path: str) -> tuple[np.ndarray, np.ndarray, bool]:
         pretraining = "agent" in (reader.fieldnames or [])
     steps = np.array(sorted(by_step))
     return steps, np.array([np.mean(by_step[s]) for s in steps]), pretraining
+
+
+def read_metrics(eval_csv: str) -> dict[str, np.ndarray] | None:
+    """The columns of the metrics.csv beside an eval.csv (fine-tuning: one row per epoch), or None."""
+    path = Path(eval_csv).with_name("metrics.csv")
+    if not path.exists():
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {key: np.array([float(row[key]) for row in rows]) for key in (rows[0] if rows else {})}
+
+
+def draw_band(axis, runs: list[tuple[np.ndarray, np.ndarray]], label: str) -> None:
+    """Mean over runs and a band of one standard deviation, on the steps all runs reached."""
+    length = min(len(steps) for steps, _ in runs)
+    values = np.stack([v[:length] for _, v in runs])
+    mean, std = values.mean(0), values.std(0)
+    axis.plot(runs[0][0][:length], mean, label=f"{label} (n={len(runs)})")
+    axis.fill_between(runs[0][0][:length], mean - std, mean + std, alpha=0.2)
 
 
 def parse_series(spec: str) -> tuple[str, str, list[str]]:
@@ -71,26 +99,34 @@ def main(args: Args) -> None:
         panel, label, files = parse_series(spec)
         panels[panel].append((label, [read_curve(path) for path in files]))
 
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    metrics = {(panel, label): [read_metrics(path) for path in parse_series(spec)[2]]
+               for spec in args.series for panel, label, _ in [parse_series(spec)]} if args.diagnostics else {}
+    kinds = ["score", *(DIAGNOSTICS if args.diagnostics else [])]
+    figure, axes = plt.subplots(len(kinds), len(panels), figsize=(5 * len(panels), 3.6 * len(kinds)), squeeze=False)
     rows = []
-    for axis, (panel, curves) in zip(axes[0], panels.items()):
+    for column, (panel, curves) in enumerate(panels.items()):
+        axis = axes[0, column]
+        starts = [scores[0] for _, seeds in curves if not seeds[0][2] for _, scores, _ in seeds]
+        if args.ensemble_level and starts:
+            axis.axhline(np.mean(starts), linestyle=":", color="black",
+                         label=f"pre-trained ensemble, step 0 ({np.mean(starts):.1f})")
         for label, seeds in curves:
             finals = np.array([scores[-1] for _, scores, _ in seeds])
             rows.append((panel, label, finals))
             if seeds[0][2] or len(seeds[0][0]) < 2:  # pre-training (gradient steps) or one point: a level
                 axis.axhline(finals.mean(), linestyle="--", color="gray", label=f"{label} ({finals.mean():.1f})")
                 continue
-            length = min(len(steps) for steps, _, _ in seeds)
-            steps = seeds[0][0][:length]
-            scores = np.stack([s[:length] for _, s, _ in seeds])
-            mean, std = scores.mean(0), scores.std(0)
-            axis.plot(steps, mean, label=f"{label} (n={len(seeds)})")
-            axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
-        axis.set_title(panel)
-        axis.set_xlabel("environment steps")
-        axis.set_ylabel("normalised score")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+            draw_band(axis, [(steps, scores) for steps, scores, _ in seeds], label)
+            for row, key in enumerate(kinds[1:], start=1):
+                runs = [(m["step"], m[key]) for m in metrics[panel, label] if m is not None and key in m]
+                if runs:
+                    draw_band(axes[row, column], runs, label)
+        for row, kind in enumerate(kinds):
+            axes[row, column].set_title(panel if row == 0 else f"{panel}: {DIAGNOSTICS[kind]}")
+            axes[row, column].set_xlabel("environment steps")
+            axes[row, column].set_ylabel("normalised score" if row == 0 else DIAGNOSTICS[kind])
+            axes[row, column].grid(alpha=0.3)
+            axes[row, column].legend(fontsize=8)
     figure.tight_layout()
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.figure, dpi=120)

@@ -35,7 +35,7 @@ def test_tanh_gaussian_log_prob_matches_change_of_variables():
     action, log_prob = cql.tanh_gaussian_sample(mean, log_std, noise)
     u = mean + log_std.exp() * noise
     gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum()
-    expected = gaussian - torch.log(1 - torch.tanh(u) ** 2).sum()
+    expected = gaussian - torch.log(1 - torch.tanh(u) ** 2 + 1e-6).sum()
     assert torch.allclose(action, torch.tanh(u))
     assert torch.allclose(log_prob, expected.reshape(1), atol=1e-10)
     # the dataset-action version inverts tanh to the same pre-activation
@@ -100,7 +100,7 @@ def reference_losses(actor, critic, target_critic, log_alpha, batch, noise, args
             mean, log_std = mlp_member(actor.net, k, states).chunk(2, -1)
             log_std = log_std.clamp(-5, 2)
             u = mean + log_std.exp() * eps
-            logp = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
+            logp = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2 + 1e-6)).sum(-1)
             return torch.tanh(u), logp
 
         def q(net, j, states, acts):
@@ -136,7 +136,7 @@ def reference_losses(actor, critic, target_critic, log_alpha, batch, noise, args
             mean, log_std = mlp_member(actor.net, k, obs[k]).chunk(2, -1)
             u = torch.atanh(actions[k].clamp(-1 + 1e-6, 1 - 1e-6))
             log_std = log_std.clamp(-5, 2)
-            bc = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
+            bc = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2 + 1e-6)).sum(-1)
             actor_loss = (alpha * logp_pi - bc).mean()
         else:
             actor_loss = (alpha * logp_pi - q_pi).mean()
@@ -465,3 +465,50 @@ def test_a_used_run_dir_is_refused_without_resume_or_overwrite(run_script, tiny_
                            tiny_hopper_hdf5, *TINY, "--save-dir", tmp_path / "fresh", "--total-steps", "5",
                            "--run-dir", root / "run_a")
     assert not (tmp_path / "fresh").exists()
+
+
+# --------------------------------------------------------------------------- the official code's last details
+def test_networks_are_initialised_as_the_official_cql_code():
+    """rlkit: hidden weights within 1/sqrt(size[0]) of a Linear weight [out, in] (the output width), hidden biases
+    0.1, the critics' last layer within 3e-3 and the policy's within 1e-3 (weights and biases)."""
+    torch.manual_seed(0)
+    actor, critic = cql.Actor(11, 3, (256, 256), 1), cql.Critic(11, 3, (256, 256), 2)
+    for net, last_bound in ((actor.net, 1e-3), (critic.net, 3e-3)):
+        first, second, last = net[0], net[2], net[4]
+        for layer in (first, second):
+            assert layer.weight.abs().max() <= 1 / 16 and layer.weight.abs().max() > 0.99 / 16
+            assert (layer.bias == 0.1).all()
+        assert first.weight.abs().max() < 1 / math.sqrt(14)  # not the true fan-in's bound (0.27 for the critic)
+        for tensor in (last.weight, last.bias):
+            assert tensor.abs().max() <= last_bound and tensor.abs().max() > 0.5 * last_bound
+
+
+def test_tanh_gaussian_log_prob_is_the_official_cql_codes_epsilon_form():
+    # u = mean = [10, 0], std = 1 in float32: tanh(10) rounds to 1, so the correction is -log(1e-6) = 13.8155
+    log_prob = cql.tanh_gaussian_log_prob(torch.tensor([[10.0, 0.0]]), torch.zeros(1, 2), torch.tensor([[10.0, 0.0]]))
+    assert log_prob.item() == pytest.approx(11.97763, abs=1e-4)  # Off2OnRL's exact form: 16.77583
+    small = cql.tanh_gaussian_log_prob(f64([[0.5]]), f64([[0.0]]), f64([[0.5]]))
+    assert small.item() == pytest.approx(-0.5 * math.log(2 * math.pi) - math.log(1 - math.tanh(0.5) ** 2 + 1e-6))
+
+
+def test_lagrange_term_is_the_official_cql_codes_form():
+    """alpha' (w gap - threshold) for each critic; alpha' loss -1/2 sum_j alpha' (w gap_j - threshold): with w = 5,
+    gaps 3 and 2, threshold 10, alpha' = 1: terms 5 and 0, loss -2.5, d/dlog alpha' = -2.5 (alpha' rises)."""
+    actor, critic, target_critic, log_alpha, batch, noise, args = small_problem(num_agents=1)
+    args.update(min_q_weight=5.0, lagrange_threshold=10.0)
+    log_alpha_prime = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    gaps = f64([[3.0, 2.0]])
+    original = cql.conservative_gap
+    try:
+        cql.conservative_gap = lambda logsumexp, q_data: gaps + 0 * logsumexp.mean(-1)
+        _, alpha_prime_loss, _, _ = cql.cql_critic_loss(
+            critic, target_critic, log_alpha_prime, *batch,
+            (*cql.tanh_gaussian_sample(torch.zeros(1, 9, 3, dtype=torch.float64), torch.zeros(1, 9, 3, dtype=torch.float64),
+                                       noise["s"]), *cql.tanh_gaussian_sample(
+                torch.zeros(1, 9, 3, dtype=torch.float64), torch.zeros(1, 9, 3, dtype=torch.float64), noise["next"]),
+             noise["uniform"]), 0.99, 5.0, 2, 1.0, 10.0)
+    finally:
+        cql.conservative_gap = original
+    assert alpha_prime_loss.item() == pytest.approx(-2.5)
+    (grad,) = torch.autograd.grad(alpha_prime_loss, [log_alpha_prime])
+    assert grad.item() == pytest.approx(-2.5)

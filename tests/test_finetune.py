@@ -156,7 +156,13 @@ def member_by_member_step(script, actor, critic, target_critic, log_alpha, rows,
     critic_loss = sum(((critics[m](obs[None], actions[None])[0] - y[m // 2]) ** 2).mean() for m in range(2 * n))
     q_new = sum(agent_min(critics, k, obs, new_actions) for k in range(n)) / n
     actor_loss = (alpha * new_log_prob - q_new).mean()
-    return critic_loss, actor_loss, actors, critics, new_log_prob.detach()
+    with torch.no_grad():
+        q_members = torch.stack([agent_min(critics, k, obs, actions) for k in range(n)])
+        diagnostics = dict(q_ensemble=q_members.mean(), q_spread=torch.tensor(np.std(q_members.numpy(), 0)).mean(),
+                           target_mean=torch.stack(y).mean(), uncertainty=spread.mean(), uncertainty_max=spread.max(),
+                           penalty_fraction=beta * spread.mean() / torch.stack(y).abs().mean(),
+                           entropy=-new_log_prob.mean())
+    return critic_loss, actor_loss, actors, critics, new_log_prob.detach(), diagnostics
 
 
 @pytest.mark.parametrize("script, beta, mean_target", [(off2on, 0.0, False), (upq, 0.3, False), (upq, 0.3, True)],
@@ -178,12 +184,16 @@ def test_one_backward_gives_every_member_the_gradient_of_its_own_loss(script, be
     loss, metrics = script.finetune_losses(actor, critic, target_critic, log_alpha,
                                            *script.unpack_transitions(rows[:batch_size], OBS, ACT), noise, gamma=0.99,
                                            target_entropy=-3.0, **upq_terms)
-    ratio_loss, priorities = script.density_ratio_step(density_ratio, rows[:, : OBS + ACT], 5.0)
+    ratio_loss, priorities, w_means = script.density_ratio_step(density_ratio, rows[:, : OBS + ACT], 5.0)
     (loss + ratio_loss).backward()
-    critic_loss, actor_loss, actors, critics, new_log_prob = member_by_member_step(
+    critic_loss, actor_loss, actors, critics, new_log_prob, diagnostics = member_by_member_step(
         script, actor, critic, target_critic, log_alpha, rows, noise, batch_size, beta, mean_target)
     assert metrics["critic_loss"].item() == pytest.approx(critic_loss.item(), rel=1e-10)
     assert metrics["actor_loss"].item() == pytest.approx(actor_loss.item(), rel=1e-10)
+    for name, value in diagnostics.items():  # what the run logs every epoch (metrics.csv), member by member
+        if name in metrics:
+            assert metrics[name].item() == pytest.approx(value.item(), rel=1e-9, abs=1e-12), name
+    assert ("penalty_fraction" in metrics) == (script is upq) and metrics["uncertainty_max"] > metrics["uncertainty"]
     # each network's gradient is that of its own loss alone: no actor gradient through the critic loss or targets,
     # no critic gradient through the actor loss
     for loss_alone, ensemble, members in ((actor_loss, actor, actors), (critic_loss, critic, critics)):
@@ -197,6 +207,7 @@ def test_one_backward_gives_every_member_the_gradient_of_its_own_loss(script, be
     w_batch, w_offline, w_online = density_ratio(rows[:, : OBS + ACT]).split(batch_size)
     assert torch.allclose(ratio_loss, script.density_ratio_loss(w_offline, w_online))
     assert torch.allclose(priorities, script.balanced_replay_priorities(w_batch, w_offline, 5.0))
+    assert (w_means["w_offline"], w_means["w_online"]) == (w_offline.mean(), w_online.mean())
 
 
 # --------------------------------------------------------------------------- balanced replay's sampler
@@ -310,7 +321,8 @@ def test_smoke_run_saves_agents_eval_csv_and_log(finetuned, tiny_cql_checkpoints
         assert float(row["normalized_score"]) == pytest.approx(expected, abs=1e-2)
     for field in ("| Q ", "| alpha ", "| online fraction ", "updates/s", "env steps/s"):
         assert field in stdout["off2on"]
-    assert "| U " in stdout["upq_beta0"] and "| U " not in stdout["off2on"]
+    assert "beta U / |y| 0.00e+00" in stdout["upq_beta0"] and "beta U" not in stdout["off2on"]
+    assert "| U " in stdout["off2on"]  # Off2OnRL's ensemble spread, measured though not used
 
     checkpoint = torch.load(root / "off2on" / "agent_1.pt", weights_only=True)
     meta = checkpoint["meta"]
@@ -447,3 +459,62 @@ def test_cuda_run_end_to_end_with_and_without_cuda_graphs(run_script, tiny_hoppe
     for net in ("actor", "critic", "target_critic"):
         for key in eager_agent[net]:
             assert torch.allclose(graph_agent[net][key], eager_agent[net][key], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the official code's last details
+def test_fine_tuning_clamps_each_members_log_std_to_off2onrls_range():
+    for script in (off2on, upq):
+        assert script.LOG_STD_RANGE == (-20.0, 2.0)
+        actor = script.Actor(2, 1, (4,), 1, script.LOG_STD_RANGE)
+        with torch.no_grad():
+            actor.net[-1].weight.zero_()
+            actor.net[-1].bias.copy_(torch.tensor([[[0.0, -10.0]]]))  # raw mean 0, raw log-std -10
+        assert actor(torch.zeros(1, 1, 2))[1].exp().item() == pytest.approx(4.539993e-5, rel=1e-5)  # e^-10
+    cql_like = off2on.Actor(2, 1, (4,), 1)  # cql_pretrain.py's range, [-5, 2]
+    cql_like.load_state_dict(actor.state_dict())
+    assert cql_like(torch.zeros(1, 1, 2))[1].exp().item() == pytest.approx(6.737947e-3, rel=1e-5)  # e^-5
+
+
+@BOTH
+def test_tanh_gaussian_log_prob_is_off2onrls_exact_form_where_actions_saturate(script):
+    # u = mean = 10, std = 1 (float32): log N = -0.9189385 and log(1 - tanh(10)^2) = -18.6137, exactly
+    log_prob = script.tanh_gaussian_log_prob(torch.tensor([[10.0, 0.0]]), torch.zeros(1, 2), torch.tensor([[10.0, 0.0]]))
+    assert log_prob.item() == pytest.approx(17.694767 - 0.9189385, abs=1e-4)  # cql_pretrain.py's form: 11.97763
+
+
+def test_density_ratio_network_is_initialised_as_off2onrls():
+    torch.manual_seed(0)
+    w = upq.DensityRatio(14, (256, 256))
+    first, second, last = w.net[0], w.net[2], w.net[4]
+    assert first.weight.abs().max() <= 1 / 16 and first.weight.abs().max() > 0.99 / 16  # rlkit: 1/sqrt(256 outputs)
+    assert (first.bias == 0).all() and (second.bias == 0).all()  # Off2OnRL's rlkit Mlp: hidden biases 0
+    assert last.weight.abs().max() <= 3e-3 and (last.bias == 1.0).all()
+    assert w(torch.randn(5, 14)).sub(1.0).abs().max() < 0.05  # w starts near 1
+
+
+class CountingEnv:
+    """An env that terminates every `length` steps and counts its resets: to see how collect cuts episodes."""
+
+    def __init__(self, length: int):
+        self.length, self.t, self.resets = length, 0, []
+
+    def reset(self, seed=None):
+        self.t = 0
+        self.resets.append(seed)
+        return np.zeros(11, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(11, self.t, np.float32), 1.0, self.t == self.length, False, {}
+
+
+@BOTH
+def test_every_epoch_collects_from_a_fresh_episode_as_off2onrl(script):
+    env, actor = CountingEnv(300), script.Actor(11, 3, (8,), 2)
+    transitions = script.collect(env, actor, 1000, seed=7, generator=torch.Generator().manual_seed(0), device="cpu")
+    terminals = transitions[:, -1]
+    assert np.flatnonzero(terminals).tolist() == [299, 599, 899]  # paths of 300, 300, 300 and a cut 100
+    assert terminals[-1] == 0  # the path cut by the epoch's end bootstraps (Off2OnRL keeps it, terminal 0)
+    assert env.resets == [7, None, None, None]  # seeded at the epoch's start, then the env's own stream
+    script.collect(env, actor, 10, seed=8, generator=torch.Generator(), device="cpu")
+    assert env.resets[-1] == 8 and env.t == 10  # the next epoch starts a fresh episode, not step 101 of the last

@@ -33,3 +33,33 @@ def test_a_series_that_matches_nothing_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="matches no file"):
         plot.main(plot.Args(series=[f"hopper:UPQ={tmp_path}/none/*.csv"], figure=str(tmp_path / "f.png"),
                             table=str(tmp_path / "t.md")))
+
+
+def test_diagnostics_draw_u_q_and_the_penalty_from_metrics_csv(tmp_path, monkeypatch):
+    for method, seed, penalty in (("off2on", 1, None), ("upq", 1, 0.001), ("upq", 2, 0.003)):
+        folder = tmp_path / method / f"s{seed}"
+        write_csv(folder / "eval.csv", "step,return,normalized_score", ["0,1,10.0", "1000,2,20.0", "2000,3,30.0"])
+        columns = "step,q_ensemble,uncertainty" + (",penalty_fraction" if penalty else "")
+        rows = [f"{step},{100 * seed},{seed}" + (f",{penalty}" if penalty else "") for step in (1000, 2000)]
+        write_csv(folder / "metrics.csv", columns, rows)
+    drawn = []
+    original = plot.draw_band
+
+    def recording(axis, runs, label):
+        drawn.append((label, [values.tolist() for _, values in runs]))
+        original(axis, runs, label)
+
+    monkeypatch.setattr(plot, "draw_band", recording)
+    figure = tmp_path / "fig.png"
+    plot.main(plot.Args(series=[f"hopper:Off2OnRL={tmp_path}/off2on/s*/eval.csv",
+                                f"hopper:UPQ={tmp_path}/upq/s*/eval.csv"], figure=str(figure),
+                        table=str(tmp_path / "t.md"), diagnostics=True, ensemble_level=True))
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    assert drawn == [  # scores, then U, Q^E and (UPQ only) beta U / |y| per seed, against env steps
+        ("Off2OnRL", [[10.0, 20.0, 30.0]]), ("Off2OnRL", [[1.0, 1.0]]), ("Off2OnRL", [[100.0, 100.0]]),
+        ("UPQ", [[10.0, 20.0, 30.0]] * 2), ("UPQ", [[1.0, 1.0], [2.0, 2.0]]), ("UPQ", [[100.0, 100.0], [200.0, 200.0]]),
+        ("UPQ", [[0.001, 0.001], [0.003, 0.003]]),
+    ]
+    metrics = plot.read_metrics(str(tmp_path / "upq" / "s2" / "eval.csv"))
+    assert metrics["penalty_fraction"].tolist() == [0.003, 0.003] and metrics["step"].tolist() == [1000, 2000]
+    assert plot.read_metrics(str(tmp_path / "none" / "eval.csv")) is None

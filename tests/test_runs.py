@@ -85,8 +85,10 @@ def test_cql_killed_at_every_rename_of_its_saves_resumes_to_the_uninterrupted_ru
     assert resumed == [False, True, True, True, True, True, True, True]  # the first commit point is rename 1
 
 
-def test_finetuning_killed_at_every_rename_of_its_saves_resumes_from_one_set(run_script, tiny_hopper_hdf5,
-                                                                             tiny_cql_checkpoints, tmp_path):
+def test_finetuning_killed_at_every_rename_of_its_saves_resumes_to_the_uninterrupted_run(run_script, tiny_hopper_hdf5,
+                                                                                        tiny_cql_checkpoints, tmp_path):
+    """Every epoch collects from a fresh episode seeded by its first env step (as Off2OnRL's collector starts each
+    epoch), so a resumed run repeats the uninterrupted one exactly."""
     def args(name):
         return ["--env", tiny_hopper_hdf5, *UPQ_TINY, "--checkpoints", tiny_cql_checkpoints, "--total-steps", "20",
                 "--save-every", "1", "--save-dir", tmp_path / name, "--run-dir", tmp_path / f"{name}_run"]
@@ -95,6 +97,8 @@ def test_finetuning_killed_at_every_rename_of_its_saves_resumes_from_one_set(run
     assert straight.returncode == 0, straight.stderr
     renames = int(re.search(r"renames: (\d+)", straight.stderr).group(1))
     assert renames == 2 * (1 + 3 + 1)  # two saves: the commit point, 2 agents and run_state.pt, the manifest
+    expected_eval, expected_parameters = (tmp_path / "straight_run" / "eval.csv").read_text(), parameters(
+        tmp_path / "straight")
     for k in range(1, renames + 1):
         killed = run_script("upq_finetune.py", *args(f"k{k}"), kill_at_rename=(tmp_path / f"k{k}", k))
         assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -107,6 +111,11 @@ def test_finetuning_killed_at_every_rename_of_its_saves_resumes_from_one_set(run
         assert (manifest["env_steps"], manifest["grad_steps"]) == (20, 30)
         metrics = read_rows(tmp_path / f"k{k}_run" / "metrics.csv")
         assert [row["step"] for row in metrics] == ["10", "20"]
+        assert (tmp_path / f"k{k}_run" / "eval.csv").read_text() == expected_eval
+        got = parameters(tmp_path / f"k{k}")
+        for name in expected_parameters:
+            for mine, theirs in zip(got[name], expected_parameters[name]):
+                assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
 
 
 def test_a_reader_of_a_save_cut_after_its_commit_point_gets_the_new_set(tmp_path):

@@ -24,6 +24,7 @@ PURPOSELY_DIFFERENT = {
     "finetune_losses": [{OFF2ON}, {UPQ}],  # the UPQ change: Eqs. (4)-(5)
     "loss_hyperparameters": [{OFF2ON}, {UPQ}],  # ... its beta
     "epoch_line": [{OFF2ON}, {UPQ}],  # ... and its log column U
+    "tanh_gaussian_log_prob": [{CQL}, {OFF2ON, UPQ}],  # the official CQL code's epsilon form, Off2OnRL's exact form
     "Actor": [{CQL, OFF2ON, UPQ}, {DATASET}],  # make_dataset.py's SAC behaviour agent (CleanRL)
     "Args": [{CQL, OFF2ON, UPQ}, {DATASET}],
 }
