@@ -12,7 +12,8 @@ its steps are gradient steps, not env steps. Curves show the mean over
 seeds and a band of one standard deviation; the table gives mean ± std over seeds of the last
 evaluation, in normalised score. --ensemble-level draws the fine-tuning runs' step-0 score (the
 pre-trained ensemble) as a level. --diagnostics adds, below each panel, the uncertainty U, Q^E and
-beta U / |y| of every fine-tuning series against env steps, from the metrics.csv beside each eval.csv.
+beta U / |y| of every fine-tuning series against env steps, from the metrics.csv beside each eval.csv (one
+row per panel).
 """
 
 from __future__ import annotations
@@ -70,13 +71,13 @@ def read_metrics(eval_csv: str) -> dict[str, np.ndarray] | None:
     return {key: np.array([float(row[key]) for row in rows]) for key in (rows[0] if rows else {})}
 
 
-def draw_band(axis, runs: list[tuple[np.ndarray, np.ndarray]], label: str) -> None:
+def draw_band(axis, runs: list[tuple[np.ndarray, np.ndarray]], label: str, color: str) -> None:
     """Mean over runs and a band of one standard deviation, on the steps all runs reached."""
     length = min(len(steps) for steps, _ in runs)
     values = np.stack([v[:length] for _, v in runs])
     mean, std = values.mean(0), values.std(0)
-    axis.plot(runs[0][0][:length], mean, label=f"{label} (n={len(runs)})")
-    axis.fill_between(runs[0][0][:length], mean - std, mean + std, alpha=0.2)
+    axis.plot(runs[0][0][:length], mean, label=f"{label} (n={len(runs)})", color=color)
+    axis.fill_between(runs[0][0][:length], mean - std, mean + std, alpha=0.2, color=color)
 
 
 def parse_series(spec: str) -> tuple[str, str, list[str]]:
@@ -102,31 +103,34 @@ def main(args: Args) -> None:
     metrics = {(panel, label): [read_metrics(path) for path in parse_series(spec)[2]]
                for spec in args.series for panel, label, _ in [parse_series(spec)]} if args.diagnostics else {}
     kinds = ["score", *(DIAGNOSTICS if args.diagnostics else [])]
-    figure, axes = plt.subplots(len(kinds), len(panels), figsize=(5 * len(panels), 3.6 * len(kinds)), squeeze=False)
+    # one row of panels (Fig. 2); with --diagnostics one row per panel: the scores, then U, Q^E, beta U / |y|
+    shape = (len(panels), len(kinds)) if args.diagnostics else (1, len(panels))
+    figure, grid = plt.subplots(*shape, figsize=(4.6 * shape[1], 3.6 * shape[0]), squeeze=False)
     rows = []
     for column, (panel, curves) in enumerate(panels.items()):
-        axis = axes[0, column]
+        axes = grid[column] if args.diagnostics else [grid[0, column]]
         starts = [scores[0] for _, seeds in curves if not seeds[0][2] for _, scores, _ in seeds]
         if args.ensemble_level and starts:
-            axis.axhline(np.mean(starts), linestyle=":", color="black",
-                         label=f"pre-trained ensemble, step 0 ({np.mean(starts):.1f})")
-        for label, seeds in curves:
+            axes[0].axhline(np.mean(starts), linestyle=":", color="black",
+                            label=f"pre-trained ensemble, step 0 ({np.mean(starts):.1f})")
+        for index, (label, seeds) in enumerate(curves):
             finals = np.array([scores[-1] for _, scores, _ in seeds])
             rows.append((panel, label, finals))
             if seeds[0][2] or len(seeds[0][0]) < 2:  # pre-training (gradient steps) or one point: a level
-                axis.axhline(finals.mean(), linestyle="--", color="gray", label=f"{label} ({finals.mean():.1f})")
+                axes[0].axhline(finals.mean(), linestyle="--", color="gray", label=f"{label} ({finals.mean():.1f})")
                 continue
-            draw_band(axis, [(steps, scores) for steps, scores, _ in seeds], label)
-            for row, key in enumerate(kinds[1:], start=1):
+            draw_band(axes[0], [(steps, scores) for steps, scores, _ in seeds], label, f"C{index}")
+            for axis, key in zip(axes[1:], kinds[1:]):
                 runs = [(m["step"], m[key]) for m in metrics[panel, label] if m is not None and key in m]
                 if runs:
-                    draw_band(axes[row, column], runs, label)
-        for row, kind in enumerate(kinds):
-            axes[row, column].set_title(panel if row == 0 else f"{panel}: {DIAGNOSTICS[kind]}")
-            axes[row, column].set_xlabel("environment steps")
-            axes[row, column].set_ylabel("normalised score" if row == 0 else DIAGNOSTICS[kind])
-            axes[row, column].grid(alpha=0.3)
-            axes[row, column].legend(fontsize=8)
+                    draw_band(axis, runs, label, f"C{index}")
+        for axis, kind in zip(axes, kinds):
+            axis.set_title(panel if kind == "score" else DIAGNOSTICS[kind], fontsize=10)
+            axis.set_xlabel("environment steps")
+            axis.set_ylabel("normalised score" if kind == "score" else DIAGNOSTICS[kind])
+            axis.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}k" if x else "0")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
     figure.tight_layout()
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.figure, dpi=120)

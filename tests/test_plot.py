@@ -45,9 +45,9 @@ def test_diagnostics_draw_u_q_and_the_penalty_from_metrics_csv(tmp_path, monkeyp
     drawn = []
     original = plot.draw_band
 
-    def recording(axis, runs, label):
+    def recording(axis, runs, label, color):
         drawn.append((label, [values.tolist() for _, values in runs]))
-        original(axis, runs, label)
+        original(axis, runs, label, color)
 
     monkeypatch.setattr(plot, "draw_band", recording)
     figure = tmp_path / "fig.png"
