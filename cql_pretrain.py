@@ -428,8 +428,7 @@ def evaluate_agents(actor: Actor, env_id: str, num_agents: int, episodes: int, s
 def main(args: Args) -> None:
     alg, run = args.algorithm, args.run
     check_cql_flags(alg, run)
-    device = pick_device(run.device)
-    torch.backends.cudnn.deterministic = run.torch_deterministic
+    device = pick_device(run.device, run.torch_deterministic)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
     save_dir, run_dir, saved = prepare_folders(run, f"checkpoints/{slug}__seed{run.seed}",
                                                f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}", CQL_FORMAT)
@@ -680,8 +679,9 @@ def check_flags(args, ranges: dict[str, str]) -> None:
             fail(f"--{name.replace('_', '-')} must be {allowed}{each}, not {shown}")
 
 
-def pick_device(name: str) -> torch.device:
-    """--device auto: cuda when torch sees one, else cpu."""
+def pick_device(name: str, deterministic: bool) -> torch.device:
+    """--device auto: cuda when torch sees one, else cpu; --torch-deterministic sets cudnn's flag (CleanRL)."""
+    torch.backends.cudnn.deterministic = deterministic
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)

@@ -597,8 +597,7 @@ def train_epoch(update, num_updates: int, cuda_graph: bool, stop: dict, report) 
 def main(args: Args) -> None:
     alg, run = args.algorithm, args.run
     check_finetune_flags(alg, run)
-    device = pick_device(run.device)
-    torch.backends.cudnn.deterministic = run.torch_deterministic
+    device = pick_device(run.device, run.torch_deterministic)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
     save_dir, run_dir, saved = prepare_folders(run, f"checkpoints/{run.exp_name}__{slug}__seed{run.seed}",
                                                f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
@@ -606,14 +605,11 @@ def main(args: Args) -> None:
     agents, sources = starting_agents(run, alg.num_agents, saved, slug)
     check_video(run)
     data = load_offline_data(run.env, run.gym_env)
-    n, obs_dim, act_dim = len(agents), data.observations.shape[1], data.actions.shape[1]
+    n, act_dim = len(agents), data.actions.shape[1]
     alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
     nets, optimizers, replay, generator = build_run(alg, run, agents, saved, data, device)
     env_steps, grad_steps = (saved[0]["env_steps"], saved[0]["grad_steps"]) if saved else (0, 0)
-    meta = dict(algorithm=ALGORITHM, version=PROJECT_VERSION, run_id=saved[0]["run_id"] if saved else new_run_id(),
-                run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id, obs_dim=obs_dim,
-                act_dim=act_dim, hidden_sizes=list(ensemble_hidden_sizes(agents)), num_agents=n,
-                offline_size=len(data.rewards), pretrained=sources, args=flat_args(args))
+    meta = run_meta(args, data, agents, sources, run_dir, saved)
     logs = open_run_logs(run_dir, {"eval": ["step", "return", "normalized_score"],
                                    "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
                          env_steps if saved else None, meta)
@@ -792,6 +788,15 @@ def check_agents_fit(agents: list[dict], data: OfflineData) -> None:
               f"the offline data here is {data.dataset_id}")
 
 
+def run_meta(args: Args, data: OfflineData, agents: list[dict], sources: list[str], run_dir: Path, saved) -> dict:
+    """What every saved file and config.json record of this run."""
+    return dict(algorithm=ALGORITHM, version=PROJECT_VERSION, run_id=saved[0]["run_id"] if saved else new_run_id(),
+                run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
+                obs_dim=data.observations.shape[1], act_dim=data.actions.shape[1],
+                hidden_sizes=list(ensemble_hidden_sizes(agents)), num_agents=len(agents),
+                offline_size=len(data.rewards), pretrained=sources, args=flat_args(args))
+
+
 def check_resumable(alg: Algorithm, run_state: dict, data: OfflineData) -> None:
     """A resumed run keeps its schedule, replay and data; it may only run longer."""
     meta = run_state["meta"]
@@ -934,8 +939,9 @@ def check_flags(args, ranges: dict[str, str]) -> None:
             fail(f"--{name.replace('_', '-')} must be {allowed}{each}, not {shown}")
 
 
-def pick_device(name: str) -> torch.device:
-    """--device auto: cuda when torch sees one, else cpu."""
+def pick_device(name: str, deterministic: bool) -> torch.device:
+    """--device auto: cuda when torch sees one, else cpu; --torch-deterministic sets cudnn's flag (CleanRL)."""
+    torch.backends.cudnn.deterministic = deterministic
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
