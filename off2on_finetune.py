@@ -756,11 +756,11 @@ def starting_agents(run: Run, num_agents: int | None, saved, slug: str) -> tuple
     """The agents to start from, in order, and where they were pre-trained: the cql_pretrain.py agents of
     --checkpoints (all of one run and one step), or those of the resumed run."""
     if saved is not None:
-        manifest, files = saved
+        files = saved[1]
         agents = [files[name] for name in sorted((n for n in files if n.startswith("agent_")),
                                                  key=lambda name: int(re.match(r"agent_(\d+)", name).group(1)))]
         if num_agents not in (None, len(agents)):
-            fail(f"--resume: {manifest['run_dir']} fine-tunes {len(agents)} agents, not --num-agents {num_agents}")
+            fail(f"--resume: the saved run fine-tunes {len(agents)} agents, not --num-agents {num_agents}")
         return agents, agents[0]["meta"]["pretrained"]
     paths = agent_paths(run.checkpoints, Path(f"checkpoints/{slug}__seed1"), num_agents)
     agents = [load_checkpoint(path, CQL_FORMAT) for path in paths]

@@ -1,7 +1,6 @@
 """cql_pretrain.py: each piece of Eq. (1) against hand computations, the N-agent wiring against a
 per-agent loop, data loading, checkpoints, determinism/resume and the command-line behaviour."""
 
-import csv
 import json
 import math
 import os

@@ -1,7 +1,6 @@
 """off2on_finetune.py and upq_finetune.py: Eqs. (2)-(7) against hand computations, the vectorised step
 against a member-by-member loop, balanced replay's sampler, checkpoint loading, and both scripts end to end."""
 
-import csv
 import math
 import shutil
 

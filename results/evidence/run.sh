@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The study of issue "Evidence": Off2OnRL and UPQ fine-tuned from the same CQL agents worth fine-tuning.
+#
+#   STAGE=data bash results/evidence/run.sh      # Hopper medium-replay from make_dataset.py (~30 min on one core),
+#                                                 # written in D4RL layout to results/evidence/hopper_medium_replay-v2.hdf5
+#   STAGE=cql bash results/evidence/run.sh       # 4 CQL agents, the paper's 2x256 networks, 60k steps (10k of them
+#                                                 # behaviour cloning, as the H100 run that reached 59.3 at 50k):
+#                                                 # ~2.5 min on an H100; on a CPU add EXTRA=--compile and continue
+#                                                 # across sessions with EXTRA="--compile --resume"
+#   STAGE=finetune bash results/evidence/run.sh  # Off2OnRL and UPQ beta 0.1 / 0.01 / 0.001, seeds 1-3, 20k env steps,
+#                                                 # $JOBS runs at a time (default 2: one per core)
+#
+# Everything lands in results/evidence/: the agents (agents/, a checkpoint set), every run's eval.csv, metrics.csv,
+# config.json and train.log (runs/), and the fine-tuned checkpoints outside git ($CKPT, default runs/evidence).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=results/evidence
+DATA=$OUT/hopper_medium_replay-v2.hdf5
+CKPT=${CKPT:-runs/evidence}
+read -r -a extra <<< "${EXTRA:-}"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+case ${STAGE:?STAGE=data, cql or finetune} in
+data)
+  python make_dataset.py --env Hopper-v5 --kind medium-replay
+  python - "$DATA" <<'EOF'
+import sys
+
+import h5py
+import minari
+import numpy as np
+
+dataset = minari.load_dataset("local/hopper/medium-replay-v0")
+columns = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+for episode in dataset.iterate_episodes():
+    columns["observations"].append(episode.observations[:-1])
+    columns["next_observations"].append(episode.observations[1:])
+    columns["actions"].append(episode.actions)
+    columns["rewards"].append(episode.rewards)
+    columns["terminals"].append(episode.terminations)
+    columns["timeouts"].append(episode.truncations)
+with h5py.File(sys.argv[1], "w") as f:
+    for key, parts in columns.items():
+        f.create_dataset(key, data=np.concatenate(parts), compression="gzip", compression_opts=9)
+print(f"wrote {sys.argv[1]}: {sum(len(r) for r in columns['rewards']):,} transitions")
+EOF
+  ;;
+cql)
+  python cql_pretrain.py --env "$DATA" --num-agents 4 --total-steps 60000 --bc-steps 10000 --eval-every 5000 \
+    --save-every 1000 --log-every 1000 --save-dir $OUT/agents --run-dir $OUT/runs/cql "${extra[@]}"
+  ;;
+finetune)
+  jobs=()
+  mkdir -p "$CKPT"
+  for seed in 1 2 3; do
+    for method in off2on upq:0.1 upq:0.01 upq:0.001; do
+      name=${method/:/_beta}_seed$seed
+      script=${method%%:*}_finetune.py
+      flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
+      python "$script" --env "$DATA" --checkpoints $OUT/agents --seed $seed --total-steps 20000 "${flags[@]}" \
+        --save-dir "$CKPT/$name" --run-dir "$OUT/runs/$name" "${extra[@]}" > "$CKPT/$name.log" 2>&1 &
+      jobs+=($!)
+      if (( ${#jobs[@]} >= ${JOBS:-2} )); then wait "${jobs[0]}"; jobs=("${jobs[@]:1}"); fi
+    done
+  done
+  for job in "${jobs[@]}"; do wait "$job"; done
+  python results/plot.py --figure $OUT/fig2.png --table $OUT/table.md --ensemble-level --diagnostics --series \
+    "Hopper medium-replay:CQL agents=$OUT/runs/cql/eval.csv" \
+    "Hopper medium-replay:Off2OnRL=$OUT/runs/off2on_seed*/eval.csv" \
+    "Hopper medium-replay:UPQ beta 0.1=$OUT/runs/upq_beta0.1_seed*/eval.csv" \
+    "Hopper medium-replay:UPQ beta 0.01=$OUT/runs/upq_beta0.01_seed*/eval.csv" \
+    "Hopper medium-replay:UPQ beta 0.001=$OUT/runs/upq_beta0.001_seed*/eval.csv"
+  ;;
+esac
