@@ -13,8 +13,8 @@
 #   STAGE=finetune bash results/evidence/run.sh  # Off2OnRL and UPQ beta 0.1 / 0.01 / 0.001, seeds 1-3, 20k env steps,
 #                                                 # $JOBS runs at a time (default 2: one per core)
 #
-# Everything lands in results/evidence/: the agents (agents/, a checkpoint set), every run's eval.csv, metrics.csv,
-# config.json and train.log (runs/), and the fine-tuned checkpoints outside git ($CKPT, default runs/evidence).
+# Everything lands in results/evidence/: the agents (agents/, a checkpoint set) and one folder per run with its
+# eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside git ($CKPT, default runs/evidence).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=results/evidence
@@ -50,7 +50,7 @@ EOF
   ;;
 cql)
   python cql_pretrain.py --env "$DATA" --num-agents 4 --total-steps 60000 --bc-steps 10000 --eval-every 5000 \
-    --save-every 1000 --log-every 1000 --save-dir $OUT/agents --run-dir $OUT/runs/cql "${extra[@]}"
+    --save-every 1000 --log-every 1000 --save-dir $OUT/agents --run-dir $OUT/cql "${extra[@]}"
   ;;
 finetune)
   jobs=()
@@ -61,17 +61,17 @@ finetune)
       script=${method%%:*}_finetune.py
       flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
       python "$script" --env "$DATA" --checkpoints $OUT/agents --seed $seed --total-steps 20000 "${flags[@]}" \
-        --save-dir "$CKPT/$name" --run-dir "$OUT/runs/$name" "${extra[@]}" > "$CKPT/$name.log" 2>&1 &
+        --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" > "$CKPT/$name.log" 2>&1 &
       jobs+=($!)
       if (( ${#jobs[@]} >= ${JOBS:-2} )); then wait "${jobs[0]}"; jobs=("${jobs[@]:1}"); fi
     done
   done
   for job in "${jobs[@]}"; do wait "$job"; done
   python results/plot.py --figure $OUT/fig2.png --table $OUT/table.md --ensemble-level --diagnostics --series \
-    "Hopper medium-replay:CQL agents=$OUT/runs/cql/eval.csv" \
-    "Hopper medium-replay:Off2OnRL=$OUT/runs/off2on_seed*/eval.csv" \
-    "Hopper medium-replay:UPQ beta 0.1=$OUT/runs/upq_beta0.1_seed*/eval.csv" \
-    "Hopper medium-replay:UPQ beta 0.01=$OUT/runs/upq_beta0.01_seed*/eval.csv" \
-    "Hopper medium-replay:UPQ beta 0.001=$OUT/runs/upq_beta0.001_seed*/eval.csv"
+    "Hopper medium-replay:CQL agents=$OUT/cql/eval.csv" \
+    "Hopper medium-replay:Off2OnRL=$OUT/off2on_seed*/eval.csv" \
+    "Hopper medium-replay:UPQ beta 0.1=$OUT/upq_beta0.1_seed*/eval.csv" \
+    "Hopper medium-replay:UPQ beta 0.01=$OUT/upq_beta0.01_seed*/eval.csv" \
+    "Hopper medium-replay:UPQ beta 0.001=$OUT/upq_beta0.001_seed*/eval.csv"
   ;;
 esac
