@@ -292,12 +292,9 @@ def replay_episodes(args: Args, replay: dict, num_steps: int) -> list[EpisodeBuf
     return episodes
 
 
-def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) -> dict:
-    """CleanRL's SAC loop. Stops at the end of the first evaluation whose mean return reaches
-    target_return (None: never), else at args.total_timesteps. Resumes from run_path and saves the
-    whole run there at every evaluation; returns the saved run."""
+def sac_agent(args: Args, env: gym.Env) -> tuple[dict, torch.Tensor]:
+    """CleanRL's SAC networks and optimisers ({name: module}) and log alpha, under args.seed."""
     torch.manual_seed(args.seed)
-    env = make_env(args)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     actor = Actor(obs_dim, env.action_space.low, env.action_space.high)
     qf1, qf2 = SoftQNetwork(obs_dim, act_dim), SoftQNetwork(obs_dim, act_dim)
@@ -306,13 +303,17 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
     qf2_target.load_state_dict(qf2.state_dict())
     q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, fused=True)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
-    target_entropy = -float(act_dim)
     log_alpha = torch.zeros(1, requires_grad=True)
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr) if args.autotune else None
     modules = {"actor": actor, "qf1": qf1, "qf2": qf2, "qf1_target": qf1_target, "qf2_target": qf2_target,
                "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer}
     if a_optimizer is not None:
         modules["a_optimizer"] = a_optimizer
+    return modules, log_alpha
+
+
+def load_sac_run(args: Args, run_path: Path, modules: dict, log_alpha: torch.Tensor) -> dict:
+    """The saved SAC run at run_path, loaded into modules and log alpha (refused if its flags differ); or a new one."""
     run = {"config": {key: getattr(args, key) for key in RUN_KEYS}, "global_step": 0, "episodes": 0,
            "evaluations": [], "replay": {}}
     if run_path.exists():
@@ -327,6 +328,34 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
         log_alpha.data.copy_(run["log_alpha"])
         torch.set_rng_state(run["rng_state"])
         print(f"resuming SAC run {run_path} at step {run['global_step']}", flush=True)
+    return run
+
+
+def save_sac_run(run: dict, run_path: Path, modules: dict, log_alpha: torch.Tensor, replay: dict,
+                 global_step: int, returns: np.ndarray) -> None:
+    """Record an evaluation (with the actor evaluated) and save the whole run, atomically (a kill never leaves half)."""
+    run["evaluations"].append({"step": global_step, "mean_return": float(returns.mean()),
+                               "std_return": float(returns.std()),
+                               "actor": {k: v.clone() for k, v in modules["actor"].state_dict().items()}})
+    run.update({name: module.state_dict() for name, module in modules.items()})
+    run.update(global_step=global_step, log_alpha=log_alpha.detach().clone(), rng_state=torch.get_rng_state(),
+               replay={key: value[:global_step].clone() for key, value in replay.items()})
+    run_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(run, run_path.with_name(run_path.name + ".tmp"))
+    run_path.with_name(run_path.name + ".tmp").replace(run_path)
+
+
+def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) -> dict:
+    """CleanRL's SAC loop. Stops at the end of the first evaluation whose mean return reaches
+    target_return (None: never), else at args.total_timesteps. Resumes from run_path and saves the
+    whole run there at every evaluation; returns the saved run."""
+    env = make_env(args)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    modules, log_alpha = sac_agent(args, env)
+    actor, qf1, qf2, qf1_target, qf2_target = (modules[name] for name in
+                                               ("actor", "qf1", "qf2", "qf1_target", "qf2_target"))
+    target_entropy = -float(act_dim)
+    run = load_sac_run(args, run_path, modules, log_alpha)
     alpha = log_alpha.exp().item() if args.autotune else args.alpha
 
     # The replay keeps every transition (medium-replay is made of it), observations in the env's dtype.
@@ -377,11 +406,12 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
         if global_step > args.learning_starts:
             idx = torch.randint(0, global_step, (args.batch_size,))
             batch = {key: replay[key][idx].float() for key in shapes}
-            update_critics(batch, actor, qf1, qf2, qf1_target, qf2_target, q_optimizer, alpha, args.gamma)
+            update_critics(batch, actor, qf1, qf2, qf1_target, qf2_target, modules["q_optimizer"], alpha,
+                           args.gamma)
             if global_step % args.policy_frequency == 0:
                 for _ in range(args.policy_frequency):
-                    alpha = update_actor_and_alpha(batch["observations"], actor, qf1, qf2, actor_optimizer,
-                                                   log_alpha, a_optimizer, target_entropy, alpha)
+                    alpha = update_actor_and_alpha(batch["observations"], actor, qf1, qf2, modules["actor_optimizer"],
+                                                   log_alpha, modules.get("a_optimizer"), target_entropy, alpha)
             if global_step % args.target_network_frequency == 0:
                 soft_update(qf1_target, qf1, args.tau)
                 soft_update(qf2_target, qf2, args.tau)
@@ -393,16 +423,7 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
             new_eval_period = global_step // args.eval_frequency > last_eval_step // args.eval_frequency
             if new_eval_period or global_step >= args.total_timesteps:
                 returns = evaluate(args, actor_policy(actor, args.seed + EVAL_SEED_OFFSET), args.eval_episodes)
-                run["evaluations"].append({"step": global_step, "mean_return": float(returns.mean()),
-                                           "std_return": float(returns.std()),
-                                           "actor": {k: v.clone() for k, v in actor.state_dict().items()}})
-                run.update({name: module.state_dict() for name, module in modules.items()})
-                run.update(global_step=global_step, log_alpha=log_alpha.detach().clone(),
-                           rng_state=torch.get_rng_state(),
-                           replay={key: value[:global_step].clone() for key, value in replay.items()})
-                run_path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(run, run_path.with_name(run_path.name + ".tmp"))  # atomic: a kill never leaves half a run
-                run_path.with_name(run_path.name + ".tmp").replace(run_path)
+                save_sac_run(run, run_path, modules, log_alpha, replay, global_step, returns)
                 print(f"[SAC] {where()} | eval return {returns.mean():.1f} ± {returns.std():.1f} | "
                       f"last train episode return {last_episode_return:.1f} | alpha {alpha:.3f}", flush=True)
                 last_print_step, last_print_time = global_step, time.perf_counter()
