@@ -648,7 +648,7 @@ def main(args: Args) -> None:
     env = gym.make(data.gym_env_id)
     while env_steps < alg.total_steps or grad_steps < updates_due(env_steps, alg):  # (a stopped run: its epoch's rest)
         # Collect an epoch with a ~ pi^E (Eq. 3) into the online buffer, at priority P_max
-        if grad_steps == updates_due(env_steps, alg):  # the last epoch is trained
+        if grad_steps == updates_due(env_steps, alg) and not stop["signal"]:  # the last epoch is trained
             transitions = collect(env, nets["actor"], alg.steps_per_epoch, run.seed + env_steps, generator, device)
             replay.add(torch.as_tensor(transitions, device=device))
             env_steps += len(transitions)
