@@ -687,15 +687,19 @@ def pick_device(name: str, deterministic: bool) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def make_writable(folder: Path, flag: str) -> Path:
-    """Create `folder` and probe it with a file, so an unwritable --save-dir or --run-dir stops the run before step 1."""
+def check_writable(folder: Path, flag: str) -> None:
+    """Probe `folder`, or where it would be created (its nearest existing parent), with a temporary file: an
+    unwritable --save-dir or --run-dir stops the run before anything is loaded, and nothing is created yet."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
-    return folder
 
 
 def write_json(path: Path, content: dict) -> None:
@@ -720,6 +724,7 @@ def save_set(folder: Path, files: dict[str, dict], manifest: dict) -> None:
     Whenever the process dies, the folder holds the previous complete set, or a committed one that finish_set
     completes: a reader never sees files of two saves as one set.
     """
+    folder.mkdir(parents=True, exist_ok=True)
     finish_set(folder)
     for name, content in files.items():
         torch.save(content, folder / f"{name}.next")
@@ -789,7 +794,7 @@ def prepare_folders(run, default_save_dir: str, default_run_dir: str, agent_form
                     run_state_format: str | None = None) -> tuple[Path, Path, tuple[dict, dict] | None]:
     """--save-dir and --run-dir, checked before anything is loaded: a fresh run refuses a save dir that holds a set
     or a run dir that holds an eval.csv unless --overwrite (the old set is replaced at the first save); both are
-    created and probed for writing. --resume: the run dir defaults to the saved run's, a save cut short is completed,
+    probed for writing (and created when first written). --resume: the run dir defaults to the saved run's, a save cut short is completed,
     and the saved set comes back as (manifest, {file name: checkpoint})."""
     save_dir = Path(run.save_dir or default_save_dir)
     if run.resume and run.overwrite:
@@ -803,8 +808,8 @@ def prepare_folders(run, default_save_dir: str, default_run_dir: str, agent_form
     if not run.resume and (run_dir / "eval.csv").exists() and not run.overwrite:
         fail(f"{run_dir / 'eval.csv'} already exists: pass --resume to continue that run, --overwrite to start it "
              f"anew, or another --run-dir")
-    make_writable(save_dir, "--save-dir")
-    make_writable(run_dir, "--run-dir")
+    check_writable(save_dir, "--save-dir")
+    check_writable(run_dir, "--run-dir")
     if not run.resume:
         return save_dir, run_dir, None
     finish_set(save_dir)
@@ -903,6 +908,7 @@ class Tee:
 
 def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> dict:
     """<run-dir>/train.log (the console, appended on resume), config.json, and one CsvLog per entry of columns."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
     sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
     config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),

@@ -261,6 +261,10 @@ def test_an_unwritable_save_dir_is_found_before_the_data_is_read(run_script, tmp
     result = run_script("cql_pretrain.py", "--env", tmp_path / "no_such_data.hdf5", "--save-dir", tmp_path / "save",
                         "--run-dir", tmp_path / "file")
     assert_refused(result, f"--run-dir {tmp_path / 'file'} is not a writable folder")
+    result = run_script("cql_pretrain.py", "--env", tmp_path / "no_such_data.hdf5", "--save-dir", tmp_path / "a" / "b",
+                        "--run-dir", tmp_path / "c" / "d")
+    assert_refused(result, "dataset file")  # writable: the data is the first thing wrong, and no folder was made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 SCRIPTS = {"cql_pretrain.py": cql, "off2on_finetune.py": off2on, "upq_finetune.py": upq}
