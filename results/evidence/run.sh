@@ -30,22 +30,14 @@ data)
 import sys
 
 import h5py
-import minari
-import numpy as np
 
-dataset = minari.load_dataset("local/hopper/medium-replay-v0")
-columns = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
-for episode in dataset.iterate_episodes():
-    columns["observations"].append(episode.observations[:-1])
-    columns["next_observations"].append(episode.observations[1:])
-    columns["actions"].append(episode.actions)
-    columns["rewards"].append(episode.rewards)
-    columns["terminals"].append(episode.terminations)
-    columns["timeouts"].append(episode.truncations)
+from cql_pretrain import read_minari  # the transitions exactly as the training scripts read a Minari dataset
+
+data = read_minari("local/hopper/medium-replay-v0")[0]
 with h5py.File(sys.argv[1], "w") as f:
-    for key, parts in columns.items():
-        f.create_dataset(key, data=np.concatenate(parts), compression="gzip", compression_opts=9)
-print(f"wrote {sys.argv[1]}: {sum(len(r) for r in columns['rewards']):,} transitions")
+    for key, array in data.items():
+        f.create_dataset(key, data=array, compression="gzip", compression_opts=9)
+print(f"wrote {sys.argv[1]}: {len(data['rewards']):,} transitions")
 EOF
   ;;
 cql)
