@@ -31,8 +31,8 @@ UPQ_TINY = ["--num-agents", "2", "--steps-per-epoch", "10", "--first-epoch-multi
 def set_on_disk(folder):
     """The checkpoint set a reader finds in `folder` right now: its manifest and every file's (run id, step)."""
     manifest, paths = cql.read_set(folder)
-    return manifest, {name: (torch.load(path, weights_only=True)["meta"]["run_id"],
-                             torch.load(path, weights_only=True)["meta"]["step"]) for name, path in paths.items()}
+    metas = {name: torch.load(path, weights_only=True)["meta"] for name, path in paths.items()}
+    return manifest, {name: (meta["run_id"], meta["step"]) for name, meta in metas.items()}
 
 
 def assert_one_consistent_set(folder):
