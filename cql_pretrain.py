@@ -19,8 +19,9 @@ Where each piece of Eq. (1) lives in this file:
 
 Writes agent_0.pt ... agent_{N-1}.pt to --save-dir (default checkpoints/<env>__seed<seed>) as one set
 (manifest.json) that --resume continues and off2on_finetune.py / upq_finetune.py read; <run-dir> (default
-runs/<exp-name>__<env>__<seed>__<time>) holds eval.csv (every agent's score every --eval-every steps),
-metrics.csv, train.log and config.json. SPEC.md section 1 gives every default and its source.
+runs/<exp-name>__<env>__<seed>__<time>) holds eval.csv (every --eval-every steps each agent's score, and in the row
+with agent `ensemble` the score of their ensemble pi^E, the policy fine-tuning starts from), metrics.csv, train.log
+and config.json. SPEC.md section 1 gives every default and its source.
 """
 
 from __future__ import annotations
@@ -398,7 +399,8 @@ def sample_batch(data: dict[str, torch.Tensor], generators, batch_size: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation: all agents' episodes in lockstep, one batched actor call per env step
+# Evaluation: all agents' episodes in lockstep, one batched actor call per env step; and the ensemble pi^E that
+# fine-tuning starts from (UPQ Eq. (3), as off2on_finetune.py / upq_finetune.py evaluate it)
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_agents(actor: Actor, env_id: str, num_agents: int, episodes: int, seed: int, device,
@@ -418,6 +420,41 @@ def evaluate_agents(actor: Actor, env_id: str, num_agents: int, episodes: int, s
     for row in envs:
         for env in row:
             env.close()
+    return returns
+
+
+def ensemble_policy(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # Eq. (3)
+    """pi^E: mean and log-std [B, A] of the pre-tanh Gaussian matching the moments of the N members' [N, B, A].
+
+    mean = (1/N) sum_i mu_i,  var = (1/N) sum_i (sigma_i^2 + mu_i^2) - mean^2, written as
+    (1/N) sum_i sigma_i^2 + (1/N) sum_i (mu_i - mean)^2 (the same number without cancellation);
+    std clamped to [e^-20, e^2] (Off2OnRL official).
+    """
+    ensemble_mean = mean.mean(0)
+    variance = (2.0 * log_std).exp().mean(0) + (mean - ensemble_mean).pow(2).mean(0)
+    return ensemble_mean, (0.5 * variance.log()).clamp(-20.0, 2.0)
+
+
+@torch.no_grad()
+def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, device,
+                      video_dir: Path | None = None) -> np.ndarray:
+    """Undiscounted returns [episodes] of the deterministic ensemble policy tanh(mean of pi^E), in lockstep; with
+    video_dir, recorded there."""
+    num_members = actor.net[0].weight.shape[0]
+    envs = [make_eval_env(env_id, video_dir, f"eval{e}") for e in range(episodes)]
+    obs = np.stack([env.reset(seed=seed + e)[0] for e, env in enumerate(envs)])
+    returns = np.zeros(episodes)
+    running = np.ones(episodes, dtype=bool)
+    while running.any():
+        states = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        mean, _ = ensemble_policy(*actor(states.expand(num_members, -1, -1)))  # [episodes, A]
+        actions = torch.tanh(mean).cpu().numpy()
+        for e in np.flatnonzero(running):
+            obs[e], reward, terminated, truncated, _ = envs[e].step(actions[e])
+            returns[e] += reward
+            running[e] = not (terminated or truncated)
+    for env in envs:
+        env.close()
     return returns
 
 
@@ -465,12 +502,16 @@ def main(args: Args) -> None:
         returns = evaluate_agents(nets["actor"], data.gym_env_id, n, run.eval_episodes, run.seed + 10_000, device,
                                   videos)
         per_agent = normalized_score(returns, data.ref_min_score, data.ref_max_score).mean(1)
+        ensemble = evaluate_ensemble(nets["actor"], data.gym_env_id, run.eval_episodes, run.seed + 10_000, device)
+        ensemble_score = float(normalized_score(ensemble.mean(), data.ref_min_score, data.ref_max_score))
         for k in range(n):
             logs["eval"].write([step, k, f"{returns[k].mean():.3f}", f"{per_agent[k]:.3f}"])
+        logs["eval"].write([step, "ensemble", f"{ensemble.mean():.3f}", f"{ensemble_score:.3f}"])
         print(f"eval step {step:,}: return {returns.mean():.1f} normalized {np.mean(per_agent):.1f} "
-              f"(per agent {', '.join(f'{s:.1f}' for s in per_agent)})", flush=True)
+              f"(per agent {', '.join(f'{s:.1f}' for s in per_agent)}; ensemble pi^E {ensemble_score:.1f})", flush=True)
         if wandb:
-            wandb.log({"eval/return": returns.mean(), "eval/normalized_score": float(np.mean(per_agent))}, step=step)
+            wandb.log({"eval/return": returns.mean(), "eval/normalized_score": float(np.mean(per_agent)),
+                       "eval/ensemble_normalized_score": ensemble_score}, step=step)
         return [float(score) for score in per_agent]
 
     graphs = {}  # behaviour cloning on/off -> the recorded update of that phase

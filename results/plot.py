@@ -7,8 +7,8 @@
         --figure results/fig2.png --table results/table1.md
 
 Each --series is PANEL:LABEL=GLOB; every file the glob matches is one seed. A file with an `agent`
-column (cql_pretrain.py) counts the mean over its agents and is drawn as a level (its final score), since
-its steps are gradient steps, not env steps. Curves show the mean over
+column (cql_pretrain.py) counts the mean over its agents (not its `ensemble` rows) and is drawn as a
+level (its final score), since its steps are gradient steps, not env steps. Curves show the mean over
 seeds and a band of one standard deviation; the table gives mean ± std over seeds of the last
 evaluation, in normalised score. --ensemble-level draws the fine-tuning runs' step-0 score (the
 pre-trained ensemble) as a level. --diagnostics adds, below each panel, the uncertainty U, Q^E and
@@ -50,12 +50,14 @@ DIAGNOSTICS = {"uncertainty": "U(s', a'), mean", "q_ensemble": "Q^E(s, a)", "pen
 
 
 def read_curve(path: str) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Steps, normalised scores and whether it is a pre-training file (an `agent` column: the mean over agents)."""
+    """Steps, normalised scores and whether it is a pre-training file (an `agent` column: the mean over agents; its
+    rows of agent `ensemble`, the agents' ensemble, are left out)."""
     by_step = defaultdict(list)
     with open(path) as f:
         reader = csv.DictReader(f)
         for row in reader:
-            by_step[int(row["step"])].append(float(row["normalized_score"]))
+            if row.get("agent") != "ensemble":
+                by_step[int(row["step"])].append(float(row["normalized_score"]))
         pretraining = "agent" in (reader.fieldnames or [])
     steps = np.array(sorted(by_step))
     return steps, np.array([np.mean(by_step[s]) for s in steps]), pretraining

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cql_pretrain as cql
+import upq_finetune as upq
 from conftest import assert_refused, read_rows, write_random_hopper_hdf5
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -308,7 +309,7 @@ def test_smoke_run_writes_checkpoints_and_eval_csv(trained):
     root, stdout = trained
     assert sorted(p.name for p in (root / "a").iterdir()) == ["agent_0.pt", "agent_1.pt", "manifest.json"]
     rows = read_rows(root / "run_a" / "eval.csv")
-    assert [(r["step"], r["agent"]) for r in rows] == [(s, a) for s in ("0", "20", "30") for a in ("0", "1")]
+    assert [(r["step"], r["agent"]) for r in rows] == [(s, a) for s in ("0", "20", "30") for a in ("0", "1", "ensemble")]
     low, high = cql.D4RL_REF_SCORES["hopper"]
     for row in rows:
         assert float(row["normalized_score"]) == pytest.approx(100 * (float(row["return"]) - low) / (high - low), abs=1e-2)
@@ -328,6 +329,24 @@ def test_checkpoint_round_trip_reproduces_the_logged_evaluation(trained):
         returns = cql.evaluate_agents(actor, "Hopper-v5", 1, 1, seed=1 + 10_000, device="cpu")
         logged = [r for r in read_rows(root / "run_a" / "eval.csv") if r["step"] == "30" and r["agent"] == str(k)]
         assert returns[0, 0] == pytest.approx(float(logged[0]["return"]), abs=1e-3)
+    # the ensemble row: pi^E of the two saved agents, as fine-tuning loads and evaluates them
+    actor = upq.Actor(11, 3, (16, 16), 2)
+    upq.stack_members(actor, [torch.load(root / "a" / f"agent_{k}.pt", weights_only=True) for k in range(2)], "actor")
+    logged = [r for r in read_rows(root / "run_a" / "eval.csv") if r["step"] == "30" and r["agent"] == "ensemble"]
+    ensemble = upq.evaluate_ensemble(actor, "Hopper-v5", 1, seed=1 + 10_000, device="cpu")
+    assert ensemble[0] == pytest.approx(float(logged[0]["return"]), abs=1e-3)
+
+
+def test_an_ensemble_of_identical_agents_acts_as_each_of_them():
+    """pi^E's mean is the members' mean (Eq. 3), so two copies of one policy score exactly what that policy scores."""
+    torch.manual_seed(0)
+    actor = cql.Actor(11, 3, (16, 16), 2)
+    with torch.no_grad():
+        for param in actor.parameters():
+            param[1] = param[0]
+    single = cql.evaluate_agents(actor, "Hopper-v5", 2, 2, seed=7, device="cpu")
+    assert single[0].tolist() == single[1].tolist()
+    assert cql.evaluate_ensemble(actor, "Hopper-v5", 2, seed=7, device="cpu").tolist() == single[0].tolist()
 
 
 def test_agents_are_independent_and_runs_deterministic(trained):

@@ -17,9 +17,9 @@ def write_csv(path: Path, header: str, rows: list[str]) -> None:
 def test_table_has_mean_and_std_over_seeds_of_the_last_evaluation(tmp_path):
     write_csv(tmp_path / "upq" / "s1" / "eval.csv", "step,return,normalized_score", ["0,1,10.0", "1000,2,20.0"])
     write_csv(tmp_path / "upq" / "s2" / "eval.csv", "step,return,normalized_score", ["0,1,12.0", "1000,2,40.0"])
-    # cql_pretrain.py rows: one per agent; a seed's score is the mean over its agents
+    # cql_pretrain.py rows: one per agent and one of their ensemble; a seed's score is the mean over its agents
     write_csv(tmp_path / "cql" / "eval.csv", "step,agent,return,normalized_score",
-              ["0,0,1,1.0", "0,1,1,3.0", "500,0,1,4.0", "500,1,1,8.0"])
+              ["0,0,1,1.0", "0,1,1,3.0", "0,ensemble,1,90.0", "500,0,1,4.0", "500,1,1,8.0", "500,ensemble,1,90.0"])
     table, figure = tmp_path / "table.md", tmp_path / "fig.png"
     plot.main(plot.Args(series=[f"hopper:CQL={tmp_path}/cql/eval.csv", f"hopper:UPQ={tmp_path}/upq/s*/eval.csv"],
                         figure=str(figure), table=str(table)))
