@@ -571,6 +571,9 @@ def cql_hyperparameters(alg: Algorithm) -> dict:
 def check_cql_resumable(alg: Algorithm, saved, save_dir: Path) -> bool:
     """Refuse a resume that does not fit the saved run; True when it has nothing left to do."""
     manifest, files = saved
+    if manifest.get("weights_only"):
+        fail(f"--resume: {save_dir} holds agents exported without the Adam moments and random streams a resume "
+             f"needs (weights only); resume from the set the run itself saved")
     agents = sum(name.startswith("agent_") for name in files)
     if agents != alg.num_agents:
         fail(f"--resume: {save_dir} holds {agents} agents, not --num-agents {alg.num_agents}; all agents of a run "
