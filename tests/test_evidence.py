@@ -44,6 +44,10 @@ def test_export_keeps_every_weight_and_fine_tuning_from_it_is_the_same_run(run_s
         assert result.returncode == 0, result.stderr
     assert read_rows(tmp_path / "run_full" / "eval.csv") == read_rows(tmp_path / "run_exported" / "eval.csv")
     assert len(read_rows(tmp_path / "run_full" / "eval.csv")) == 3
+    # and its step-0 score is the one cql_pretrain.py logged for the agents' ensemble (same --seed, same episodes)
+    cql_rows = read_rows(tiny_cql_checkpoints.parent / "run" / "eval.csv")
+    ensemble = [row for row in cql_rows if row["agent"] == "ensemble" and int(row["step"]) == manifest["step"]]
+    assert read_rows(tmp_path / "run_full" / "eval.csv")[0]["return"] == ensemble[0]["return"]
 
     # CQL cannot continue an export (no Adam moments, no random streams), and says so; the export is untouched
     before = {path.name: path.read_bytes() for path in exported.iterdir()}
