@@ -320,9 +320,9 @@ def load_sac_run(args: Args, run_path: Path, modules: dict, log_alpha: torch.Ten
         run = torch.load(run_path, weights_only=True)
         changed = [key for key in RUN_KEYS if run["config"][key] != getattr(args, key)]
         if changed:
-            raise SystemExit(f"make_dataset.py: the saved SAC run {run_path} used other values of "
-                             f"{', '.join('--' + k.replace('_', '-') for k in changed)}; pass the same values, "
-                             f"another --seed, or delete that file to retrain.")
+            fail(f"the saved SAC run {run_path} used other values of "
+                 f"{', '.join('--' + k.replace('_', '-') for k in changed)}; pass the same values, another --seed, "
+                 f"or delete that file to retrain")
         for name, module in modules.items():
             module.load_state_dict(run[name])
         log_alpha.data.copy_(run["log_alpha"])
@@ -443,18 +443,17 @@ def check_env(env_id: str) -> gym.Env:
     try:
         env = gym.make(env_id)
     except (gym.error.Error, ImportError) as error:  # ImportError: v2/v3 envs that need mujoco-py
-        raise SystemExit(f"make_dataset.py: unknown or unavailable environment id {env_id!r} ({error}).")
+        fail(f"unknown or unavailable environment id {env_id!r} ({error})")
     if not (isinstance(env.unwrapped, MujocoEnv) and isinstance(env.observation_space, gym.spaces.Box)
             and isinstance(env.action_space, gym.spaces.Box)):
-        raise SystemExit(f"make_dataset.py: {env_id} is not a MuJoCo environment with Box observation and "
-                         f"action spaces, which is all this script makes datasets for.")
+        fail(f"{env_id} is not a MuJoCo environment with Box observation and action spaces, which is all this script "
+             f"makes datasets for")
     return env
 
 
 def refuse_existing(dataset_id: str, overwrite: bool) -> None:
     if get_dataset_path(dataset_id).exists() and not overwrite:
-        raise SystemExit(f"make_dataset.py: dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; "
-                         f"pass --overwrite to replace it.")
+        fail(f"dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; pass --overwrite to replace it")
 
 
 def write_dataset(args: Args, dataset_id: str, episodes: list, kind: str, algorithm_name: str,
@@ -497,9 +496,9 @@ def make_episodes(args: Args, kind: str, run_path: Path, target_return: Optional
         reaching = [e for e in run["evaluations"] if e["mean_return"] >= target_return]
         if not reaching:
             best = max((e["mean_return"] for e in run["evaluations"]), default=float("nan"))
-            raise SystemExit(f"make_dataset.py: SAC reached an evaluation return of at most {best:.1f} < target "
-                             f"{target_return} within --total-timesteps {args.total_timesteps}; raise "
-                             f"--total-timesteps (training resumes from {run_path}) or lower --target-return.")
+            fail(f"SAC reached an evaluation return of at most {best:.1f} < target {target_return} within "
+                 f"--total-timesteps {args.total_timesteps}; raise --total-timesteps (training resumes from "
+                 f"{run_path}) or lower --target-return")
         chosen = reaching[0]
     metadata = {"behaviour_step": chosen["step"], "behaviour_eval_return": chosen["mean_return"],
                 "behaviour_eval_return_std": chosen["std_return"], "behaviour_run": str(run_path),
@@ -518,9 +517,8 @@ def make_episodes(args: Args, kind: str, run_path: Path, target_return: Optional
 def load_episodes(args: Args, dataset_id: str) -> list[EpisodeBuffer]:
     dataset = minari.load_dataset(dataset_id)
     if dataset.env_spec.id != args.env or dataset.env_spec.max_episode_steps != make_env(args).spec.max_episode_steps:
-        raise SystemExit(f"make_dataset.py: existing dataset {dataset_id} was made for {dataset.env_spec.id} with "
-                         f"time limit {dataset.env_spec.max_episode_steps}, not for these flags; "
-                         f"give another --dataset-id.")
+        fail(f"existing dataset {dataset_id} was made for {dataset.env_spec.id} with time limit "
+             f"{dataset.env_spec.max_episode_steps}, not for these flags; give another --dataset-id")
     seeds = [m.get("seed") for m in dataset.storage.get_episode_metadata(range(dataset.total_episodes))]
     return [EpisodeBuffer(seed=seed, observations=e.observations, actions=e.actions, rewards=e.rewards,
                           terminations=e.terminations, truncations=e.truncations, infos={})
@@ -550,11 +548,11 @@ def main(args: Args) -> None:
     try:
         namespace, _, version = parse_dataset_id(dataset_id)
     except ValueError as error:
-        raise SystemExit(f"make_dataset.py: {error}")
+        fail(str(error))
     refuse_existing(dataset_id, args.overwrite)
     target_return = args.target_return if args.target_return is not None else D4RL_MEDIUM_RETURN.get(body)
     if target_return is None and args.kind != "random" and args.kind != "expert":
-        raise SystemExit(f"make_dataset.py: D4RL has no medium level for {args.env}; pass --target-return.")
+        fail(f"D4RL has no medium level for {args.env}; pass --target-return")
     run_path = get_dataset_path(dataset_id).parent / f"sac-seed{args.seed}.pt"
 
     if args.kind == "medium-expert":
@@ -574,8 +572,8 @@ def main(args: Args) -> None:
             episodes.append(part_episodes)
         sizes = [sum(len(e.rewards) for e in part) for part in episodes]
         if sizes[0] != sizes[1]:
-            raise SystemExit(f"make_dataset.py: the medium and expert datasets have {sizes[0]} and {sizes[1]} steps; "
-                             f"medium-expert needs equal sizes, so regenerate one with the other's --num-steps.")
+            fail(f"the medium and expert datasets have {sizes[0]} and {sizes[1]} steps; medium-expert needs equal "
+                 f"sizes, so regenerate one with the other's --num-steps")
         write_dataset(args, dataset_id, episodes[0] + episodes[1], "medium-expert", "SAC (CleanRL), medium + expert",
                       reference_scores(args, body, run_path), metadata)
     else:
