@@ -10,11 +10,14 @@
 #                                                 # behaviour cloning, as the H100 run that reached 59.3 at 50k):
 #                                                 # ~2.5 min on an H100; on a CPU add EXTRA=--compile and continue
 #                                                 # across sessions with EXTRA="--compile --resume"
-#   STAGE=finetune bash results/evidence/run.sh  # Off2OnRL and UPQ beta 0.1 / 0.01 / 0.001, seeds 1-3, 20k env steps,
-#                                                 # $JOBS runs at a time (default 2: one per core)
+#   STAGE=export bash results/evidence/run.sh    # the trained agents without Adam moments and random streams
+#                                                 # (export_agents.py): cql_agents/, the set kept in git
+#   STAGE=finetune bash results/evidence/run.sh  # from cql_agents/: Off2OnRL and UPQ beta 0.1 / 0.01 / 0.001, seeds
+#                                                 # 1-3, 20k env steps, $JOBS runs at a time (default 2: one per core)
 #
-# Everything lands in results/evidence/: the agents (agents/, a checkpoint set) and one folder per run with its
-# eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside git ($CKPT, default runs/evidence).
+# Everything lands in results/evidence/: the agents (agents/, the resumable set; cql_agents/, its export) and one
+# folder per run with its eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside
+# git ($CKPT, default runs/evidence).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=results/evidence
@@ -23,7 +26,7 @@ CKPT=${CKPT:-runs/evidence}
 read -r -a extra <<< "${EXTRA:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-case ${STAGE:?STAGE=data, cql or finetune} in
+case ${STAGE:?STAGE=data, cql, export or finetune} in
 data)
   python make_dataset.py --env Hopper-v5 --kind medium-replay
   python - "$DATA" <<'EOF'
@@ -44,6 +47,9 @@ cql)
   python cql_pretrain.py --env "$DATA" --num-agents 4 --total-steps 60000 --bc-steps 10000 --eval-every 5000 \
     --save-every 1000 --log-every 1000 --save-dir $OUT/agents --run-dir $OUT/cql "${extra[@]}"
   ;;
+export)
+  python results/evidence/export_agents.py $OUT/agents $OUT/cql_agents
+  ;;
 finetune)
   jobs=()
   mkdir -p "$CKPT"
@@ -52,7 +58,7 @@ finetune)
       name=${method/:/_beta}_seed$seed
       script=${method%%:*}_finetune.py
       flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
-      python "$script" --env "$DATA" --checkpoints $OUT/agents --seed $seed --total-steps 20000 "${flags[@]}" \
+      python "$script" --env "$DATA" --checkpoints $OUT/cql_agents --seed $seed --total-steps 20000 "${flags[@]}" \
         --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" > "$CKPT/$name.log" 2>&1 &
       jobs+=($!)
       if (( ${#jobs[@]} >= ${JOBS:-2} )); then wait "${jobs[0]}"; jobs=("${jobs[@]:1}"); fi
