@@ -98,7 +98,7 @@ class Run:
     eval_every: int = 10_000
     """evaluate every this many gradient steps (and at the start and the end)"""
     eval_episodes: int = 5
-    """deterministic evaluation episodes per agent"""
+    """deterministic evaluation episodes per agent, and for their ensemble pi^E"""
     save_every: int = 50_000
     """write the checkpoint set every this many gradient steps (and at the end, and on Ctrl-C)"""
     log_every: int = 1_000
