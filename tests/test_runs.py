@@ -244,7 +244,8 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(run_script, two_runs, tiny_
                         "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     rows = read_rows(tmp_path / "run" / "eval.csv")
-    assert [row["step"] for row in rows] == [s for s in ("0", "4", "8", "12") for _ in range(3)]
+    assert [(row["step"], row["agent"]) for row in rows] == [(s, a) for s in ("0", "4", "8", "12")
+                                                             for a in ("0", "1", "2", "ensemble")]
     assert rows[-1]["return"] != "1.0"
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["resumed"][0]["at_step"] == 8 and config["args"]["total_steps"] == 8
