@@ -13,7 +13,8 @@
 #   STAGE=export bash results/evidence/run.sh    # the trained agents without Adam moments and random streams
 #                                                 # (export_agents.py): cql_agents/, the set kept in git
 #   STAGE=finetune bash results/evidence/run.sh  # from cql_agents/: Off2OnRL and UPQ beta 0.1 / 0.01 / 0.001, seeds
-#                                                 # 1-3, 20k env steps, $JOBS runs at a time (default 2: one per core)
+#                                                 # 1-3, 20k env steps, $JOBS runs at a time (default 2: one per core);
+#                                                 # run again, it resumes the runs whose checkpoints are in $CKPT
 #
 # Everything lands in results/evidence/: the agents (agents/, the resumable set; cql_agents/, its export) and one
 # folder per run with its eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside
@@ -58,8 +59,9 @@ finetune)
       name=${method/:/_beta}_seed$seed
       script=${method%%:*}_finetune.py
       flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
+      [[ -f $CKPT/$name/manifest.json ]] && flags+=(--resume)  # a run stopped or cut short continues; a done one stops
       python "$script" --env "$DATA" --checkpoints $OUT/cql_agents --seed $seed --total-steps 20000 "${flags[@]}" \
-        --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" > "$CKPT/$name.log" 2>&1 &
+        --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" >> "$CKPT/$name.log" 2>&1 &
       jobs+=($!)
       if (( ${#jobs[@]} >= ${JOBS:-2} )); then wait "${jobs[0]}"; jobs=("${jobs[@]:1}"); fi
     done
