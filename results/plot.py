@@ -13,7 +13,8 @@ seeds and a band of one standard deviation; the table gives mean ± std over see
 evaluation, in normalised score. --ensemble-level draws the fine-tuning runs' step-0 score (the
 pre-trained ensemble) as a level. --diagnostics adds, below each panel, the uncertainty U, Q^E and
 beta U / |y| of every fine-tuning series against env steps, from the metrics.csv beside each eval.csv (one
-row per panel).
+row per panel). --early-steps N adds a second table: each fine-tuning series' lowest score at env steps 1 .. N
+(the early drop), mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Args:
     """draw the mean step-0 score of each panel's fine-tuning runs (the pre-trained ensemble) as a dashed level"""
     diagnostics: bool = False
     """add rows for U, Q^E and beta U / |y| (metrics.csv of the fine-tuning runs) below the score curves"""
+    early_steps: int = 0
+    """if > 0, a second table: each fine-tuning series' lowest score at env steps 1 .. early_steps (the early drop
+    the paper reports for Off2OnRL), mean ± std over seeds"""
 
 
 DIAGNOSTICS = {"uncertainty": "U(s', a'), mean", "q_ensemble": "Q^E(s, a)", "penalty_fraction": "beta U / |y|"}
@@ -94,6 +98,20 @@ def parse_series(spec: str) -> tuple[str, str, list[str]]:
     return panel, label, files
 
 
+def markdown_table(panels: list[str], rows: list[tuple[str, str, np.ndarray]]) -> str:
+    """One line per panel, one column per label: mean ± std (n seeds) of each row's numbers."""
+    labels = list(dict.fromkeys(label for _, label, _ in rows))
+    cells = {(panel, label): values for panel, label, values in rows}
+    lines = ["| dataset | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
+    for panel in panels:
+        entries = []
+        for label in labels:
+            values = cells.get((panel, label))
+            entries.append("" if values is None else f"{values.mean():.1f} ± {values.std():.1f} (n={len(values)})")
+        lines.append(f"| {panel} | " + " | ".join(entries) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(args: Args) -> None:
     if not args.series:
         raise SystemExit("error: give at least one --series PANEL:LABEL=GLOB")
@@ -108,7 +126,7 @@ def main(args: Args) -> None:
     # one row of panels (Fig. 2); with --diagnostics one row per panel: the scores, then U, Q^E, beta U / |y|
     shape = (len(panels), len(kinds)) if args.diagnostics else (1, len(panels))
     figure, grid = plt.subplots(*shape, figsize=(4.6 * shape[1], 3.6 * shape[0]), squeeze=False)
-    rows = []
+    rows, early_rows = [], []  # (panel, label, one number per seed): the last evaluation; the lowest early one
     for column, (panel, curves) in enumerate(panels.items()):
         axes = grid[column] if args.diagnostics else [grid[0, column]]
         starts = [scores[0] for _, seeds in curves if not seeds[0][2] for _, scores, _ in seeds]
@@ -121,6 +139,9 @@ def main(args: Args) -> None:
             if seeds[0][2] or len(seeds[0][0]) < 2:  # pre-training (gradient steps) or one point: a level
                 axes[0].axhline(finals.mean(), linestyle="--", color="gray", label=f"{label} ({finals.mean():.1f})")
                 continue
+            early = [scores[(steps > 0) & (steps <= args.early_steps)] for steps, scores, _ in seeds]
+            if args.early_steps > 0 and all(len(values) for values in early):
+                early_rows.append((panel, label, np.array([values.min() for values in early])))
             draw_band(axes[0], [(steps, scores) for steps, scores, _ in seeds], label, f"C{index}")
             for axis, key in zip(axes[1:], kinds[1:]):
                 runs = [(m["step"], m[key]) for m in metrics[panel, label] if m is not None and key in m]
@@ -137,17 +158,12 @@ def main(args: Args) -> None:
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.figure, dpi=120)
 
-    labels = list(dict.fromkeys(label for _, label, _ in rows))
-    cells = {(panel, label): finals for panel, label, finals in rows}
-    lines = ["| dataset | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
-    for panel in panels:
-        entries = []
-        for label in labels:
-            finals = cells.get((panel, label))
-            entries.append("" if finals is None else f"{finals.mean():.1f} ± {finals.std():.1f} (n={len(finals)})")
-        lines.append(f"| {panel} | " + " | ".join(entries) + " |")
-    Path(args.table).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    tables = [markdown_table(list(panels), rows)]
+    if early_rows:
+        tables.append(f"Lowest score at env steps 1-{args.early_steps:,} (the early drop):\n\n"
+                      + markdown_table(list(panels), early_rows))
+    Path(args.table).write_text("\n".join(tables))
+    print("\n".join(tables))
     print(f"figure: {args.figure}; table: {args.table}")
 
 

@@ -29,6 +29,21 @@ def test_table_has_mean_and_std_over_seeds_of_the_last_evaluation(tmp_path):
     assert figure.stat().st_size > 1000 and figure.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_early_drop_table_takes_each_seeds_lowest_score_after_step_0_up_to_early_steps(tmp_path):
+    write_csv(tmp_path / "upq" / "s1" / "eval.csv", "step,return,normalized_score",
+              ["0,1,50.0", "1000,1,30.0", "2000,1,10.0", "3000,1,60.0"])
+    write_csv(tmp_path / "upq" / "s2" / "eval.csv", "step,return,normalized_score",
+              ["0,1,5.0", "1000,1,40.0", "2000,1,45.0", "3000,1,1.0"])  # step 0 and step 3000 lie outside
+    write_csv(tmp_path / "cql" / "eval.csv", "step,agent,return,normalized_score", ["0,0,1,1.0"])
+    table = tmp_path / "table.md"
+    plot.main(plot.Args(series=[f"hopper:CQL={tmp_path}/cql/eval.csv", f"hopper:UPQ={tmp_path}/upq/s*/eval.csv"],
+                        figure=str(tmp_path / "fig.png"), table=str(table), early_steps=2000))
+    lines = table.read_text().splitlines()
+    assert lines[2] == "| hopper | 1.0 ± 0.0 (n=1) | 30.5 ± 29.5 (n=2) |"  # the last evaluations
+    assert lines[4] == "Lowest score at env steps 1-2,000 (the early drop):"
+    assert lines[6:] == ["| dataset | UPQ |", "| --- | --- |", "| hopper | 25.0 ± 15.0 (n=2) |"]
+
+
 def test_a_series_that_matches_nothing_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="matches no file"):
         plot.main(plot.Args(series=[f"hopper:UPQ={tmp_path}/none/*.csv"], figure=str(tmp_path / "f.png"),
