@@ -6,15 +6,17 @@
 #                                                 # written in D4RL layout to results/evidence/hopper_medium_replay-v2.hdf5
 #                                                 # (17 MB, git-ignored: made again in 15 min, the same 90,761
 #                                                 # transitions, 727 episodes and mean return 329 on 2026-11-26 and -27)
-#   STAGE=cql bash results/evidence/run.sh       # 4 CQL agents, the paper's 2x256 networks, 60k steps (10k of them
-#                                                 # behaviour cloning, as the H100 run that reached 59.3 at 50k):
-#                                                 # ~2.5 min on an H100; on a CPU add EXTRA=--compile and continue
-#                                                 # across sessions with EXTRA="--compile --resume"
+#   STAGE=cql bash results/evidence/run.sh       # 4 CQL agents, the paper's 2x256 networks, $CQL_STEPS (default 40k)
+#                                                 # steps, 10k of them behaviour cloning: ~2 min on an H100; on a CPU
+#                                                 # add EXTRA=--compile, continue with EXTRA="--compile --resume".
+#                                                 # cql_agents/ is the step-40,000 set of such a run on this 2-core
+#                                                 # CPU (started with --total-steps 60000, stopped at 40,784: agents/)
 #   STAGE=export bash results/evidence/run.sh    # the trained agents without Adam moments and random streams
 #                                                 # (export_agents.py): cql_agents/, the set kept in git
 #   STAGE=finetune bash results/evidence/run.sh  # from cql_agents/: Off2OnRL and UPQ beta 0.1 / 0.01 / 0.001, seeds
 #                                                 # 1-3, 20k env steps, $JOBS runs at a time (default 2: one per core);
-#                                                 # run again, it resumes the runs whose checkpoints are in $CKPT
+#                                                 # run again, it skips the runs done and resumes those
+#                                                 # whose checkpoints are in $CKPT
 #
 # Everything lands in results/evidence/: the agents (agents/, the resumable set; cql_agents/, its export) and one
 # folder per run with its eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside
@@ -45,7 +47,7 @@ print(f"wrote {sys.argv[1]}: {len(data['rewards']):,} transitions")
 EOF
   ;;
 cql)
-  python cql_pretrain.py --env "$DATA" --num-agents 4 --total-steps 60000 --bc-steps 10000 --eval-every 5000 \
+  python cql_pretrain.py --env "$DATA" --num-agents 4 --total-steps "${CQL_STEPS:-40000}" --bc-steps 10000 --eval-every 5000 \
     --save-every 1000 --log-every 1000 --save-dir $OUT/agents --run-dir $OUT/cql "${extra[@]}"
   ;;
 export)
@@ -57,9 +59,10 @@ finetune)
   for seed in 1 2 3; do
     for method in off2on upq:0.1 upq:0.01 upq:0.001; do
       name=${method/:/_beta}_seed$seed
+      grep -q '^20000,' "$OUT/$name/eval.csv" 2>/dev/null && continue  # done: its last evaluation is logged
       script=${method%%:*}_finetune.py
       flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
-      [[ -f $CKPT/$name/manifest.json ]] && flags+=(--resume)  # a run stopped or cut short continues; a done one stops
+      [[ -f $CKPT/$name/manifest.json ]] && flags+=(--resume)  # a run stopped or cut short continues
       python "$script" --env "$DATA" --checkpoints $OUT/cql_agents --seed $seed --total-steps 20000 "${flags[@]}" \
         --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" >> "$CKPT/$name.log" 2>&1 &
       jobs+=($!)
