@@ -13,7 +13,7 @@ seeds and a band of one standard deviation; the table gives mean ± std over see
 evaluation, in normalised score. --ensemble-level draws the fine-tuning runs' step-0 score (the
 pre-trained ensemble) as a level. --diagnostics adds, below each panel, the uncertainty U, Q^E and
 beta U / |y| of every fine-tuning series against env steps, from the metrics.csv beside each eval.csv (one
-row per panel). --early-steps N adds a second table: each fine-tuning series' lowest score at env steps 1 .. N
+row per panel). --final-evals K averages each fine-tuning seed's last K evaluations. --early-steps N adds a second table: each fine-tuning series' lowest score at env steps 1 .. N
 (the early drop), mean ± std over seeds.
 """
 
@@ -45,6 +45,9 @@ class Args:
     """draw the mean step-0 score of each panel's fine-tuning runs (the pre-trained ensemble) as a dashed level"""
     diagnostics: bool = False
     """add rows for U, Q^E and beta U / |y| (metrics.csv of the fine-tuning runs) below the score curves"""
+    final_evals: int = 1
+    """a fine-tuning seed's final score: the mean of its last this many evaluations (1: the last one; more steadies a
+    5-episode evaluation); a pre-training file always gives its last"""
     early_steps: int = 0
     """if > 0, a second table: each fine-tuning series' lowest score at env steps 1 .. early_steps (the early drop
     the paper reports for Off2OnRL), mean ± std over seeds"""
@@ -115,6 +118,9 @@ def markdown_table(panels: list[str], rows: list[tuple[str, str, np.ndarray]]) -
 def main(args: Args) -> None:
     if not args.series:
         raise SystemExit("error: give at least one --series PANEL:LABEL=GLOB")
+    if args.final_evals < 1 or args.early_steps < 0:
+        raise SystemExit(f"error: --final-evals must be >= 1 and --early-steps >= 0, not {args.final_evals} and "
+                         f"{args.early_steps}")
     panels: dict[str, list] = defaultdict(list)
     for spec in args.series:
         panel, label, files = parse_series(spec)
@@ -134,7 +140,8 @@ def main(args: Args) -> None:
             axes[0].axhline(np.mean(starts), linestyle=":", color="black",
                             label=f"pre-trained ensemble, step 0 ({np.mean(starts):.1f})")
         for index, (label, seeds) in enumerate(curves):
-            finals = np.array([scores[-1] for _, scores, _ in seeds])
+            finals = np.array([scores[-1] if pretraining else scores[-args.final_evals:].mean()
+                               for _, scores, pretraining in seeds])
             rows.append((panel, label, finals))
             if seeds[0][2] or len(seeds[0][0]) < 2:  # pre-training (gradient steps) or one point: a level
                 axes[0].axhline(finals.mean(), linestyle="--", color="gray", label=f"{label} ({finals.mean():.1f})")
@@ -158,7 +165,8 @@ def main(args: Args) -> None:
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.figure, dpi=120)
 
-    tables = [markdown_table(list(panels), rows)]
+    tables = [("" if args.final_evals == 1 else f"Mean of the last {args.final_evals} evaluations:\n\n")
+              + markdown_table(list(panels), rows)]
     if early_rows:
         tables.append(f"Lowest score at env steps 1-{args.early_steps:,} (the early drop):\n\n"
                       + markdown_table(list(panels), early_rows))

@@ -29,7 +29,7 @@ def test_table_has_mean_and_std_over_seeds_of_the_last_evaluation(tmp_path):
     assert figure.stat().st_size > 1000 and figure.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_early_drop_table_takes_each_seeds_lowest_score_after_step_0_up_to_early_steps(tmp_path):
+def test_early_drop_and_final_evals_tables(tmp_path):
     write_csv(tmp_path / "upq" / "s1" / "eval.csv", "step,return,normalized_score",
               ["0,1,50.0", "1000,1,30.0", "2000,1,10.0", "3000,1,60.0"])
     write_csv(tmp_path / "upq" / "s2" / "eval.csv", "step,return,normalized_score",
@@ -42,6 +42,19 @@ def test_early_drop_table_takes_each_seeds_lowest_score_after_step_0_up_to_early
     assert lines[2] == "| hopper | 1.0 ± 0.0 (n=1) | 30.5 ± 29.5 (n=2) |"  # the last evaluations
     assert lines[4] == "Lowest score at env steps 1-2,000 (the early drop):"
     assert lines[6:] == ["| dataset | UPQ |", "| --- | --- |", "| hopper | 25.0 ± 15.0 (n=2) |"]
+
+    plot.main(plot.Args(series=[f"hopper:CQL={tmp_path}/cql/eval.csv", f"hopper:UPQ={tmp_path}/upq/s*/eval.csv"],
+                        figure=str(tmp_path / "fig.png"), table=str(table), final_evals=2))
+    lines = table.read_text().splitlines()  # seeds: (10 + 60) / 2 = 35 and (45 + 1) / 2 = 23; CQL: its last row
+    assert lines[0] == "Mean of the last 2 evaluations:"
+    assert lines[4] == "| hopper | 1.0 ± 0.0 (n=1) | 29.0 ± 6.0 (n=2) |"
+
+
+def test_final_evals_below_one_is_refused(tmp_path):
+    write_csv(tmp_path / "upq" / "eval.csv", "step,return,normalized_score", ["0,1,5.0"])
+    with pytest.raises(SystemExit, match="--final-evals must be >= 1"):
+        plot.main(plot.Args(series=[f"hopper:UPQ={tmp_path}/upq/eval.csv"], figure=str(tmp_path / "f.png"),
+                            table=str(tmp_path / "t.md"), final_evals=0))
 
 
 def test_a_series_that_matches_nothing_is_refused(tmp_path):

@@ -71,7 +71,7 @@ finetune)
   done
   for job in "${jobs[@]}"; do wait "$job"; done
   python results/plot.py --figure $OUT/fig2.png --table $OUT/table.md --ensemble-level --diagnostics \
-    --early-steps 5000 --series \
+    --final-evals 5 --early-steps 5000 --series \
     "Hopper medium-replay:CQL agents=$OUT/cql/eval.csv" \
     "Hopper medium-replay:Off2OnRL=$OUT/off2on_seed*/eval.csv" \
     "Hopper medium-replay:UPQ beta 0.1=$OUT/upq_beta0.1_seed*/eval.csv" \
