@@ -62,7 +62,8 @@ finetune)
       grep -q '^20000,' "$OUT/$name/eval.csv" 2>/dev/null && continue  # done: its last evaluation is logged
       script=${method%%:*}_finetune.py
       flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
-      [[ -f $CKPT/$name/manifest.json ]] && flags+=(--resume)  # a run stopped or cut short continues
+      if [[ -f $CKPT/$name/manifest.json ]]; then flags+=(--resume)  # a run stopped or cut short continues
+      elif [[ -f $OUT/$name/eval.csv ]]; then flags+=(--overwrite); fi  # one killed before its first save restarts
       python "$script" --env "$DATA" --checkpoints $OUT/cql_agents --seed $seed --total-steps 20000 "${flags[@]}" \
         --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" >> "$CKPT/$name.log" 2>&1 &
       jobs+=($!)
