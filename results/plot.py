@@ -13,8 +13,9 @@ seeds and a band of one standard deviation; the table gives mean ± std over see
 evaluation, in normalised score. --ensemble-level draws the fine-tuning runs' step-0 score (the
 pre-trained ensemble) as a level. --diagnostics adds, below each panel, the uncertainty U, Q^E and
 beta U / |y| of every fine-tuning series against env steps, from the metrics.csv beside each eval.csv (one
-row per panel). --final-evals K averages each fine-tuning seed's last K evaluations. --early-steps N adds a second table: each fine-tuning series' lowest score at env steps 1 .. N
-(the early drop), mean ± std over seeds.
+row per panel). --final-evals K averages each fine-tuning seed's last K evaluations. --early-steps N
+adds a second table: each fine-tuning series' lowest score at env steps 1 .. N (the early drop), mean ±
+std over seeds.
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ def main(args: Args) -> None:
             if seeds[0][2] or len(seeds[0][0]) < 2:  # pre-training (gradient steps) or one point: a level
                 axes[0].axhline(finals.mean(), linestyle="--", color="gray", label=f"{label} ({finals.mean():.1f})")
                 continue
-            early = [scores[(steps > 0) & (steps <= args.early_steps)] for steps, scores, _ in seeds]
-            if args.early_steps > 0 and all(len(values) for values in early):
-                early_rows.append((panel, label, np.array([values.min() for values in early])))
+            if args.early_steps > 0:
+                early = [scores[(steps > 0) & (steps <= args.early_steps)] for steps, scores, _ in seeds]
+                if all(len(values) for values in early):
+                    early_rows.append((panel, label, np.array([values.min() for values in early])))
             draw_band(axes[0], [(steps, scores) for steps, scores, _ in seeds], label, f"C{index}")
             for axis, key in zip(axes[1:], kinds[1:]):
                 runs = [(m["step"], m[key]) for m in metrics[panel, label] if m is not None and key in m]
