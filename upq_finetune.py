@@ -1065,8 +1065,8 @@ def prepare_folders(run, default_save_dir: str, default_run_dir: str, agent_form
                     run_state_format: str | None = None) -> tuple[Path, Path, tuple[dict, dict] | None]:
     """--save-dir and --run-dir, checked before anything is loaded: a fresh run refuses a save dir that holds a set
     or a run dir that holds an eval.csv unless --overwrite (the old set is replaced at the first save); both are
-    probed for writing (and created when first written). --resume: the run dir defaults to the saved run's, a save cut short is completed,
-    and the saved set comes back as (manifest, {file name: checkpoint})."""
+    probed for writing (and created when first written). --resume: the run dir defaults to the saved run's, a save
+    cut short is completed, and the saved set comes back as (manifest, {file name: checkpoint})."""
     save_dir = Path(run.save_dir or default_save_dir)
     if run.resume and run.overwrite:
         fail("--resume and --overwrite exclude each other")

@@ -309,7 +309,8 @@ def test_smoke_run_writes_checkpoints_and_eval_csv(trained):
     root, stdout = trained
     assert sorted(p.name for p in (root / "a").iterdir()) == ["agent_0.pt", "agent_1.pt", "manifest.json"]
     rows = read_rows(root / "run_a" / "eval.csv")
-    assert [(r["step"], r["agent"]) for r in rows] == [(s, a) for s in ("0", "20", "30") for a in ("0", "1", "ensemble")]
+    assert [(r["step"], r["agent"]) for r in rows] == [(s, a) for s in ("0", "20", "30")
+                                                       for a in ("0", "1", "ensemble")]
     low, high = cql.D4RL_REF_SCORES["hopper"]
     for row in rows:
         assert float(row["normalized_score"]) == pytest.approx(100 * (float(row["return"]) - low) / (high - low), abs=1e-2)
