@@ -558,21 +558,14 @@ def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, devic
     """Undiscounted returns [episodes] of the deterministic ensemble policy tanh(mean of pi^E), in lockstep; with
     video_dir, recorded there."""
     num_members = actor.net[0].weight.shape[0]
-    envs = [make_eval_env(env_id, video_dir, f"eval{e}") for e in range(episodes)]
-    obs = np.stack([env.reset(seed=seed + e)[0] for e, env in enumerate(envs)])
-    returns = np.zeros(episodes)
-    running = np.ones(episodes, dtype=bool)
-    while running.any():
+
+    def act(obs: np.ndarray) -> np.ndarray:
         states = torch.as_tensor(obs, dtype=torch.float32, device=device)
         mean, _ = ensemble_policy(*actor(states.expand(num_members, -1, -1)))  # [episodes, A]
-        actions = torch.tanh(mean).cpu().numpy()
-        for e in np.flatnonzero(running):
-            obs[e], reward, terminated, truncated, _ = envs[e].step(actions[e])
-            returns[e] += reward
-            running[e] = not (terminated or truncated)
-    for env in envs:
-        env.close()
-    return returns
+        return torch.tanh(mean).cpu().numpy()
+
+    envs = [make_eval_env(env_id, video_dir, f"eval{e}") for e in range(episodes)]
+    return lockstep_returns(envs, [seed + e for e in range(episodes)], act)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1251,6 +1244,23 @@ def make_eval_env(env_id: str, video_dir: Path | None, name: str) -> gym.Env:
         warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
         return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), str(video_dir), name_prefix=name,
                                         episode_trigger=lambda episode: True, disable_logger=True)
+
+
+def lockstep_returns(envs: list[gym.Env], seeds: list[int], act) -> np.ndarray:
+    """Undiscounted returns [E] of one episode in each env (reset with its seed), all stepped together: one call of
+    act(observations [E, obs]) -> actions [E, A] per step; the envs are closed at the end."""
+    obs = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
+    returns = np.zeros(len(envs))
+    running = np.ones(len(envs), dtype=bool)
+    while running.any():
+        actions = act(obs)
+        for e in np.flatnonzero(running):
+            obs[e], reward, terminated, truncated, _ = envs[e].step(actions[e])
+            returns[e] += reward
+            running[e] = not (terminated or truncated)
+    for env in envs:
+        env.close()
+    return returns
 
 
 def agent_slices(k: int) -> dict[str, slice]:
