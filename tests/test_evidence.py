@@ -1,7 +1,9 @@
-"""results/evidence/export_agents.py: the agents kept in git are the trained agents without what only resuming needs."""
+"""results/evidence/: export_agents.py keeps the trained agents without what only resuming needs; final_eval.py scores
+fine-tuned sets as their runs evaluate them."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,9 +11,16 @@ import torch
 
 from conftest import REPO, assert_refused, read_rows
 
-spec = importlib.util.spec_from_file_location("export_agents", REPO / "results" / "evidence" / "export_agents.py")
-export_agents = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(export_agents)
+
+
+def load_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "results" / "evidence" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_agents, final_eval = load_module("export_agents"), load_module("final_eval")
 
 
 def test_export_keeps_every_weight_and_fine_tuning_from_it_is_the_same_run(run_script, tiny_hopper_hdf5,
@@ -62,3 +71,50 @@ def test_export_refuses_a_folder_that_holds_a_set(tiny_cql_checkpoints):
     with pytest.raises(SystemExit, match="already holds a checkpoint set"):
         export_agents.export(tiny_cql_checkpoints, tiny_cql_checkpoints)
     assert {path.name: path.read_bytes() for path in tiny_cql_checkpoints.iterdir()} == before
+
+
+def test_final_eval_reproduces_each_runs_last_evaluation_and_tabulates_by_method(run_script, tiny_hopper_hdf5,
+                                                                                  tiny_cql_checkpoints, tmp_path):
+    flags = ["--env", tiny_hopper_hdf5, "--checkpoints", tiny_cql_checkpoints, "--steps-per-epoch", "10",
+             "--total-steps", "20", "--batch-size", "32", "--eval-episodes", "3", "--seed", "4",
+             "--density-ratio-hidden-sizes", "16", "16"]
+    for script, extra in (("off2on_finetune.py", []), ("upq_finetune.py", ["--beta", "0.5"])):
+        name = script.split("_")[0]
+        result = run_script(script, *flags, *extra, "--save-dir", tmp_path / "sets" / name, "--run-dir",
+                            tmp_path / f"run_{name}")
+        assert result.returncode == 0, result.stderr
+    # the runs' own evaluation seeds (--seed + 10,000 + e) and episode count give back their last eval.csv rows
+    result = run_script("results/evidence/final_eval.py", "--sets", tmp_path / "sets" / "*", "--episodes", "3",
+                        "--eval-seed", "10004", "--csv", tmp_path / "final.csv", "--table", tmp_path / "final.md")
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(tmp_path / "final.csv")
+    assert [(row["method"], row["seed"], row["env_steps"]) for row in rows] == [("Off2OnRL", "4", "20"),
+                                                                              ("UPQ beta = 0.5", "4", "20")]
+    for row, name in zip(rows, ("off2on", "upq")):
+        last = read_rows(tmp_path / f"run_{name}" / "eval.csv")[-1]
+        assert (row["return_mean"], row["normalized_mean"]) == (last["return"], last["normalized_score"])
+    table = (tmp_path / "final.md").read_text()
+    for row in rows:  # one seed each: no spread; standard error = std over the 3 episodes / sqrt(3)
+        error = float(row["normalized_std"]) / 3 ** 0.5
+        assert f"| {row['method']} | 20 | 4 | {float(row['normalized_mean']):.1f} ± 0.0 | {error:.1f} |" in table
+
+    assert_refused(run_script("results/evidence/final_eval.py", "--sets", tiny_cql_checkpoints.parent / "run"),
+                   "holds no checkpoint set")
+    assert_refused(run_script("results/evidence/final_eval.py", "--sets", tiny_cql_checkpoints),
+                   "is not a upq-finetuned-agent-v2 checkpoint")
+    assert_refused(run_script("results/evidence/final_eval.py", "--sets", tmp_path / "sets" / "*", "--episodes",
+                              "0"), "--episodes must be >= 1")
+
+
+def test_final_eval_table_is_mean_and_std_over_seeds_and_refuses_mixed_steps():
+    def row(method, seed, mean, std, steps=1000):
+        return dict(method=method, seed=seed, env_steps=steps, episodes=4, normalized_mean=mean, normalized_std=std)
+
+    table = final_eval.method_table([row("Off2OnRL", 1, 10.0, 4.0), row("UPQ beta = 0.1", 1, 50.0, 2.0),
+                                     row("Off2OnRL", 2, 20.0, 6.0)])
+    # Off2OnRL: mean 15, std (ddof 1) of 10 and 20 = 7.07; standard errors 4 / 2 and 6 / 2, mean 2.5
+    assert "| Off2OnRL | 1,000 | 1, 2 | 15.0 ± 7.1 | 2.5 |" in table
+    assert "| UPQ beta = 0.1 | 1,000 | 1 | 50.0 ± 0.0 | 1.0 |" in table
+    assert table.index("Off2OnRL") < table.index("UPQ")
+    with pytest.raises(SystemExit, match="different env steps"):
+        final_eval.method_table([row("Off2OnRL", 1, 10.0, 4.0), row("Off2OnRL", 2, 20.0, 6.0, steps=2000)])
