@@ -16,7 +16,8 @@
 #   STAGE=finetune bash results/evidence/run.sh  # from cql_agents/: Off2OnRL and UPQ beta 0.1 / 0.01 / 0.001, seeds
 #                                                 # 1-3, 20k env steps, $JOBS runs at a time (default 2: one per core);
 #                                                 # run again, it skips the runs done and resumes those
-#                                                 # whose checkpoints are in $CKPT
+#                                                 # whose checkpoints are in $CKPT; then fig2.png, table.md
+#                                                 # and final_eval.csv / .md (each run's last pi^E, 100 episodes)
 #
 # Everything lands in results/evidence/: the agents (agents/, the resumable set; cql_agents/, its export) and one
 # folder per run with its eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside
@@ -78,5 +79,7 @@ finetune)
     "Hopper medium-replay:UPQ beta 0.1=$OUT/upq_beta0.1_seed*/eval.csv" \
     "Hopper medium-replay:UPQ beta 0.01=$OUT/upq_beta0.01_seed*/eval.csv" \
     "Hopper medium-replay:UPQ beta 0.001=$OUT/upq_beta0.001_seed*/eval.csv"
+  python results/evidence/final_eval.py --episodes 100 --csv $OUT/final_eval.csv --table $OUT/final_eval.md \
+    --sets "$CKPT/off2on_seed*" "$CKPT/upq_beta0.1_seed*" "$CKPT/upq_beta0.01_seed*" "$CKPT/upq_beta0.001_seed*"
   ;;
 esac
