@@ -18,6 +18,7 @@
 #                                                 # run again, it skips the runs done and resumes those
 #                                                 # whose checkpoints are in $CKPT; then fig2.png, table.md
 #                                                 # and final_eval.csv / .md (each run's last pi^E, 100 episodes)
+#                                                 # (SEEDS="4 5" METHODS="off2on upq:0.1": more seeds of some)
 #
 # Everything lands in results/evidence/: the agents (agents/, the resumable set; cql_agents/, its export) and one
 # folder per run with its eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside
@@ -57,8 +58,8 @@ export)
 finetune)
   jobs=()
   mkdir -p "$CKPT"
-  for seed in 1 2 3; do
-    for method in off2on upq:0.1 upq:0.01 upq:0.001; do
+  for seed in ${SEEDS:-1 2 3}; do
+    for method in ${METHODS:-off2on upq:0.1 upq:0.01 upq:0.001}; do
       name=${method/:/_beta}_seed$seed
       grep -q '^20000,' "$OUT/$name/eval.csv" 2>/dev/null && continue  # done: its last evaluation is logged
       script=${method%%:*}_finetune.py
