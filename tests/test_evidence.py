@@ -112,8 +112,9 @@ def test_final_eval_table_is_mean_and_std_over_seeds_and_refuses_mixed_steps():
 
     table = final_eval.method_table([row("Off2OnRL", 1, 10.0, 4.0), row("UPQ beta = 0.1", 1, 50.0, 2.0),
                                      row("Off2OnRL", 2, 20.0, 6.0)])
-    # Off2OnRL: mean 15, std (ddof 1) of 10 and 20 = 7.07; standard errors 4 / 2 and 6 / 2, mean 2.5
-    assert "| Off2OnRL | 1,000 | 1, 2 | 15.0 ± 7.1 | 2.5 |" in table
+    # Off2OnRL: mean 15, std over seeds (ddof 0, as results/plot.py) of 10 and 20 = 5; standard errors 4 / 2 and
+    # 6 / 2 (the std over 4 episodes / sqrt 4), mean 2.5
+    assert "| Off2OnRL | 1,000 | 1, 2 | 15.0 ± 5.0 | 2.5 |" in table
     assert "| UPQ beta = 0.1 | 1,000 | 1 | 50.0 ± 0.0 | 1.0 |" in table
     assert table.index("Off2OnRL") < table.index("UPQ")
     with pytest.raises(SystemExit, match="different env steps"):

@@ -72,13 +72,15 @@ def evaluate_set(set_folder: Path, episodes: int, eval_seed: int) -> dict:
     data = ft.load_offline_data(meta["dataset_id"], meta["args"]["gym_env"])  # the run's env and score references
     returns = ft.evaluate_ensemble(actor, data.gym_env_id, episodes, eval_seed, torch.device("cpu"))
     scores = ft.normalized_score(returns, data.ref_min_score, data.ref_max_score)
+    spread = scores.std(ddof=1) if episodes > 1 else 0.0  # the sample std: its / sqrt(episodes) is the standard error
     return dict(set=str(set_folder), method=method_of(meta), seed=meta["args"]["seed"], env_steps=meta["env_steps"],
                 episodes=episodes, eval_seed=eval_seed, return_mean=f"{returns.mean():.3f}",
-                normalized_mean=f"{scores.mean():.3f}", normalized_std=f"{scores.std(ddof=1) if episodes > 1 else 0:.3f}")
+                normalized_mean=f"{scores.mean():.3f}", normalized_std=f"{spread:.3f}")
 
 
 def method_table(rows: list[dict]) -> str:
-    """Markdown: per method, in order of appearance, mean ± std over seeds and the mean standard error over episodes."""
+    """Markdown: per method, in order of appearance, mean ± std over seeds (ddof 0, as results/plot.py) and the runs'
+    mean standard error over episodes."""
     by_method = defaultdict(list)
     for row in rows:
         by_method[row["method"]].append(row)
@@ -91,12 +93,12 @@ def method_table(rows: list[dict]) -> str:
                     f"a time")
         means = np.array([float(run["normalized_mean"]) for run in runs])
         errors = [float(run["normalized_std"]) / np.sqrt(int(run["episodes"])) for run in runs]
-        spread = means.std(ddof=1) if len(means) > 1 else 0.0
         lines.append(f"| {method} | {steps[0]:,} | {', '.join(str(run['seed']) for run in runs)} | "
-                     f"{means.mean():.1f} ± {spread:.1f} | {np.mean(errors):.1f} |")
+                     f"{means.mean():.1f} ± {means.std():.1f} | {np.mean(errors):.1f} |")
     episodes = sorted({int(row["episodes"]) for row in rows})
     return "\n".join(lines) + (f"\n\nEach run's pi^E as it ended, {'/'.join(map(str, episodes))} episodes from the "
-                               f"same start states (results/evidence/final_eval.py); std over seeds with ddof 1.\n")
+                               f"same start states (results/evidence/final_eval.py); std over seeds with ddof 0, as in "
+                               f"table.md.\n")
 
 
 def write_atomically(path: Path, text: str) -> None:
