@@ -4,13 +4,11 @@ fine-tuned sets as their runs evaluate them."""
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, assert_refused, read_rows
-
 
 
 def load_module(name: str):

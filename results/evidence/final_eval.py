@@ -2,8 +2,8 @@
 
     python results/evidence/final_eval.py --sets "runs/evidence/*" --episodes 100
 
-A fine-tuning run's eval.csv rows average 5 episodes each, and on Hopper one episode may run to 1,000 steps or fall
-after 50, so a row moves by tens of points from one epoch to the next. This loads each fine-tuning checkpoint set
+A fine-tuning run's eval.csv rows average 5 episodes each of the policy of that epoch. To tell how much of a row is
+the evaluation and how much the policy, and to compare runs on more than 5 episodes, this loads each checkpoint set
 (the --save-dir of off2on_finetune.py / upq_finetune.py), rebuilds the ensemble policy pi^E (Eq. 3) exactly as the run
 evaluates it (deterministic action tanh of pi^E's mean) and plays --episodes episodes of the run's env, episode e
 from env seed --eval-seed + e: the same start states for every set, so the methods are compared on equal terms.
