@@ -47,8 +47,8 @@ class Args:
     diagnostics: bool = False
     """add rows for U, Q^E and beta U / |y| (metrics.csv of the fine-tuning runs) below the score curves"""
     final_evals: int = 1
-    """a fine-tuning seed's final score: the mean of its last this many evaluations (1: the last one; more steadies a
-    5-episode evaluation); a pre-training file always gives its last"""
+    """a fine-tuning seed's final score: the mean of its last this many evaluations (1: the last one; more averages
+    over the policy's changes from epoch to epoch); a pre-training file always gives its last"""
     early_steps: int = 0
     """if > 0, a second table: each fine-tuning series' lowest score at env steps 1 .. early_steps (the early drop
     the paper reports for Off2OnRL), mean ± std over seeds"""

@@ -14,6 +14,7 @@ seeds of each run's mean normalised score, and the mean standard error of one ru
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import os
@@ -56,8 +57,7 @@ def load_policy(set_folder: Path) -> tuple[ft.Actor, dict]:
     """pi^E's members as the set holds them (the actor of each agent_k.pt, in order) and agent 0's meta."""
     if not ft.holds_a_set(set_folder):
         ft.fail(f"{set_folder} holds no checkpoint set (no manifest.json): give the --save-dir of a fine-tuning run")
-    paths = sorted((path for name, path in ft.read_set(set_folder)[1].items() if name.startswith("agent_")),
-                   key=lambda path: int(path.stem.split("_")[1]))
+    paths = ft.agent_paths((str(set_folder),), set_folder, None)  # agent_k.pt in order, as fine-tuning reads
     agents = [ft.load_checkpoint(path, ft.FINETUNED_FORMAT) for path in paths]
     ft.check_one_set(paths, agents)
     meta = agents[0]["meta"]
@@ -66,12 +66,19 @@ def load_policy(set_folder: Path) -> tuple[ft.Actor, dict]:
     return actor, meta
 
 
+@functools.cache
+def env_and_references(dataset_id: str, gym_env: str | None) -> tuple[str, float | None, float | None]:
+    """The run's env and score references, as fine-tuning resolved them from its --env (read once per dataset)."""
+    data = ft.load_offline_data(dataset_id, gym_env)
+    return data.gym_env_id, data.ref_min_score, data.ref_max_score
+
+
 def evaluate_set(set_folder: Path, episodes: int, eval_seed: int) -> dict:
     """One --csv row: the set's pi^E over `episodes` episodes from env seeds eval_seed, eval_seed + 1, ..."""
     actor, meta = load_policy(set_folder)
-    data = ft.load_offline_data(meta["dataset_id"], meta["args"]["gym_env"])  # the run's env and score references
-    returns = ft.evaluate_ensemble(actor, data.gym_env_id, episodes, eval_seed, torch.device("cpu"))
-    scores = ft.normalized_score(returns, data.ref_min_score, data.ref_max_score)
+    env_id, ref_min, ref_max = env_and_references(meta["dataset_id"], meta["args"]["gym_env"])
+    returns = ft.evaluate_ensemble(actor, env_id, episodes, eval_seed, torch.device("cpu"))
+    scores = ft.normalized_score(returns, ref_min, ref_max)
     spread = scores.std(ddof=1) if episodes > 1 else 0.0  # the sample std: its / sqrt(episodes) is the standard error
     return dict(set=str(set_folder), method=method_of(meta), seed=meta["args"]["seed"], env_steps=meta["env_steps"],
                 episodes=episodes, eval_seed=eval_seed, return_mean=f"{returns.mean():.3f}",
