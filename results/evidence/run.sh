@@ -19,6 +19,9 @@
 #                                                 # whose checkpoints are in $CKPT; then fig2.png, table.md
 #                                                 # and final_eval.csv / .md (each run's last pi^E, 100 episodes)
 #                                                 # (SEEDS="4 5" METHODS="off2on upq:0.1": more seeds of some)
+#   STEPS=200000 SUB=budget200k/ SEEDS="1 2 3" METHODS="off2on upq:0.001" STAGE=finetune bash results/evidence/run.sh
+#                                                 # the paper's online budget (200 epochs): runs in $OUT/budget200k/
+#                                                 # (PLOT_METHODS="off2on upq:0.001": the figure's and tables' methods)
 #
 # Everything lands in results/evidence/: the agents (agents/, the resumable set; cql_agents/, its export) and one
 # folder per run with its eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside
@@ -28,6 +31,8 @@ cd "$(dirname "$0")/../.."
 OUT=results/evidence
 DATA=$OUT/hopper_medium_replay-v2.hdf5
 CKPT=${CKPT:-runs/evidence}
+STEPS=${STEPS:-20000}   # env steps of fine-tuning (the paper: 200,000)
+SUB=${SUB:-}            # a subfolder of $OUT and $CKPT for the runs (e.g. budget200k/)
 read -r -a extra <<< "${EXTRA:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -57,30 +62,32 @@ export)
   ;;
 finetune)
   jobs=()
-  mkdir -p "$CKPT"
+  RUNS=$OUT/$SUB
+  mkdir -p "$CKPT/$SUB" "$RUNS"
   for seed in ${SEEDS:-1 2 3}; do
     for method in ${METHODS:-off2on upq:0.1 upq:0.01 upq:0.001}; do
-      name=${method/:/_beta}_seed$seed
-      grep -q '^20000,' "$OUT/$name/eval.csv" 2>/dev/null && continue  # done: its last evaluation is logged
+      name=$SUB${method/:/_beta}_seed$seed
+      grep -q "^$STEPS," "$OUT/$name/eval.csv" 2>/dev/null && continue  # done: its last evaluation is logged
       script=${method%%:*}_finetune.py
       flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
       if [[ -f $CKPT/$name/manifest.json ]]; then flags+=(--resume)  # a run stopped or cut short continues
       elif [[ -f $OUT/$name/eval.csv ]]; then flags+=(--overwrite); fi  # one killed before its first save restarts
-      python "$script" --env "$DATA" --checkpoints $OUT/cql_agents --seed $seed --total-steps 20000 "${flags[@]}" \
+      python "$script" --env "$DATA" --checkpoints $OUT/cql_agents --seed $seed --total-steps "$STEPS" "${flags[@]}" \
         --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" >> "$CKPT/$name.log" 2>&1 &
       jobs+=($!)
       if (( ${#jobs[@]} >= ${JOBS:-2} )); then wait "${jobs[0]}"; jobs=("${jobs[@]:1}"); fi
     done
   done
   for job in "${jobs[@]}"; do wait "$job"; done
-  python results/plot.py --figure $OUT/fig2.png --table $OUT/table.md --ensemble-level --diagnostics \
-    --final-evals 5 --early-steps 5000 --series \
-    "Hopper medium-replay:CQL agents=$OUT/cql/eval.csv" \
-    "Hopper medium-replay:Off2OnRL=$OUT/off2on_seed*/eval.csv" \
-    "Hopper medium-replay:UPQ beta 0.1=$OUT/upq_beta0.1_seed*/eval.csv" \
-    "Hopper medium-replay:UPQ beta 0.01=$OUT/upq_beta0.01_seed*/eval.csv" \
-    "Hopper medium-replay:UPQ beta 0.001=$OUT/upq_beta0.001_seed*/eval.csv"
-  python results/evidence/final_eval.py --episodes 100 --csv $OUT/final_eval.csv --table $OUT/final_eval.md \
-    --sets "$CKPT/off2on_seed*" "$CKPT/upq_beta0.1_seed*" "$CKPT/upq_beta0.01_seed*" "$CKPT/upq_beta0.001_seed*"
+  series=("Hopper medium-replay:CQL agents=$OUT/cql/eval.csv"); sets=()
+  for method in ${PLOT_METHODS:-off2on upq:0.1 upq:0.01 upq:0.001}; do  # the methods of the figure and tables
+    label=Off2OnRL; [[ $method == upq:* ]] && label="UPQ beta ${method#upq:}"
+    series+=("Hopper medium-replay:$label=${RUNS}${method/:/_beta}_seed*/eval.csv")
+    sets+=("$CKPT/$SUB${method/:/_beta}_seed*")
+  done
+  python results/plot.py --figure "${RUNS}fig2.png" --table "${RUNS}table.md" --ensemble-level --diagnostics \
+    --final-evals 5 --early-steps 5000 --series "${series[@]}"
+  python results/evidence/final_eval.py --episodes 100 --csv "${RUNS}final_eval.csv" --table "${RUNS}final_eval.md" \
+    --sets "${sets[@]}"
   ;;
 esac
