@@ -17,8 +17,9 @@ Where each piece of Eq. (1) lives in this file:
     one gradient step of all N agents                                cql_losses, cql_update
     the training loop                                                main
 
-Writes agent_0.pt ... agent_{N-1}.pt to --save-dir (default checkpoints/<env>__seed<seed>) as one set
-(manifest.json) that --resume continues and off2on_finetune.py / upq_finetune.py read; <run-dir> (default
+Writes checkpoint.pt to --save-dir (default checkpoints/<env>__seed<seed>): the N agents stacked (agent k = actor
+member k, critics 2k and 2k + 1) with the Adam moments and random streams that --resume continues; off2on_finetune.py
+and upq_finetune.py start from it. <run-dir> (default
 runs/<exp-name>__<env>__<seed>__<time>) holds eval.csv (every --eval-every steps each agent's score, and in the row
 with agent `ensemble` the score of their ensemble pi^E, the policy fine-tuning starts from), metrics.csv, train.log
 and config.json. SPEC.md section 1 gives every default and its source.
@@ -26,18 +27,22 @@ and config.json. SPEC.md section 1 gives every default and its source.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
+import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+import urllib.request
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -106,7 +111,7 @@ class Run:
     exp_name: str = "cql_pretrain"
     """prefix of the run folder's name, runs/<exp-name>__<env>__<seed>__<time> (CleanRL)"""
     save_dir: str | None = None
-    """where agent_0.pt ... agent_{N-1}.pt go (default checkpoints/<env>__seed<seed>, where the fine-tuning scripts look)"""
+    """where checkpoint.pt goes (default checkpoints/<env>__seed<seed>, where the fine-tuning scripts look)"""
     run_dir: str | None = None
     """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>; with --resume, the saved run's)"""
     resume: bool = False
@@ -140,7 +145,7 @@ class Args:
 
 
 PROJECT_VERSION = "0.2.0"
-CQL_FORMAT = "upq-cql-agent-v2"
+CQL_FORMAT = "upq-cql-v3"  # what this script writes and the fine-tuning scripts read
 CUDA_GRAPH_WARMUP = 3  # eager updates at the start of each phase (BC warm-up, CQL) before its step is recorded as a CUDA graph
 
 
@@ -411,9 +416,8 @@ def evaluate_agents(actor: Actor, env_id: str, num_agents: int, episodes: int, s
         states = torch.as_tensor(obs, dtype=torch.float32, device=device).view(num_agents, episodes, -1)
         return torch.tanh(actor(states)[0]).cpu().numpy().reshape(num_agents * episodes, -1)
 
-    envs = [make_eval_env(env_id, video_dir, f"agent{k}-eval{e}") for k in range(num_agents) for e in range(episodes)]
     seeds = [seed + e for _ in range(num_agents) for e in range(episodes)]
-    return lockstep_returns(envs, seeds, act).reshape(num_agents, episodes)
+    return lockstep_returns(env_id, seeds, act, video_dir).reshape(num_agents, episodes)
 
 
 def ensemble_policy(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # Eq. (3)
@@ -440,8 +444,7 @@ def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, devic
         mean, _ = ensemble_policy(*actor(states.expand(num_members, -1, -1)))  # [episodes, A]
         return torch.tanh(mean).cpu().numpy()
 
-    envs = [make_eval_env(env_id, video_dir, f"eval{e}") for e in range(episodes)]
-    return lockstep_returns(envs, [seed + e for e in range(episodes)], act)
+    return lockstep_returns(env_id, [seed + e for e in range(episodes)], act, video_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,12 +452,14 @@ def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, devic
 # ---------------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     alg, run = args.algorithm, args.run
+    stop = catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     check_cql_flags(alg, run)
     device = pick_device(run.device, run.torch_deterministic)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
-    save_dir, run_dir, saved = prepare_folders(run, f"checkpoints/{slug}__seed{run.seed}",
-                                               f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}", CQL_FORMAT)
-    start_step = saved[0]["step"] if saved else 0
+    save_dir, run_dir, saved, _locks = prepare_folders(run, f"checkpoints/{slug}__seed{run.seed}",
+                                                       f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
+                                                       (CQL_FORMAT,))
+    start_step = saved["meta"]["step"] if saved else 0
     if saved and check_cql_resumable(alg, saved, save_dir):
         return
     check_video(run)
@@ -462,19 +467,13 @@ def main(args: Args) -> None:
     obs_dim, act_dim, n = data.observations.shape[1], data.actions.shape[1], alg.num_agents
     alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
     nets, optimizers, generators = build_agents(alg, run, obs_dim, act_dim, device, saved)
-    meta = dict(format=CQL_FORMAT, version=PROJECT_VERSION, run_id=saved[0]["run_id"] if saved else new_run_id(),
-                run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id, obs_dim=obs_dim,
-                act_dim=act_dim, hidden_sizes=list(alg.hidden_sizes), num_agents=n, args=flat_args(args))
-    logs = open_run_logs(run_dir, {"eval": ["step", "agent", "return", "normalized_score"],
-                                   "metrics": ["step", *METRICS, "updates_per_s"]}, start_step if saved else None, meta)
-    wandb = start_wandb(run, meta) if run.track else None
-    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, "
-          f"reference returns: {data.ref_source}; {n} agents on {device}; run dir {run_dir}; checkpoints {save_dir}"
-          + (f"; resumed at step {start_step:,}" if saved else ""))
-    tensors = {key: torch.as_tensor(getattr(data, key), device=device)
-               for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    meta = dict(format=CQL_FORMAT, version=PROJECT_VERSION, run_id=saved["meta"]["run_id"] if saved else
+                uuid.uuid4().hex[:16], run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
+                obs_dim=obs_dim, act_dim=act_dim, hidden_sizes=list(alg.hidden_sizes), num_agents=n,
+                seeds=[run.seed + k for k in range(n)], args=flat_args(args))
+    tensors = {key: torch.as_tensor(getattr(data, key), device=device) for key in TRANSITION_KEYS}
     losses, loss_args = torch.compile(cql_losses) if run.compile else cql_losses, cql_hyperparameters(alg)
-    scores = saved[1]["agent_0.pt"]["meta"]["normalized_scores"] if saved else None
+    scores = saved["meta"]["normalized_scores"] if saved else None
 
     def train_step(step: int):  # one update of all agents: their minibatches, action noise, losses and optimiser steps
         batch = sample_batch(tensors, generators, alg.batch_size)
@@ -483,12 +482,14 @@ def main(args: Args) -> None:
                           nets["log_alpha_prime"], optimizers, batch, noise, step < alg.bc_steps, alg.tau, loss_args,
                           losses)
 
-    def evaluate_and_log(step: int):
+    def evaluate(step: int):  # each agent's returns [N, episodes] and those of their ensemble pi^E [episodes]
         videos = video_folder(run, run_dir, -(-step // run.eval_every), step, step == alg.total_steps)
-        returns = evaluate_agents(nets["actor"], data.gym_env_id, n, run.eval_episodes, run.seed + 10_000, device,
-                                  videos)
+        return (evaluate_agents(nets["actor"], data.gym_env_id, n, run.eval_episodes, run.seed + 10_000, device,
+                                videos),
+                evaluate_ensemble(nets["actor"], data.gym_env_id, run.eval_episodes, run.seed + 10_000, device))
+
+    def log_evaluation(step: int, returns: np.ndarray, ensemble: np.ndarray) -> list[float]:
         per_agent = normalized_score(returns, data.ref_min_score, data.ref_max_score).mean(1)
-        ensemble = evaluate_ensemble(nets["actor"], data.gym_env_id, run.eval_episodes, run.seed + 10_000, device)
         ensemble_score = float(normalized_score(ensemble.mean(), data.ref_min_score, data.ref_max_score))
         for k in range(n):
             logs["eval"].write([step, k, f"{returns[k].mean():.3f}", f"{per_agent[k]:.3f}"])
@@ -500,10 +501,18 @@ def main(args: Args) -> None:
                        "eval/ensemble_normalized_score": ensemble_score}, step=step)
         return [float(score) for score in per_agent]
 
+    first = evaluate(0) if start_step == 0 else None
+    stop["armed"] = True  # from here a signal saves the agents and stops the run
+    logs = open_run_logs(run_dir, {"eval": ["step", "agent", "return", "normalized_score"],
+                                   "metrics": ["step", *METRICS, "updates_per_s"]}, start_step if saved else None, meta)
+    wandb = start_wandb(run, meta) if run.track else None
+    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, "
+          f"reference returns {data.ref_source}; {n} agents on {device}; run dir {run_dir}; checkpoint {save_dir}"
+          + (f"; resumed at step {start_step:,}" if saved else ""))
+    if first:
+        scores = log_evaluation(0, *first)
     graphs = {}  # behaviour cloning on/off -> the recorded update of that phase
-    stop, started, last_line = catch_stop_signals(), time.perf_counter(), (time.perf_counter(), start_step)
-    if start_step == 0:
-        scores = evaluate_and_log(0)
+    started, last_line = time.perf_counter(), (time.perf_counter(), start_step)
     for step in range(start_step, alg.total_steps):
         cloning = step < alg.bc_steps
         phase_start = max(start_step, 0 if cloning else alg.bc_steps)
@@ -516,14 +525,15 @@ def main(args: Args) -> None:
                          progress(done, alg.total_steps, start_step, started, "steps"))
             last_line = (time.perf_counter(), done)
         if done % run.eval_every == 0 or done == alg.total_steps:
-            scores = evaluate_and_log(done)
+            scores = log_evaluation(done, *evaluate(done))
         if done % run.save_every == 0 or done == alg.total_steps or stop["signal"]:
-            save_agents(save_dir, nets, optimizers, generators, {**meta, "step": done, "grad_steps": done}, scores)
+            save_agents(save_dir, nets, optimizers, generators, {**meta, "step": done, "normalized_scores": scores})
         if stop["signal"]:
             exit_stopped(stop, f"gradient step {done:,}", save_dir)
-    close_logs(logs, wandb)
+    if wandb:
+        wandb.finish()
     print(f"{alg.total_steps - start_step:,} steps in {duration(time.perf_counter() - started)}; saved {n} agents to "
-          f"{save_dir}; evaluations in {run_dir / 'eval.csv'}")
+          f"{save_dir / CHECKPOINT}; evaluations in {run_dir / 'eval.csv'}")
 
 
 # =============================================================================================================
@@ -554,21 +564,23 @@ def cql_hyperparameters(alg: Algorithm) -> dict:
                 target_entropy=alg.target_entropy)
 
 
-def check_cql_resumable(alg: Algorithm, saved, save_dir: Path) -> bool:
+def check_cql_resumable(alg: Algorithm, saved: dict, save_dir: Path) -> bool:
     """Refuse a resume that does not fit the saved run; True when it has nothing left to do."""
-    manifest, files = saved
-    if manifest.get("weights_only"):
+    meta = saved["meta"]
+    if "optimizers" not in saved:
         fail(f"--resume: {save_dir} holds agents exported without the Adam moments and random streams a resume "
-             f"needs (weights only); resume from the set the run itself saved")
-    agents = sum(name.startswith("agent_") for name in files)
-    if agents != alg.num_agents:
-        fail(f"--resume: {save_dir} holds {agents} agents, not --num-agents {alg.num_agents}; all agents of a run "
-             f"continue together")
-    if alg.total_steps < manifest["step"]:
-        fail(f"--resume: the agents in {save_dir} are at step {manifest['step']:,}, past --total-steps "
+             f"needs (weights only); resume from the checkpoint the run itself saved")
+    if meta["num_agents"] != alg.num_agents:
+        fail(f"--resume: {save_dir} holds {meta['num_agents']} agents, not --num-agents {alg.num_agents}; all agents "
+             f"of a run continue together")
+    if (tuple(meta["hidden_sizes"]), meta["args"]["lagrange_threshold"] is None) != \
+            (tuple(alg.hidden_sizes), alg.lagrange_threshold is None):
+        fail("--resume: --hidden-sizes and --lagrange-threshold (given or left out) must be those of the saved run")
+    if alg.total_steps < meta["step"]:
+        fail(f"--resume: the agents in {save_dir} are at step {meta['step']:,}, past --total-steps "
              f"{alg.total_steps:,}; pass a larger --total-steps to train on")
-    if alg.total_steps == manifest["step"]:
-        print(f"the agents in {save_dir} are already at step {manifest['step']:,} = --total-steps: nothing to do")
+    if alg.total_steps == meta["step"]:
+        print(f"the agents in {save_dir} are already at step {meta['step']:,} = --total-steps: nothing to do")
         return True
     return False
 
@@ -580,14 +592,14 @@ def make_agents(obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_agents:
         for k in range(num_agents):
             torch.manual_seed(seed + k)
             single_actor, single_critic = Actor(obs_dim, act_dim, hidden, 1), Critic(obs_dim, act_dim, hidden, 2)
-            rows = agent_slices(k)
-            for big, small, part in ((actor, single_actor, rows["actor"]), (critic, single_critic, rows["critic"])):
+            for big, small, rows in ((actor, single_actor, slice(k, k + 1)), (critic, single_critic,
+                                                                             slice(2 * k, 2 * k + 2))):
                 for param, value in zip(big.parameters(), small.parameters()):
-                    param[part] = value
+                    param[rows] = value
     return actor, critic
 
 
-def build_agents(alg: Algorithm, run: Run, obs_dim: int, act_dim: int, device, saved):
+def build_agents(alg: Algorithm, run: Run, obs_dim: int, act_dim: int, device, saved: dict | None):
     """The N agents' networks, temperatures, optimisers and generators: fresh, or as the resumed run saved them."""
     n, hidden = alg.num_agents, tuple(alg.hidden_sizes)
     actor, critic = make_agents(obs_dim, act_dim, hidden, n, run.seed)
@@ -607,45 +619,31 @@ def build_agents(alg: Algorithm, run: Run, obs_dim: int, act_dim: int, device, s
     if nets["log_alpha_prime"] is not None:
         optimizers["alpha_prime"] = torch.optim.Adam([nets["log_alpha_prime"]], lr=alg.critic_lr, **adam)
     generators = [torch.Generator(device=device).manual_seed(run.seed + k) for k in range(n)]
-    if saved is not None:
-        restore_agents([saved[1][f"agent_{k}.pt"] for k in range(n)], obs_dim, act_dim, alg, nets, optimizers,
-                       generators)
+    if saved is not None:  # the resumed agents' networks, temperatures, Adam moments and random streams
+        if (saved["meta"]["obs_dim"], saved["meta"]["act_dim"]) != (obs_dim, act_dim):
+            fail(f"the saved agents were made for {saved['meta']['gym_env_id']}, not for the env of --env")
+        with torch.no_grad():
+            for name, net in nets.items():
+                if isinstance(net, nn.Module):
+                    net.load_state_dict(saved[name])
+                elif net is not None:
+                    net.copy_(saved[name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(saved["optimizers"][name])
+            for group in opt.param_groups:  # this run's device settings, not the saving run's
+                group.update(foreach=None, fused=True, capturable=device.type == "cuda")
+        for generator, state in zip(generators, saved["generators"]):
+            if state.numel() != generator.get_state().numel():  # CPU and CUDA states differ
+                fail("the agents were saved on another kind of device: resume on that --device")
+            generator.set_state(state)
     return nets, optimizers, generators
-
-
-def restore_agents(agents: list[dict], obs_dim: int, act_dim: int, alg: Algorithm, nets: dict, optimizers: dict,
-                   generators: list) -> None:
-    """Networks, temperatures, Adam moments and random streams of the resumed agents."""
-    for k, agent in enumerate(agents):
-        meta = agent["meta"]
-        if (meta["obs_dim"], meta["act_dim"], tuple(meta["hidden_sizes"])) != (obs_dim, act_dim, alg.hidden_sizes):
-            fail(f"agent {k} of the saved run was made for other shapes ({meta['gym_env_id']}, hidden "
-                 f"{meta['hidden_sizes']}) than --env and --hidden-sizes give")
-        if (meta["args"]["lagrange_threshold"] is None) != (alg.lagrange_threshold is None):
-            fail("--resume: --lagrange-threshold must be given (or left out) as in the saved run")
-    with torch.no_grad():
-        for name in ("actor", "critic", "target_critic"):
-            nets[name].load_state_dict({key: torch.cat([agent[name][key] for agent in agents])
-                                        for key in agents[0][name]})
-        for name in ("log_alpha", "log_alpha_prime"):
-            if nets[name] is not None:
-                nets[name].copy_(torch.cat([agent[name] for agent in agents]))
-    for name, opt in optimizers.items():
-        state = concat_optimizer_states([agent["optimizers"][name] for agent in agents])
-        for group in state["param_groups"]:  # this run's device settings, not the saving run's
-            group.update(foreach=None, fused=True, capturable=generators[0].device.type == "cuda")
-        opt.load_state_dict(state)
-    for generator, agent in zip(generators, agents):
-        if agent["generator_state"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
-            fail("the agents were saved on another kind of device: resume on that --device")
-        generator.set_state(agent["generator_state"])
 
 
 def log_training(logs: dict, wandb, loss, metrics: dict, done: int, last_line, save_dir: Path, where: str) -> None:
     """The training line, a metrics.csv row and wandb; stops the run if the loss is no longer finite."""
     values = {key: value.detach().cpu().numpy() for key, value in metrics.items()}
     if not np.isfinite(loss.item()):
-        fail(f"the loss became {loss.item()} at step {done:,}; the checkpoints in {save_dir} were left as they were")
+        fail(f"the loss became {loss.item()} at step {done:,}; {save_dir / CHECKPOINT} was left as it was")
     speed = (done - last_line[1]) / (time.perf_counter() - last_line[0])
     print(f"step {where} | critic loss {values['critic_loss'].mean():.3f} actor loss {values['actor_loss'].mean():.3f} "
           f"Q {values['q_data'].mean():.2f} gap {values['cql_gap'].mean():.2f} alpha {values['alpha'].mean():.4f} "
@@ -656,26 +654,18 @@ def log_training(logs: dict, wandb, loss, metrics: dict, done: int, last_line, s
                   step=done)
 
 
-def save_agents(save_dir: Path, nets: dict, optimizers: dict, generators, meta: dict, scores) -> None:
-    """One set: agent_k.pt holds agent k's slices of every network, temperature and Adam moment, and its generator."""
-    kind = {"actor": "actor", "critic": "critic", "target_critic": "critic", "log_alpha": "scalar",
-            "log_alpha_prime": "scalar", "alpha": "scalar", "alpha_prime": "scalar"}
-    files = {}
-    for k in range(len(generators)):
-        rows = agent_slices(k)
-        agent = {name: {key: value[rows[kind[name]]].clone() for key, value in net.state_dict().items()}
-                 if isinstance(net, nn.Module) else net[rows[kind[name]]].detach().clone()
-                 for name, net in nets.items() if net is not None}
-        agent["optimizers"] = {name: slice_optimizer_state(opt.state_dict(), rows[kind.get(name, name)])
-                               for name, opt in optimizers.items()}
-        agent["generator_state"] = generators[k].get_state()
-        agent["meta"] = {**meta, "agent": k, "seed": meta["args"]["seed"] + k, "normalized_scores": scores,
-                         "normalized_score": None if scores is None else scores[k]}
-        files[f"agent_{k}.pt"] = agent
-    save_set(save_dir, files, {"script": "cql_pretrain", "run_id": meta["run_id"], "step": meta["step"],
-                               "run_dir": meta["run_dir"]})
+def save_agents(save_dir: Path, nets: dict, optimizers: dict, generators, meta: dict) -> None:
+    """All N agents as one file: networks (agent k = actor member k, critics 2k and 2k + 1), temperatures, Adam
+    moments and each agent's generator; meta["normalized_scores"] holds their last evaluation."""
+    save_checkpoint(save_dir / CHECKPOINT, dict(
+        meta=meta, **{name: net.state_dict() if isinstance(net, nn.Module) else net if net is None else net.detach()
+                      for name, net in nets.items()},
+        optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
+        generators=[generator.get_state() for generator in generators]))
+
+
 # =============================================================================================================
-# Shared machinery: flags, run folders, checkpoint sets, per-run logs, stop signals, offline data, CUDA graphs.
+# Shared machinery: flags, run folders, the checkpoint file, logs, stop signals, evaluation envs, offline data.
 # The same block, byte for byte, in cql_pretrain.py, off2on_finetune.py and upq_finetune.py (tests/test_shared_code.py).
 # =============================================================================================================
 FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence refusal states them
@@ -686,9 +676,7 @@ FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence ref
     "in (0, 1]": lambda v: 0 < v <= 1,
     "in (0, 1)": lambda v: 0 < v < 1,
 }
-SET_FORMAT = "upq-checkpoint-set-v1"
-SET_MANIFEST, SET_COMMIT = "manifest.json", "commit.json"  # the complete set's list of files; a save's commit point
-SET_FILE = re.compile(r"^(agent_\d+|run_state)\.pt$")
+CHECKPOINT = "checkpoint.pt"  # the one file a save writes into --save-dir
 
 
 def fail(message: str) -> NoReturn:
@@ -717,141 +705,114 @@ def pick_device(name: str, deterministic: bool) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def check_writable(folder: Path, flag: str) -> None:
-    """Probe `folder`, or where it would be created (its nearest existing parent), with a temporary file: an
-    unwritable --save-dir or --run-dir stops the run before anything is loaded, and nothing is created yet."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
+def tensors_in(state, name: str = ""):
+    """(dotted name, tensor) for every tensor in nested dicts and lists, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        yield name, state
+    elif isinstance(state, (dict, list, tuple)):
+        for key, value in sorted(state.items(), key=lambda item: str(item[0])) if isinstance(state, dict) else \
+                enumerate(state):
+            yield from tensors_in(value, f"{name}.{key}".lstrip("."))
 
 
-def write_json(path: Path, content: dict) -> None:
-    """A JSON file written whole or not at all (a temporary file, then a rename)."""
+def digest(state: dict) -> str:
+    """sha256 of every tensor's bytes and of everything else's JSON text: a flipped byte changes it."""
+    sha = hashlib.sha256(json.dumps(state, sort_keys=True, default=lambda t: [str(t.dtype), t.shape]).encode())
+    for _, tensor in tensors_in(state):
+        sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return sha.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write `state` (and its digest) as one file, whole or not at all: a temporary file in the same folder, flushed
+    to disk, renamed over the previous one. Weights with NaN or inf and a failed write (a full disk) stop the run in
+    one sentence; the previous file stays as it was."""
+    for name, tensor in tensors_in(state):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            fail(f"{name} holds NaN or inf values, so it was not saved; {path} keeps the previous checkpoint")
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=1) + "\n")
-    os.replace(temporary, path)
-
-
-def read_json(path: Path) -> dict | None:
-    if not path.exists():
-        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        fail(f"{path} cannot be read ({type(error).__name__}); it is not a file this script wrote")
+        with open(temporary, "wb") as f:
+            torch.save({**state, "sha256": digest(state)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        temporary.unlink(missing_ok=True)
+        needed = sum(t.nbytes for _, t in tensors_in(state)) / 1e6
+        fail(f"cannot write {path} ({getattr(error, 'strerror', None) or 'write failed'}; it needs about "
+             f"{needed:,.0f} MB, {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB are free there); the previous "
+             f"checkpoint is unchanged")
 
 
-def save_set(folder: Path, files: dict[str, dict], manifest: dict) -> None:
-    """Write a checkpoint set as one unit: every file as NAME.next, then commit.json (the commit point), then renames.
-
-    Whenever the process dies, the folder holds the previous complete set, or a committed one that finish_set
-    completes: a reader never sees files of two saves as one set.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    finish_set(folder)
-    for name, content in files.items():
-        torch.save(content, folder / f"{name}.next")
-    write_json(folder / SET_COMMIT, {"format": SET_FORMAT, **manifest, "files": sorted(files)})
-    finish_set(folder)
-
-
-def finish_set(folder: Path) -> None:
-    """Complete a committed save (rename its .next files, its commit becomes the manifest), then delete leftovers:
-    .next files of a save that died before its commit, and set files of an earlier run that the set does not list."""
-    commit = read_json(folder / SET_COMMIT)
-    if commit is not None:
-        for name in commit["files"]:
-            if (folder / f"{name}.next").exists():
-                os.replace(folder / f"{name}.next", folder / name)
-        os.replace(folder / SET_COMMIT, folder / SET_MANIFEST)
-    manifest = read_json(folder / SET_MANIFEST)
-    for path in folder.glob("*.pt.next"):
-        path.unlink()
-    for path in folder.iterdir() if manifest is not None else ():
-        if SET_FILE.match(path.name) and path.name not in manifest["files"]:
-            path.unlink()
-
-
-def read_set(folder: Path) -> tuple[dict, dict[str, Path]]:
-    """The folder's complete checkpoint set, read-only: its manifest and the path of each of its files."""
-    commit = read_json(folder / SET_COMMIT)  # a save that died after its commit point: its files are complete
-    if commit is not None:
-        return commit, {n: folder / f"{n}.next" if (folder / f"{n}.next").exists() else folder / n
-                        for n in commit["files"]}
-    manifest = read_json(folder / SET_MANIFEST)
-    if manifest is None:
-        found = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
-        fail(f"{folder} holds no complete checkpoint set (no {SET_MANIFEST}"
-             + (f"; its {', '.join(found)} come from an older version or an unfinished save)" if found else ")"))
-    return manifest, {name: folder / name for name in manifest["files"]}
-
-
-def holds_a_set(folder: Path) -> bool:
-    return folder.is_dir() and any(p.name in (SET_MANIFEST, SET_COMMIT) or SET_FILE.match(p.name)
-                                   for p in folder.iterdir())
-
-
-def load_checkpoint(path: Path, expected_format: str) -> dict:
-    """A checkpoint file, or one clear sentence on why it cannot be used."""
+def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
+    """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used."""
+    if path.is_dir() and (path / "manifest.json").exists():
+        fail(f"{path} holds checkpoints of the older per-agent layout; convert them with "
+             f"python results/convert_set.py {path} <new folder>")
+    path = path / CHECKPOINT if path.is_dir() else path
     if not path.is_file():
         fail(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 -- truncated zip, pickle error, ...: all mean "corrupted"
         fail(f"checkpoint {path} is corrupted or not a checkpoint ({type(error).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("meta", {}).get("format") != expected_format:
-        fail(f"{path} is not a {expected_format} checkpoint")
-    return checkpoint
+    if not isinstance(state, dict) or not isinstance(state.get("meta"), dict) or \
+            state["meta"].get("format") not in formats:
+        fail(f"{path} is not a {' or '.join(formats)} checkpoint")
+    if state.pop("sha256", None) != digest(state):
+        fail(f"checkpoint {path} is corrupted: its contents do not match the digest saved with them")
+    return state
 
 
-def check_one_set(paths: list[Path], checkpoints: list[dict]) -> None:
-    """Refuse agents of different runs or saved at different steps, in one sentence."""
-    stamps = {(c["meta"]["run_id"], c["meta"]["step"]) for c in checkpoints}
-    if len(stamps) > 1:
-        listed = ", ".join(f"{p.name} (run {c['meta']['run_id']}, step {c['meta']['step']:,})"
-                           for p, c in zip(paths, checkpoints))
-        fail(f"these checkpoints come from different runs or steps and cannot form one ensemble: {listed}")
+def lock_folder(folder: Path, flag: str):
+    """Create `folder` and hold an OS lock on its .lock file while this process lives (the OS drops it when the
+    process ends, however it ends): a second run on the folder is refused. A folder it made that holds nothing else
+    at exit is removed."""
+    try:
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            atexit.register(lambda: os.listdir(folder) == [".lock"] and ((folder / ".lock").unlink(), folder.rmdir()))
+        handle = open(folder / ".lock", "a+")
+    except OSError as error:
+        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        fail(f"{flag} {folder} is in use by another run (process {handle.read().strip() or '?'}): wait for it to end "
+             f"or choose another {flag}")
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
-def prepare_folders(run, default_save_dir: str, default_run_dir: str, agent_format: str,
-                    run_state_format: str | None = None) -> tuple[Path, Path, tuple[dict, dict] | None]:
-    """--save-dir and --run-dir, checked before anything is loaded: a fresh run refuses a save dir that holds a set
-    or a run dir that holds an eval.csv unless --overwrite (the old set is replaced at the first save); both are
-    probed for writing (and created when first written). --resume: the run dir defaults to the saved run's, a save
-    cut short is completed, and the saved set comes back as (manifest, {file name: checkpoint})."""
-    save_dir = Path(run.save_dir or default_save_dir)
+def prepare_folders(run, default_save_dir: str, default_run_dir: str, formats: tuple[str, ...]):
+    """--save-dir and --run-dir, locked for this run and checked before anything is loaded: a fresh run refuses a
+    checkpoint or an eval.csv already there unless --overwrite (the checkpoint is replaced at the first save);
+    --resume loads the checkpoint and defaults the run dir to the saved run's. Returns (save dir, run dir, the saved
+    state or None, the locks to keep)."""
+    if re.search(r"[/\\]|^\.\.?$", run.exp_name):
+        fail(f"--exp-name {run.exp_name!r} must be a plain name (no path separator, not . or ..)")
     if run.resume and run.overwrite:
         fail("--resume and --overwrite exclude each other")
-    if run.resume and not holds_a_set(save_dir):
-        fail(f"--resume: {save_dir} holds no checkpoints to continue")
-    if not run.resume and holds_a_set(save_dir) and not run.overwrite:
-        fail(f"{save_dir} already holds checkpoints: pass --resume to continue them, --overwrite to replace them, "
+    save_dir = Path(run.save_dir or default_save_dir)
+    locks = [lock_folder(save_dir, "--save-dir")]
+    exists = (save_dir / CHECKPOINT).exists() or (save_dir / "manifest.json").exists()
+    if run.resume and not exists:
+        fail(f"--resume: {save_dir} holds no checkpoint to continue")
+    if exists and not run.resume and not run.overwrite:
+        fail(f"{save_dir} already holds a checkpoint: pass --resume to continue it, --overwrite to replace it, "
              f"or another --save-dir")
-    run_dir = Path(run.run_dir or (read_set(save_dir)[0]["run_dir"] if run.resume else default_run_dir))
+    saved = load_checkpoint(save_dir, formats) if run.resume else None
+    run_dir = Path(run.run_dir or (saved["meta"]["run_dir"] if saved else default_run_dir))
+    if run_dir.resolve() != save_dir.resolve():
+        locks.append(lock_folder(run_dir, "--run-dir"))
     if not run.resume and (run_dir / "eval.csv").exists() and not run.overwrite:
         fail(f"{run_dir / 'eval.csv'} already exists: pass --resume to continue that run, --overwrite to start it "
              f"anew, or another --run-dir")
-    check_writable(save_dir, "--save-dir")
-    check_writable(run_dir, "--run-dir")
-    if not run.resume:
-        return save_dir, run_dir, None
-    finish_set(save_dir)
-    manifest, paths = read_set(save_dir)
-    checkpoints = {name: load_checkpoint(path, run_state_format if name == "run_state.pt" else agent_format)
-                   for name, path in paths.items()}
-    check_one_set(list(paths.values()), list(checkpoints.values()))
-    return save_dir, run_dir, (manifest, checkpoints)
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:16]
+    return save_dir, run_dir, saved, locks
 
 
 class CsvLog:
@@ -866,37 +827,98 @@ class CsvLog:
             if rows and rows[0] != header:
                 fail(f"{path} has the columns {rows[0]}, not {header}: it is not this run's log")
             kept = [row for row in rows[1:] if len(row) == len(header) and int(row[0]) <= resume_step]
+        self.path = path
         temporary = path.with_name(path.name + ".tmp")
         with open(temporary, "w", newline="") as f:
             csv.writer(f).writerows([header, *kept])
         os.replace(temporary, path)
         self.file = open(path, "a", newline="")
-        self.writer = csv.writer(self.file)
 
     def write(self, row: list) -> None:
-        self.writer.writerow(row)
-        self.file.flush()
+        try:
+            csv.writer(self.file).writerow(row)
+            self.file.flush()
+        except OSError as error:
+            fail(f"cannot write {self.path} ({error.strerror}); the last checkpoint is unchanged")
 
-    def close(self) -> None:
-        self.file.close()
+
+class Tee:
+    """The console, also written to the run's train.log; the console still gets everything if train.log cannot."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        try:
+            self.log.write(text)
+            self.log.flush()
+        except OSError:
+            pass
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> dict:
+    """<run-dir>/train.log (the console, appended on resume), config.json (each resume's own appended), and one
+    CsvLog per entry of columns."""
+    console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
+    sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
+    config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
+              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    if resume_step is not None and (run_dir / "config.json").exists():
+        previous = json.loads((run_dir / "config.json").read_text())
+        config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
+    (run_dir / "config.json.tmp").write_text(json.dumps(config, indent=1) + "\n")
+    os.replace(run_dir / "config.json.tmp", run_dir / "config.json")
+    return {name: CsvLog(run_dir / f"{name}.csv", header, resume_step) for name, header in columns.items()}
+
+
+def source_commit() -> str | None:
+    """The git commit of this script's folder, if it is a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flat_args(args) -> dict:
+    """Every flag's value, the algorithm's and the run's, as plain JSON types."""
+    values = {**dataclasses.asdict(args.algorithm), **dataclasses.asdict(args.run)}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+def start_wandb(run, meta: dict):
+    """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
+    import wandb
+
+    wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
+               name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
+    return wandb
 
 
 def catch_stop_signals() -> dict:
-    """From here on SIGINT (Ctrl-C) and SIGTERM only set stop["signal"]: the loop finishes its update, saves a
-    complete set and exits (exit code 128 + the signal's number)."""
-    stop = {"signal": None}
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP. Until stop["armed"] is set (loading, the first evaluation) they end the
+    run at once, nothing saved and nothing left that blocks its re-run; after it they set stop["signal"], and the
+    loop finishes its update, saves and exits 128 + the signal's number (exit_stopped)."""
+    stop = {"signal": None, "armed": False}
 
     def request_stop(signum, frame):
+        if not stop["armed"]:
+            print(f"{signal.Signals(signum).name} before training started: nothing was saved", file=sys.stderr)
+            raise SystemExit(128 + signum)
         stop["signal"] = signum
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, request_stop)
     return stop
 
 
 def exit_stopped(stop: dict, where: str, save_dir: Path) -> NoReturn:
     name = signal.Signals(stop["signal"]).name
-    print(f"{name} at {where}: saved a complete set to {save_dir}; continue with the same command and --resume",
+    print(f"{name} at {where}: saved the run to {save_dir / CHECKPOINT}; continue with the same command and --resume",
           flush=True)
     raise SystemExit(128 + stop["signal"])
 
@@ -918,91 +940,22 @@ def progress(done: int, total: int, done_at_start: int, started: float, unit: st
             f"{speed:.1f} {unit}/s, ETA {eta}")
 
 
-class Tee:
-    """A console stream that also writes everything to the run's train.log."""
-
-    def __init__(self, stream, log):
-        self.stream, self.log = stream, log
-
-    def write(self, text: str) -> int:
-        self.log.write(text)
-        self.log.flush()
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> dict:
-    """<run-dir>/train.log (the console, appended on resume), config.json, and one CsvLog per entry of columns."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
-    sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
-    config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
-              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    previous = read_json(run_dir / "config.json") if resume_step is not None else None
-    if previous is not None:  # the first start's config, and every resume's own below it
-        config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
-    write_json(run_dir / "config.json", config)
-    return {name: CsvLog(run_dir / f"{name}.csv", header, resume_step) for name, header in columns.items()}
-
-
-def close_logs(logs: dict, wandb) -> None:
-    for log in logs.values():
-        log.close()
-    if wandb:
-        wandb.finish()
-    sys.stdout, sys.stderr = getattr(sys.stdout, "stream", sys.stdout), getattr(sys.stderr, "stream", sys.stderr)
-
-
-def source_commit() -> str | None:
-    """The git commit of this script's folder, if it is a git checkout."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
-
-
-def flat_args(args) -> dict:
-    """Every flag's value, the algorithm's and the run's, as plain JSON types."""
-    values = {**dataclasses.asdict(args.algorithm), **dataclasses.asdict(args.run)}
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
-
-
-def start_wandb(run, meta: dict):
-    """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
-    import wandb
-
-    wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
-               name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
-    return wandb
-
-
 def check_video(run, env_id: str = "InvertedPendulum-v5") -> None:
-    """--capture-video: MuJoCo must render offscreen here (MUJOCO_GL, egl unless set: called before MuJoCo is first
-    imported) and moviepy, which gymnasium's recorder writes with, must be installed; else one sentence on what to
-    install. Any MuJoCo env tells whether the OpenGL backend works."""
+    """--capture-video: MuJoCo must render offscreen here (MUJOCO_GL, egl unless set) and moviepy, which gymnasium's
+    RecordVideo writes with, must be installed; else one sentence on what to install."""
     if not run.capture_video:
         return
     os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         import moviepy  # noqa: F401
-    except ImportError:
-        fail("--capture-video needs moviepy, which gymnasium's video recorder writes with: pip install moviepy")
-    try:
         env = gym.make(env_id, render_mode="rgb_array")
         env.reset(seed=0)
         env.render()
         env.close()
     except Exception as error:  # noqa: BLE001 -- every OpenGL failure gets the same advice
-        fail(f"--capture-video: MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
-             f"({type(error).__name__}); install EGL (apt-get install libegl1) and set MUJOCO_GL=egl, or OSMesa "
-             f"(apt-get install libosmesa6) and set MUJOCO_GL=osmesa")
+        fail(f"--capture-video needs moviepy (pip install moviepy) and offscreen MuJoCo rendering, which failed with "
+             f"MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(error).__name__}): install EGL (apt-get install "
+             f"libegl1) and set MUJOCO_GL=egl, or OSMesa (apt-get install libosmesa6) and set MUJOCO_GL=osmesa")
 
 
 def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> Path | None:
@@ -1013,22 +966,17 @@ def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> 
     return None
 
 
-def make_eval_env(env_id: str, video_dir: Path | None, name: str) -> gym.Env:
-    """An evaluation env; with video_dir, gymnasium's RecordVideo writes its episode to video_dir/<name>-episode-0.mp4."""
-    if video_dir is None:
-        return gym.make(env_id)
-    with warnings.catch_warnings():  # the envs of one evaluation share their folder on purpose
-        warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
-        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), str(video_dir), name_prefix=name,
-                                        episode_trigger=lambda episode: True, disable_logger=True)
-
-
-def lockstep_returns(envs: list[gym.Env], seeds: list[int], act) -> np.ndarray:
-    """Undiscounted returns [E] of one episode in each env (reset with its seed), all stepped together: one call of
-    act(observations [E, obs]) -> actions [E, A] per step; the envs are closed at the end."""
+def lockstep_returns(env_id: str, seeds: list[int], act, video_dir: Path | None = None) -> np.ndarray:
+    """Undiscounted returns [E] of one episode of env_id per seed, all stepped together: one call of
+    act(observations [E, obs]) -> actions [E, A] per step; with video_dir, gymnasium's RecordVideo records each."""
+    envs = [gym.make(env_id, render_mode="rgb_array" if video_dir else None) for _ in seeds]
+    if video_dir is not None:
+        with warnings.catch_warnings():  # the envs of one evaluation share their folder on purpose
+            warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
+            envs = [gym.wrappers.RecordVideo(env, str(video_dir), name_prefix=f"episode{e}", disable_logger=True,
+                                             episode_trigger=lambda episode: True) for e, env in enumerate(envs)]
     obs = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
-    returns = np.zeros(len(envs))
-    running = np.ones(len(envs), dtype=bool)
+    returns, running = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
     while running.any():
         actions = act(obs)
         for e in np.flatnonzero(running):
@@ -1040,70 +988,25 @@ def lockstep_returns(envs: list[gym.Env], seeds: list[int], act) -> np.ndarray:
     return returns
 
 
-def agent_slices(k: int) -> dict[str, slice]:
-    """Agent k's rows of the ensemble tensors: its actor, its two critics (and targets), its scalars."""
-    return {"actor": slice(k, k + 1), "critic": slice(2 * k, 2 * k + 2), "target_critic": slice(2 * k, 2 * k + 2),
-            "scalar": slice(k, k + 1)}
-
-
-def slice_optimizer_state(state: dict, rows: slice) -> dict:
-    """An optimizer state_dict restricted to one agent's rows (Adam moments share the params' layout)."""
-    return {
-        "state": {
-            index: {key: value if value.dim() == 0 else value[rows].clone() for key, value in entry.items()}
-            for index, entry in state["state"].items()
-        },
-        "param_groups": state["param_groups"],
-    }
-
-
-def concat_optimizer_states(states: list[dict]) -> dict:
-    """Inverse of slice_optimizer_state over the agents, in order."""
-    first = states[0]
-    return {
-        "state": {
-            index: {
-                key: value if value.dim() == 0 else torch.cat([s["state"][index][key] for s in states])
-                for key, value in entry.items()
-            }
-            for index, entry in first["state"].items()
-        },
-        "param_groups": first["param_groups"],
-    }
-
-
 def cuda_graphed(step, generators=()):
     """Record one call of step() as a CUDA graph; returns a function that replays it and returns step()'s outputs.
-
-    A replay launches the recorded kernels on the same tensors with no Python in between, so every state the step
-    changes must change in place, and Python values it reads are frozen at recording. `generators` (other than the
-    device's default one, which every graph follows) are registered, so each replay advances them as an eager call
-    would and a graphed run draws the same numbers as an eager one.
-    """
+    Every state the step changes must change in place; `generators` other than the device's default one are
+    registered, so a graphed run draws the same numbers as an eager one."""
     graph = torch.cuda.CUDAGraph()
     for generator in generators:
         graph.register_generator_state(generator)
     with torch.cuda.graph(graph):
         outputs = step()
-
-    def replay():
-        graph.replay()
-        return outputs
-
-    return replay
+    return lambda: graph.replay() or outputs
 
 
 # Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files ---------------------------------------------------
-D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-}
+D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                   "walker2d": (1.629008, 4592.3)}  # D4RL's reference returns (random, expert) per body
 D4RL_GYM_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 D4RL_NAME = re.compile(r"^(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2$")
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
-TRANSITION_AXES = {"observations": 2, "actions": 2, "rewards": 1, "next_observations": 2, "terminals": 1,
-                   "timeouts": 1}  # rewards, terminals and timeouts may also come as [M, 1]
+TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
 
 @dataclass
@@ -1122,11 +1025,7 @@ class OfflineData:
 
 def body_of(name: str) -> str | None:
     """'hopper' for hopper-medium-v2, Hopper-v5, local/hopper/medium-v0, .../hopper_medium-v2.hdf5."""
-    lowered = name.lower()
-    for body in ("halfcheetah", "walker2d", "hopper"):
-        if body in lowered:
-            return body
-    return None
+    return next((body for body in ("halfcheetah", "walker2d", "hopper") if body in name.lower()), None)
 
 
 def normalized_score(returns, ref_min_score: float | None, ref_max_score: float | None):
@@ -1137,180 +1036,121 @@ def normalized_score(returns, ref_min_score: float | None, ref_max_score: float 
     return 100.0 * (returns - ref_min_score) / (ref_max_score - ref_min_score)
 
 
-def check_transitions(name: str, data: dict[str, np.ndarray]) -> None:
-    """One sentence unless every array has one row per transition (at least one), the expected axes and finite
-    values, and next_observations the width of observations."""
-    size = len(data["rewards"])
-    for key, array in data.items():
-        axes = TRANSITION_AXES[key]
-        if array.ndim != axes and not (axes == 1 and array.ndim == 2 and array.shape[1] == 1):
-            fail(f"dataset {name}: {key} has shape {array.shape}, but it needs {axes} axes")
-        if len(array) != size:
-            fail(f"dataset {name}: {key} has {len(array):,} rows but rewards {size:,}; every array needs one row "
-                 f"per transition")
-    if size == 0:
-        fail(f"dataset {name} holds no transitions")
-    if "next_observations" in data and data["next_observations"].shape[1:] != data["observations"].shape[1:]:
-        fail(f"dataset {name}: next_observations are {data['next_observations'].shape[1:]}, observations "
-             f"{data['observations'].shape[1:]}")
-    for key, array in data.items():
-        bad = ~np.isfinite(array.reshape(size, -1).astype(np.float64)).all(1)
-        if bad.any():
-            fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values (the first is row "
-                 f"{np.flatnonzero(bad)[0]:,})")
-
-
-def d4rl_file_name(name: str) -> str:
-    """hopper-medium-replay-v2 -> hopper_medium_replay-v2.hdf5, as D4RL names its downloads."""
-    body, level = D4RL_NAME.match(name).groups()
-    return f"{body}_{level.replace('-', '_')}-v2.hdf5"
-
-
 def read_d4rl_hdf5(path: Path) -> dict[str, np.ndarray]:
-    """Transitions of a D4RL-layout file; timeouts bootstrap, terminals do not."""
+    """Transitions of a D4RL-layout file; timeouts bootstrap, terminals do not. Without next_observations the next
+    row is the next state, so each episode's last row is dropped (d4rl.qlearning_dataset)."""
     import h5py
 
-    needed = ("observations", "actions", "rewards", "terminals")
     try:
         with h5py.File(path, "r") as f:
-            missing = [key for key in needed if key not in f]
+            missing = [key for key in ("observations", "actions", "rewards", "terminals") if key not in f]
             if missing:
                 fail(f"{path} is not a D4RL-layout file: it lacks {', '.join(missing)}")
-            data = {key: f[key][()] for key in (*needed, "timeouts", "next_observations") if key in f}
+            data = {key: f[key][()] for key in (*TRANSITION_KEYS, "timeouts") if key in f}
     except OSError as error:
         fail(f"cannot read {path} as HDF5 ({error})")
-    check_transitions(str(path), data)
-    size = len(data["rewards"])
-    timeouts = data.get("timeouts", np.zeros(size, dtype=bool)).reshape(-1).astype(bool)
-    terminals = data["terminals"].reshape(-1).astype(bool)
-    if "next_observations" in data:
-        keep = np.ones(size, dtype=bool)  # a timeout transition has its true next state: bootstrap
-        next_observations = data["next_observations"]
-    else:  # next state = next row, so the last row of every episode has none: drop it (d4rl.qlearning_dataset)
-        keep = ~timeouts
-        keep[-1] = False
-        next_observations = np.concatenate([data["observations"][1:], data["observations"][-1:]])
-    return dict(
-        observations=data["observations"][keep],
-        actions=data["actions"][keep],
-        rewards=data["rewards"].reshape(-1)[keep],
-        next_observations=next_observations[keep],
-        terminals=terminals[keep],
-    )
+    rows = {key: len(value) for key, value in data.items()}
+    if len(set(rows.values())) > 1:
+        fail(f"{path}: its arrays have different numbers of rows ({rows}); every array needs one per transition")
+    keep = np.ones(rows["rewards"], dtype=bool)
+    if "next_observations" not in data:
+        keep = ~data.get("timeouts", np.zeros(len(keep))).reshape(-1).astype(bool)
+        keep[-1:] = False
+        data["next_observations"] = np.concatenate([data["observations"][1:], data["observations"][-1:]])
+    return {key: data[key][keep] for key in TRANSITION_KEYS}
 
 
 def fetch_d4rl(name: str) -> Path:
-    """The D4RL v2 file from D4RL's cache folder, downloaded there when absent and reachable."""
-    import urllib.request
-
+    """The D4RL v2 file from D4RL's cache folder (D4RL_DATASET_DIR), downloaded there when absent and reachable."""
+    body, level = D4RL_NAME.match(name).groups()
     folder = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
-    path = folder / d4rl_file_name(name)
-    if path.exists():
-        return path
-    url = D4RL_URL + path.name
-    body = body_of(name)
-    level = D4RL_NAME.match(name).group(2)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".part")
-        print(f"downloading {url} to {path}", flush=True)
-        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-        partial.replace(path)
-        return path
-    except OSError as error:
-        fail(
-            f"D4RL dataset {name} is not at {path} and could not be downloaded ({error}); fetch {url} "
-            f"into {folder}, or use the Minari dataset mujoco/{body}/{'medium' if 'medium' in level else level}-v0 "
-            f"(a different level from D4RL's), or make one offline: "
-            f"python make_dataset.py --env {D4RL_GYM_ENVS[body]} --kind {level}"
-        )
+    path = folder / f"{body}_{level.replace('-', '_')}-v2.hdf5"
+    if not path.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"downloading {D4RL_URL + path.name} to {path}", flush=True)
+            urllib.request.urlretrieve(D4RL_URL + path.name, path.with_suffix(".part"))
+            os.replace(path.with_suffix(".part"), path)
+        except OSError as error:
+            fail(f"D4RL dataset {name} is not at {path} and could not be downloaded ({error}); fetch "
+                 f"{D4RL_URL + path.name} into {folder}, or use a Minari dataset (mujoco/{body}/...-v0), or make one "
+                 f"offline: python make_dataset.py --env {D4RL_GYM_ENVS[body]} --kind {level}")
+    return path
 
 
 def read_minari(dataset_id: str):
-    """Transitions of a Minari dataset (local, or downloaded when absent and reachable; local/ ids never are)."""
+    """Transitions of a Minari dataset (downloaded when absent and reachable; local/ ids are made on this machine by
+    make_dataset.py), its env id and its reference returns."""
     import minari
 
-    body = body_of(dataset_id)
     kind = re.sub(r"-v\d+$", "", dataset_id.rsplit("/", 1)[-1])
-    advice = (f"make one offline with python make_dataset.py --env {D4RL_GYM_ENVS.get(body, '<MuJoCo env id>')} "
-              f"--kind {kind if kind in ('random', 'medium', 'medium-replay', 'expert', 'medium-expert') else 'medium'}")
+    advice = (f"make one offline with python make_dataset.py --env "
+              f"{D4RL_GYM_ENVS.get(body_of(dataset_id), '<MuJoCo env id>')} --kind {kind}")
+    local = dataset_id in minari.list_local_datasets()
+    if dataset_id.startswith("local/") and not local:
+        fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
+             f"local/ datasets are made on this machine: {advice}")
     try:
-        dataset = minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        if dataset_id.startswith("local/"):
-            fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
-                 f"local/ datasets are made on this machine: {advice}")
-        try:
-            dataset = minari.load_dataset(dataset_id, download=True)
-        except Exception as error:  # noqa: BLE001 -- any download failure gets the same advice
-            fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} and could not be "
-                 f"downloaded ({type(error).__name__}); {advice}")
-    columns = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    for episode in dataset.iterate_episodes():
-        columns["observations"].append(episode.observations[:-1])
-        columns["next_observations"].append(episode.observations[1:])
-        columns["actions"].append(episode.actions)
-        columns["rewards"].append(episode.rewards)
-        columns["terminals"].append(episode.terminations)
-    if not columns["rewards"]:
+        dataset = minari.load_dataset(dataset_id, download=not local)
+        episodes = list(dataset.iterate_episodes())
+    except Exception as error:  # noqa: BLE001 -- a failed download or an unreadable dataset get the same advice
+        fail(f"Minari dataset {dataset_id} could not be loaded from {minari.storage.get_dataset_path()} or "
+             f"downloaded ({type(error).__name__}); {advice}")
+    if not episodes:
         fail(f"dataset {dataset_id} holds no episodes")
-    data = {key: np.concatenate(value) for key, value in columns.items()}
+    data = {"observations": np.concatenate([e.observations[:-1] for e in episodes]),
+            "actions": np.concatenate([e.actions for e in episodes]),
+            "rewards": np.concatenate([e.rewards for e in episodes]),
+            "next_observations": np.concatenate([e.observations[1:] for e in episodes]),
+            "terminals": np.concatenate([e.terminations for e in episodes])}
     metadata = dataset.storage.metadata
     env_id = dataset.env_spec.id if dataset.env_spec is not None else None
     return data, env_id, metadata.get("ref_min_score"), metadata.get("ref_max_score")
 
 
 def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
-    """Resolve --env into checked transitions, the gymnasium env to evaluate on and the score references."""
-    ref_min = ref_max = None
+    """Resolve --env into checked float32 transitions, the gymnasium env to evaluate on and the score references."""
+    ref_min = ref_max = env_id = None
     if D4RL_NAME.match(name):
         data, env_id = read_d4rl_hdf5(fetch_d4rl(name)), D4RL_GYM_ENVS[body_of(name)]
     elif name.endswith((".hdf5", ".h5")):
         if not Path(name).is_file():
             fail(f"dataset file {name} does not exist")
-        body = body_of(Path(name).name)
-        env_id = gym_env or D4RL_GYM_ENVS.get(body)
-        if env_id is None:
-            fail(f"cannot tell the environment of {name} from its name: pass --gym-env (e.g. Hopper-v5)")
-        data = read_d4rl_hdf5(Path(name))
+        data, env_id = read_d4rl_hdf5(Path(name)), D4RL_GYM_ENVS.get(body_of(Path(name).name))
     elif "/" in name:
         data, env_id, ref_min, ref_max = read_minari(name)
     else:
-        fail(
-            f"unknown dataset {name!r}: expected a D4RL name such as hopper-medium-v2, a Minari id such as "
-            f"local/hopper/medium-v0, or a path to a .hdf5 file"
-        )
-    check_transitions(name, data)
+        fail(f"unknown dataset {name!r}: expected a D4RL name such as hopper-medium-v2, a Minari id such as "
+             f"local/hopper/medium-v0, or a path to a .hdf5 file")
     env_id = gym_env or env_id
     if env_id is None:
-        fail(f"dataset {name} records no environment: pass --gym-env")
-    if ref_min is not None and ref_max is not None:
-        ref_source = f"dataset metadata ({ref_min:.3f} / {ref_max:.3f})"
-    elif body_of(env_id) in D4RL_REF_SCORES:
-        ref_min, ref_max = D4RL_REF_SCORES[body_of(env_id)]
-        ref_source = f"D4RL {body_of(env_id)} ({ref_min} / {ref_max})"
-    else:
-        ref_source = "none (normalised score is NaN)"
+        fail(f"cannot tell the environment of dataset {name}: pass --gym-env (e.g. Hopper-v5)")
     try:
         env = gym.make(env_id)
     except gym.error.Error as error:
         fail(f"cannot make gymnasium env {env_id} ({error})")
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    shapes = {"observations": env.observation_space.shape, "actions": env.action_space.shape, "rewards": (),
+              "next_observations": env.observation_space.shape, "terminals": ()}
     env.close()
-    if data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,):
-        fail(
-            f"dataset {name} has observations {data['observations'].shape[1:]} and actions "
-            f"{data['actions'].shape[1:]}, but {env_id} has ({obs_dim},) and ({act_dim},)"
-        )
-    arrays = {key: np.asarray(value, dtype=np.float32) for key, value in data.items()}
-    return OfflineData(**arrays, dataset_id=name, gym_env_id=env_id, ref_min_score=ref_min,
-                       ref_max_score=ref_max, ref_source=ref_source)
+    data = {key: np.asarray(data[key], dtype=np.float32) for key in TRANSITION_KEYS}  # checked after the cast
+    if len(data["rewards"]) == 0:
+        fail(f"dataset {name} holds no transitions")
+    for key, shape in shapes.items():
+        if shape == () and data[key].shape[1:] == (1,):  # rewards and terminals may come as [M, 1]
+            data[key] = data[key][:, 0]
+        if data[key].shape != (len(data["rewards"]), *shape):
+            fail(f"dataset {name}: {key} has shape {data[key].shape}, but {env_id} needs "
+                 f"{(len(data['rewards']), *shape)}, one row per transition")
+        bad = ~np.isfinite(data[key].reshape(len(data[key]), -1)).all(1)
+        if bad.any():
+            fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values as float32 (the first is row "
+                 f"{np.flatnonzero(bad)[0]:,})")
+    if ref_min is None and body_of(env_id) in D4RL_REF_SCORES:
+        ref_min, ref_max = D4RL_REF_SCORES[body_of(env_id)]
+    ref_source = "none (normalised score is NaN)" if ref_min is None else f"{ref_min:.3f} / {ref_max:.3f}"
+    return OfflineData(**data, dataset_id=name, gym_env_id=env_id, ref_min_score=ref_min, ref_max_score=ref_max,
+                       ref_source=ref_source)
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))
-    except KeyboardInterrupt:
-        fail("interrupted before training started; nothing was saved")
+    main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))

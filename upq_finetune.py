@@ -22,24 +22,28 @@ Where each equation of the paper lives in this file:
 
 <run-dir> (default runs/<exp-name>__<env>__<seed>__<time>) holds eval.csv (the score before fine-tuning, step 0,
 and after every epoch), metrics.csv (the training metrics of every epoch), train.log and config.json.
---save-dir holds the fine-tuned agents in cql_pretrain.py's per-agent layout and run_state.pt, written as one set
-(manifest.json) that --resume continues. SPEC.md sections 2-3 give every default and its source.
+--save-dir holds checkpoint.pt: the fine-tuned agents in cql_pretrain.py's layout, with the replay, the optimisers and
+the random stream that --resume continues. SPEC.md sections 2-3 give every default and its source.
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
+import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+import urllib.request
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -104,9 +108,9 @@ class Run:
     """offline dataset replayed beside the online data: a D4RL name, a Minari id or a D4RL-layout .hdf5 file (paper: D4RL v2)"""
     gym_env: str | None = None
     """gymnasium env to fine-tune and evaluate on (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
-    checkpoints: Annotated[tuple[str, ...], tyro.conf.arg(
-        help_behavior_hint="(default: checkpoints/<env>__seed1, cql_pretrain.py's default --save-dir)")] = ()
-    """cql_pretrain.py agents: folders (their saved set) or agent_k.pt files, e.g. checkpoints/hopper-medium-v2__seed1"""
+    checkpoints: Annotated[str | None, tyro.conf.arg(
+        help_behavior_hint="(default: checkpoints/<env>__seed1, cql_pretrain.py's default --save-dir)")] = None
+    """cql_pretrain.py's agents: its --save-dir or the checkpoint.pt in it, e.g. checkpoints/hopper-medium-v2__seed1"""
     seed: int = 1
     """seed of the density-ratio net, the batches, the action noise and the envs"""
     eval_episodes: int = 5
@@ -116,7 +120,7 @@ class Run:
     exp_name: str = "upq"
     """prefix of the run's name: runs/<exp-name>__<env>__<seed>__<time> and checkpoints/<exp-name>__<env>__seed<seed> (CleanRL)"""
     save_dir: str | None = None
-    """where agent_0.pt ... and run_state.pt go (default checkpoints/<exp-name>__<env>__seed<seed>)"""
+    """where checkpoint.pt goes: the fine-tuned agents and all --resume needs (default checkpoints/<exp-name>__<env>__seed<seed>)"""
     run_dir: str | None = None
     """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>; with --resume, the saved run's)"""
     resume: bool = False
@@ -149,9 +153,8 @@ class Args:
 
 ALGORITHM = "upq"
 PROJECT_VERSION = "0.2.0"
-CQL_FORMAT = "upq-cql-agent-v2"  # what cql_pretrain.py writes
-FINETUNED_FORMAT = "upq-finetuned-agent-v2"  # what this script writes: the same per-agent layout
-RUN_STATE_FORMAT = "upq-finetune-run-v2"  # replay, priorities, density-ratio net, RNG: what --resume needs
+CQL_FORMAT = "upq-cql-v3"  # what cql_pretrain.py writes
+FINETUNED_FORMAT = "upq-finetune-v3"  # what this script writes: the fine-tuned agents and all --resume needs
 SUM_TREE_FANOUT = 64  # children per sum-tree node: 4 levels for ~1M transitions instead of 20
 LOG_STD_RANGE = (-20.0, 2.0)  # each member's log-std clamp while fine-tuning (Off2OnRL official; CQL: [-5, 2])
 CUDA_GRAPH_WARMUP = 3  # eager updates at the start of every epoch before the step is recorded as a CUDA graph
@@ -574,8 +577,7 @@ def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, devic
         mean, _ = ensemble_policy(*actor(states.expand(num_members, -1, -1)))  # [episodes, A]
         return torch.tanh(mean).cpu().numpy()
 
-    envs = [make_eval_env(env_id, video_dir, f"eval{e}") for e in range(episodes)]
-    return lockstep_returns(envs, [seed + e for e in range(episodes)], act)
+    return lockstep_returns(env_id, [seed + e for e in range(episodes)], act, video_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -599,59 +601,60 @@ def train_epoch(update, num_updates: int, cuda_graph: bool, stop: dict, report) 
 
 def main(args: Args) -> None:
     alg, run = args.algorithm, args.run
+    stop = catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     check_finetune_flags(alg, run)
     device = pick_device(run.device, run.torch_deterministic)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
-    save_dir, run_dir, saved = prepare_folders(run, f"checkpoints/{run.exp_name}__{slug}__seed{run.seed}",
-                                               f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
-                                               FINETUNED_FORMAT, RUN_STATE_FORMAT)
-    agents, sources = starting_agents(run, alg.num_agents, saved, slug)
+    save_dir, run_dir, saved, _locks = prepare_folders(run, f"checkpoints/{run.exp_name}__{slug}__seed{run.seed}",
+                                                       f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
+                                                       (FINETUNED_FORMAT,))
+    pretrained, source = pretrained_agents(run, alg.num_agents, slug) if saved is None else (saved, None)
     check_video(run)
     data = load_offline_data(run.env, run.gym_env)
-    n, act_dim = len(agents), data.actions.shape[1]
-    alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
-    nets, optimizers, replay, generator = build_run(alg, run, agents, saved, data, device)
-    env_steps, grad_steps = (saved[0]["env_steps"], saved[0]["grad_steps"]) if saved else (0, 0)
-    meta = run_meta(args, data, agents, sources, run_dir, saved)
-    logs = open_run_logs(run_dir, {"eval": ["step", "return", "normalized_score"],
-                                   "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
-                         env_steps if saved else None, meta)
-    wandb = start_wandb(run, meta) if run.track else None
-    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns: "
-          f"{data.ref_source}; ensemble of {n} agents (hidden {meta['hidden_sizes']}) on {device}; "
-          f"{'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoints {save_dir}"
-          + (f"; resumed {n} fine-tuned agents at env step {env_steps:,}" if saved else ""))
+    alg.target_entropy = -float(data.actions.shape[1]) if alg.target_entropy is None else alg.target_entropy
+    nets, optimizers, replay, generator = build_run(alg, run, pretrained, saved, data, device)
+    meta = run_meta(args, data, pretrained, source, run_dir, saved)
+    env_steps, grad_steps = (meta["env_steps"], meta["grad_steps"]) if saved else (0, 0)
     loss_args = loss_hyperparameters(alg)
 
-    def evaluate_and_log(train_log: str = "") -> None:
-        videos = video_folder(run, run_dir, env_steps // alg.steps_per_epoch, env_steps, env_steps == alg.total_steps)
+    def evaluate(step: int) -> tuple[float, float]:  # pi^E's mean return over --eval-episodes, and its score
+        videos = video_folder(run, run_dir, step // alg.steps_per_epoch, step, step == alg.total_steps)
         returns = evaluate_ensemble(nets["actor"], data.gym_env_id, run.eval_episodes, run.seed + 10_000, device,
                                     videos)
-        score = float(normalized_score(returns.mean(), data.ref_min_score, data.ref_max_score))
-        logs["eval"].write([env_steps, f"{returns.mean():.3f}", f"{score:.3f}"])
-        print(f"env steps {env_steps:,}: return {returns.mean():.1f} normalized {score:.1f}{train_log}", flush=True)
-        if wandb:
-            wandb.log({"eval/return": returns.mean(), "eval/normalized_score": score}, step=env_steps)
+        return returns.mean(), float(normalized_score(returns.mean(), data.ref_min_score, data.ref_max_score))
 
-    def save(stopped: bool = False) -> None:
-        save_finetuned(save_dir, nets, optimizers, replay, generator, {**meta, "step": env_steps,
-                                                                        "env_steps": env_steps,
-                                                                        "grad_steps": grad_steps})
-        if stopped:
-            exit_stopped(stop, f"env step {env_steps:,} (gradient step {grad_steps:,})", save_dir)
+    def log_evaluation(step: int, result: tuple[float, float], train_log: str = "") -> None:
+        logs["eval"].write([step, f"{result[0]:.3f}", f"{result[1]:.3f}"])
+        print(f"env steps {step:,}: return {result[0]:.1f} normalized {result[1]:.1f}{train_log}", flush=True)
+        if wandb:
+            wandb.log({"eval/return": result[0], "eval/normalized_score": result[1]}, step=step)
+
+    def save() -> None:
+        save_run(save_dir, nets, optimizers, replay, generator, {**meta, "env_steps": env_steps,
+                                                                  "grad_steps": grad_steps})
 
     def report(done: int) -> None:  # within an epoch
         print(f"  training: {progress(grad_steps + done, total_updates, grad_steps_at_start, started, 'updates')}")
 
-    if env_steps == 0:
-        evaluate_and_log()  # the pre-trained ensemble, the first point of the paper's Fig. 2
-    stop, started, grad_steps_at_start = catch_stop_signals(), time.perf_counter(), grad_steps
+    first = evaluate(0) if not saved else None  # the pre-trained ensemble, the first point of the paper's Fig. 2
+    stop["armed"] = True  # from here a signal saves the run and stops it
+    logs = open_run_logs(run_dir, {"eval": ["step", "return", "normalized_score"],
+                                   "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
+                         env_steps if saved else None, meta)
+    wandb = start_wandb(run, meta) if run.track else None
+    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns "
+          f"{data.ref_source}; ensemble of {meta['num_agents']} agents (hidden {meta['hidden_sizes']}) on {device}; "
+          f"{'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoint {save_dir}"
+          + (f"; resumed at env step {env_steps:,}" if saved else ""))
+    if first:
+        log_evaluation(0, first)
+    started, grad_steps_at_start = time.perf_counter(), grad_steps
     cycle_start = started  # a cycle: evaluating and saving the last epoch, collecting and training this one
     total_updates = updates_due(alg.total_steps, alg)
     env = gym.make(data.gym_env_id)
     while env_steps < alg.total_steps or grad_steps < updates_due(env_steps, alg):  # (a stopped run: its epoch's rest)
         # Collect an epoch with a ~ pi^E (Eq. 3) into the online buffer, at priority P_max
-        if grad_steps == updates_due(env_steps, alg) and not stop["signal"]:  # the last epoch is trained
+        if grad_steps == updates_due(env_steps, alg) and not stop["signal"]:  # (a run stopped mid-epoch: not yet)
             transitions = collect(env, nets["actor"], alg.steps_per_epoch, run.seed + env_steps, generator, device)
             replay.add(torch.as_tensor(transitions, device=device))
             env_steps += len(transitions)
@@ -663,14 +666,15 @@ def main(args: Args) -> None:
                                   run.cuda_graph and device.type == "cuda", stop, report)
         grad_steps += done
         if stop["signal"]:
-            save(stopped=True)
+            save()
+            exit_stopped(stop, f"env step {env_steps:,} (gradient step {grad_steps:,})", save_dir)
         # Evaluate pi^E, log, save
         check_finite(means, env_steps, save_dir)
         speeds = dict(updates_per_s=done / (time.perf_counter() - timer),
                       env_steps_per_s=alg.steps_per_epoch / (time.perf_counter() - cycle_start))
         cycle_start = time.perf_counter()
-        evaluate_and_log(epoch_line(means, speeds, progress(grad_steps, total_updates, grad_steps_at_start, started,
-                                                            "updates")))
+        log_evaluation(env_steps, evaluate(env_steps), epoch_line(
+            means, speeds, progress(grad_steps, total_updates, grad_steps_at_start, started, "updates")))
         logs["metrics"].write([env_steps, grad_steps, *(f"{means[k]:.6g}" for k in METRICS),
                                *(f"{v:.2f}" for v in speeds.values())])
         if wandb:
@@ -678,13 +682,15 @@ def main(args: Args) -> None:
         if env_steps % (run.save_every * alg.steps_per_epoch) == 0 or env_steps == alg.total_steps:
             save()
     env.close()
-    close_logs(logs, wandb)
+    if wandb:
+        wandb.finish()
     print(f"{env_steps:,} env steps, {grad_steps:,} gradient steps in {duration(time.perf_counter() - started)}; "
-          f"saved {n} fine-tuned agents to {save_dir}; evaluations in {run_dir / 'eval.csv'}")
+          f"saved {meta['num_agents']} fine-tuned agents to {save_dir / CHECKPOINT}; evaluations in "
+          f"{run_dir / 'eval.csv'}")
 
 
 # =============================================================================================================
-# Machinery of this script: flags, the ensemble from checkpoints, saving and resuming the run
+# Machinery of this script: flags, the ensemble from the CQL checkpoint, saving and resuming the run
 # =============================================================================================================
 METRICS = ["critic_loss", "actor_loss", "q_ensemble", "q_spread", "target_mean", "uncertainty", "uncertainty_max",
            "penalty_fraction", "alpha", "entropy", "ratio_loss", "w_offline", "w_online", "online_fraction"]
@@ -730,84 +736,51 @@ def epoch_line(means: dict, speeds: dict, where: str) -> str:
 def check_finite(means: dict, env_steps: int, save_dir: Path) -> None:
     if not all(math.isfinite(means[key]) for key in ("critic_loss", "actor_loss", "ratio_loss")):
         fail(f"a loss became non-finite in the epoch ending at env step {env_steps:,} (critic {means['critic_loss']}, "
-             f"actor {means['actor_loss']}, density ratio {means['ratio_loss']}); the checkpoints in {save_dir} were "
-             f"left as they were")
+             f"actor {means['actor_loss']}, density ratio {means['ratio_loss']}); {save_dir / CHECKPOINT} was left "
+             f"as it was")
 
 
-def agent_paths(sources: tuple[str, ...], default: Path, num_agents: int | None) -> list[Path]:
-    """The agent files named by --checkpoints (a folder gives its saved set's agents in order), the first N of them."""
-    paths = []
-    for source in map(Path, sources or (default,)):
-        if source.is_dir():
-            files = read_set(source)[1]
-            paths += sorted((path for name, path in files.items() if name.startswith("agent_")),
-                            key=lambda path: int(re.match(r"agent_(\d+)", path.name).group(1)))
-        elif not sources:
-            fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> "
-                 f"or pass --checkpoints")
-        else:
-            paths.append(source)
-    if len({p.resolve() for p in paths}) != len(paths):
-        fail(f"a checkpoint is listed twice in {', '.join(map(str, paths))}")
-    if num_agents is not None:
-        if not 1 <= num_agents <= len(paths):
-            fail(f"--num-agents must lie between 1 and the {len(paths)} checkpoints given, not {num_agents}")
-        paths = paths[:num_agents]
-    return paths
+def pretrained_agents(run: Run, num_agents: int | None, slug: str) -> tuple[dict, str]:
+    """cql_pretrain.py's checkpoint named by --checkpoints (a folder or its checkpoint.pt), and that name."""
+    source = Path(run.checkpoints or f"checkpoints/{slug}__seed1")
+    if not run.checkpoints and not source.exists():
+        fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> or pass --checkpoints")
+    pretrained = load_checkpoint(source, (CQL_FORMAT,))
+    if num_agents is not None and num_agents > pretrained["meta"]["num_agents"]:
+        fail(f"--num-agents must lie between 1 and the {pretrained['meta']['num_agents']} agents of {source}, "
+             f"not {num_agents}")
+    return pretrained, str(source)
 
 
-def starting_agents(run: Run, num_agents: int | None, saved, slug: str) -> tuple[list[dict], list[str]]:
-    """The agents to start from, in order, and where they were pre-trained: the cql_pretrain.py agents of
-    --checkpoints (all of one run and one step), or those of the resumed run."""
+def run_meta(args: Args, data: OfflineData, pretrained: dict, source: str | None, run_dir: Path, saved) -> dict:
+    """What the checkpoint and config.json record of this run (a resumed run: as saved, with this command's flags)."""
     if saved is not None:
-        files = saved[1]
-        agents = [files[name] for name in sorted((n for n in files if n.startswith("agent_")),
-                                                 key=lambda name: int(re.match(r"agent_(\d+)", name).group(1)))]
-        if num_agents not in (None, len(agents)):
-            fail(f"--resume: the saved run fine-tunes {len(agents)} agents, not --num-agents {num_agents}")
-        return agents, agents[0]["meta"]["pretrained"]
-    paths = agent_paths(run.checkpoints, Path(f"checkpoints/{slug}__seed1"), num_agents)
-    agents = [load_checkpoint(path, CQL_FORMAT) for path in paths]
-    check_one_set(paths, agents)
-    return agents, [str(path) for path in paths]
-
-
-def ensemble_hidden_sizes(agents: list[dict]) -> tuple[int, ...]:
-    return tuple(agents[0]["meta"]["hidden_sizes"])
-
-
-def check_agents_fit(agents: list[dict], data: OfflineData) -> None:
-    """Every agent was made for this env, and all have one shape."""
-    obs_dim, act_dim, hidden = data.observations.shape[1], data.actions.shape[1], ensemble_hidden_sizes(agents)
-    for k, agent in enumerate(agents):
-        meta = agent["meta"]
-        if (meta["gym_env_id"], meta["obs_dim"], meta["act_dim"]) != (data.gym_env_id, obs_dim, act_dim):
-            fail(f"agent {k} was trained for {meta['gym_env_id']} (obs {meta['obs_dim']}, actions {meta['act_dim']}) "
-                 f"but --env {data.dataset_id} is {data.gym_env_id} (obs {obs_dim}, actions {act_dim})")
-        if tuple(meta["hidden_sizes"]) != hidden:
-            fail(f"agent {k} has hidden sizes {tuple(meta['hidden_sizes'])} but agent 0 has {hidden}: "
-                 f"the members of one ensemble must have one shape")
-    if any(agent["meta"]["dataset_id"] != data.dataset_id for agent in agents):
-        print(f"note: the agents were trained on {sorted({a['meta']['dataset_id'] for a in agents})}, "
-              f"the offline data here is {data.dataset_id}")
-
-
-def run_meta(args: Args, data: OfflineData, agents: list[dict], sources: list[str], run_dir: Path, saved) -> dict:
-    """What every saved file and config.json record of this run."""
-    return dict(algorithm=ALGORITHM, version=PROJECT_VERSION, run_id=saved[0]["run_id"] if saved else new_run_id(),
+        return {**saved["meta"], "run_dir": str(run_dir), "args": flat_args(args)}
+    n = args.algorithm.num_agents or pretrained["meta"]["num_agents"]
+    return dict(format=FINETUNED_FORMAT, algorithm=ALGORITHM, version=PROJECT_VERSION, run_id=uuid.uuid4().hex[:16],
                 run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
                 obs_dim=data.observations.shape[1], act_dim=data.actions.shape[1],
-                hidden_sizes=list(ensemble_hidden_sizes(agents)), num_agents=len(agents),
-                offline_size=len(data.rewards), pretrained=sources, args=flat_args(args))
+                hidden_sizes=pretrained["meta"]["hidden_sizes"], num_agents=n, offline_size=len(data.rewards),
+                pretrained=dict(path=source, run_id=pretrained["meta"]["run_id"], step=pretrained["meta"]["step"]),
+                args=flat_args(args))
 
 
-def check_resumable(alg: Algorithm, run_state: dict, data: OfflineData) -> None:
-    """A resumed run keeps its schedule, replay and data; it may only run longer."""
-    meta = run_state["meta"]
+def check_fit(alg: Algorithm, start: dict, saved: dict | None, data: OfflineData) -> None:
+    """The agents were made for this env; a resumed run keeps its agents, schedule, replay and data."""
+    meta, obs_dim, act_dim = start["meta"], data.observations.shape[1], data.actions.shape[1]
+    if (meta["gym_env_id"], meta["obs_dim"], meta["act_dim"]) != (data.gym_env_id, obs_dim, act_dim):
+        fail(f"the agents were trained for {meta['gym_env_id']} (obs {meta['obs_dim']}, actions {meta['act_dim']}) "
+             f"but --env {data.dataset_id} is {data.gym_env_id} (obs {obs_dim}, actions {act_dim})")
+    if meta["dataset_id"] != data.dataset_id:
+        print(f"note: the agents were trained on {meta['dataset_id']}, the offline data here is {data.dataset_id}")
+    if saved is None:
+        return
     changed = [key for key in RESUME_MUST_MATCH if meta["args"][key] != getattr(alg, key)]
     if changed:
         flag = changed[0].replace("_", "-")
         fail(f"--resume: the saved run has --{flag} {meta['args'][changed[0]]}, this command {getattr(alg, changed[0])}")
+    if alg.num_agents not in (None, meta["num_agents"]):
+        fail(f"--resume: the saved run fine-tunes {meta['num_agents']} agents, not --num-agents {alg.num_agents}")
     if meta["offline_size"] != len(data.rewards):
         fail(f"--resume: the saved run replays {meta['offline_size']:,} offline transitions, --env {data.dataset_id} "
              f"holds {len(data.rewards):,}")
@@ -815,49 +788,40 @@ def check_resumable(alg: Algorithm, run_state: dict, data: OfflineData) -> None:
         fail(f"--resume: the saved run is at env step {meta['env_steps']:,}, past --total-steps {alg.total_steps:,}")
 
 
-def stack_members(module: nn.Module, agents: list[dict], key: str) -> None:
-    """Load the agents' `key` tensors, concatenated along the ensemble axis, into module."""
+def load_members(module: nn.Module, state: dict, members: int) -> None:
+    """The first `members` members of a saved ensemble's tensors into module (the first N agents of a larger set)."""
     try:
-        module.load_state_dict({name: torch.cat([agent[key][name] for agent in agents])
-                                for name in module.state_dict()})
+        module.load_state_dict({name: value[:members] for name, value in state.items()})
     except (KeyError, RuntimeError) as error:
-        fail(f"the {key!r} tensors of the checkpoints do not fit the shapes their meta records "
-             f"({type(error).__name__})")
+        fail(f"the checkpoint's tensors do not fit the shapes its meta records ({type(error).__name__})")
 
 
-def make_optimizers(nets: dict, alg: Algorithm, device) -> dict:
-    """Adam for each network, stepped in this order: alpha, policy, critics, density ratio (Off2OnRL official)."""
-    adam = dict(fused=True, capturable=device.type == "cuda")  # capturable: its step count lives on the GPU
-    optimizers = {
-        "alpha": torch.optim.Adam([nets["log_alpha"]], lr=alg.policy_lr, **adam),
-        "actor": torch.optim.Adam(nets["actor"].parameters(), lr=alg.policy_lr, **adam),
-        "critic": torch.optim.Adam(nets["critic"].parameters(), lr=alg.critic_lr, **adam),
-    }
-    if nets["density_ratio"] is not None:
-        optimizers["density_ratio"] = torch.optim.Adam(nets["density_ratio"].parameters(), lr=alg.density_ratio_lr,
-                                                       **adam)
-    return optimizers
-
-
-def build_run(alg: Algorithm, run: Run, agents: list[dict], saved, data: OfflineData, device):
+def build_run(alg: Algorithm, run: Run, start: dict, saved: dict | None, data: OfflineData, device):
     """The ensemble (actor member k = agent k's actor, critic member 2k + j = agent k's critic j), its optimisers,
     the replay and the random stream: fresh from the CQL agents, or as the resumed run saved them."""
-    check_agents_fit(agents, data)
-    obs_dim, act_dim, hidden, n = (data.observations.shape[1], data.actions.shape[1], ensemble_hidden_sizes(agents),
-                                   len(agents))
+    check_fit(alg, start, saved, data)
+    obs_dim, act_dim, hidden = data.observations.shape[1], data.actions.shape[1], tuple(start["meta"]["hidden_sizes"])
+    n = alg.num_agents or start["meta"]["num_agents"]
     torch.manual_seed(run.seed)
     actor = Actor(obs_dim, act_dim, hidden, n, LOG_STD_RANGE)
     critic = Critic(obs_dim, act_dim, hidden, 2 * n)
     target_critic = Critic(obs_dim, act_dim, hidden, 2 * n)
-    stack_members(actor, agents, "actor")
-    stack_members(critic, agents, "critic")
-    stack_members(target_critic, agents, "target_critic" if saved else "critic")  # SPEC: targets start as the critics
+    load_members(actor, start["actor"], n)
+    load_members(critic, start["critic"], 2 * n)
+    load_members(target_critic, start["target_critic" if saved else "critic"], 2 * n)  # SPEC: targets start as critics
     target_critic.requires_grad_(False)
     density_ratio = DensityRatio(obs_dim + act_dim, alg.density_ratio_hidden_sizes) if alg.balanced_replay else None
     nets = {"actor": actor.to(device), "critic": critic.to(device), "target_critic": target_critic.to(device),
             "log_alpha": torch.zeros(1, device=device, requires_grad=True),  # fresh temperature, alpha = 1 (SPEC)
             "density_ratio": None if density_ratio is None else density_ratio.to(device)}
-    optimizers = make_optimizers(nets, alg, device)
+    adam = dict(fused=True, capturable=device.type == "cuda")  # capturable: its step count lives on the GPU
+    optimizers = {  # stepped in this order: alpha, policy, critics, density ratio (Off2OnRL official)
+        "alpha": torch.optim.Adam([nets["log_alpha"]], lr=alg.policy_lr, **adam),
+        "actor": torch.optim.Adam(actor.parameters(), lr=alg.policy_lr, **adam),
+        "critic": torch.optim.Adam(critic.parameters(), lr=alg.critic_lr, **adam),
+    }
+    if density_ratio is not None:
+        optimizers["density_ratio"] = torch.optim.Adam(density_ratio.parameters(), lr=alg.density_ratio_lr, **adam)
     # one random stream for the batches and the action noise: the device's default one, which CUDA graphs can replay
     generator = (torch.default_generator if device.type == "cpu"
                  else torch.cuda.default_generators[torch.cuda.current_device()])
@@ -865,51 +829,34 @@ def build_run(alg: Algorithm, run: Run, agents: list[dict], saved, data: Offline
     offline = pack_transitions(data.observations, data.actions, data.rewards, data.next_observations, data.terminals)
     replay = BalancedReplay(torch.as_tensor(offline, device=device), alg.online_buffer_size, alg.balanced_replay,
                             initial_online_priority(len(offline), alg.init_online_fraction, alg.steps_per_epoch))
-    if saved is not None:
-        restore_run_state(saved[1]["run_state.pt"], agents, alg, data, nets, optimizers, replay, generator)
+    if saved is not None:  # the resumed run's temperature, density-ratio net, Adam moments, replay and random stream
+        with torch.no_grad():
+            nets["log_alpha"].copy_(saved["log_alpha"])
+        if density_ratio is not None:
+            density_ratio.load_state_dict(saved["density_ratio"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(saved["optimizers"][name])
+            for group in opt.param_groups:  # the saved run may have used the other device
+                group["capturable"] = device.type == "cuda"
+        replay.load_state_dict(saved["replay"])
+        if saved["generator"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
+            fail("the run was saved on another kind of device: resume on that --device")
+        generator.set_state(saved["generator"])
     return nets, optimizers, replay, generator
 
 
-def restore_run_state(run_state: dict, agents: list[dict], alg: Algorithm, data: OfflineData, nets: dict,
-                      optimizers: dict, replay: BalancedReplay, generator) -> None:
-    """Adam moments, temperature, density-ratio net, replay and random stream of the resumed run."""
-    check_resumable(alg, run_state, data)
-    for name, opt in optimizers.items():
-        if name in ("actor", "critic"):
-            opt.load_state_dict(concat_optimizer_states([agent["optimizers"][name] for agent in agents]))
-        else:
-            opt.load_state_dict(run_state["optimizers"][name])
-        for group in opt.param_groups:  # the saved run may have used the other device
-            group["capturable"] = replay.transitions.device.type == "cuda"
-    with torch.no_grad():
-        nets["log_alpha"].copy_(agents[0]["log_alpha"])
-    if nets["density_ratio"] is not None:
-        nets["density_ratio"].load_state_dict(run_state["density_ratio"])
-    replay.load_state_dict(run_state["replay"])
-    if run_state["generator_state"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
-        fail("the run was saved on another kind of device: resume on that --device")
-    generator.set_state(run_state["generator_state"])
-
-
-def save_finetuned(save_dir: Path, nets: dict, optimizers: dict, replay: BalancedReplay, generator, meta: dict) -> None:
-    """One set: agent_k.pt (agent k's actor, critics, target critics, log alpha, Adam moments) and run_state.pt."""
-    files = {"run_state.pt": dict(
-        optimizers={name: opt.state_dict() for name, opt in optimizers.items() if name not in ("actor", "critic")},
+def save_run(save_dir: Path, nets: dict, optimizers: dict, replay: BalancedReplay, generator, meta: dict) -> None:
+    """The whole run as one file: networks (agent k = actor member k, critics 2k and 2k + 1), temperature, density
+    ratio, Adam moments, replay and random stream."""
+    save_checkpoint(save_dir / CHECKPOINT, dict(
+        meta=meta, **{name: nets[name].state_dict() for name in ("actor", "critic", "target_critic")},
+        log_alpha=nets["log_alpha"].detach(), optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
         density_ratio=None if nets["density_ratio"] is None else nets["density_ratio"].state_dict(),
-        replay=replay.state_dict(), generator_state=generator.get_state(), meta={**meta, "format": RUN_STATE_FORMAT})}
-    for k in range(meta["num_agents"]):
-        rows = agent_slices(k)
-        agent = {name: {key: value[rows[name]].clone() for key, value in nets[name].state_dict().items()}
-                 for name in ("actor", "critic", "target_critic")}
-        agent["log_alpha"] = nets["log_alpha"].detach().clone()
-        agent["optimizers"] = {name: slice_optimizer_state(optimizers[name].state_dict(), rows[name])
-                               for name in ("actor", "critic")}
-        files[f"agent_{k}.pt"] = {**agent, "meta": {**meta, "format": FINETUNED_FORMAT, "agent": k}}
-    save_set(save_dir, files, {"script": ALGORITHM, "run_id": meta["run_id"], "step": meta["step"],
-                               "env_steps": meta["env_steps"], "grad_steps": meta["grad_steps"],
-                               "run_dir": meta["run_dir"]})
+        replay=replay.state_dict(), generator=generator.get_state()))
+
+
 # =============================================================================================================
-# Shared machinery: flags, run folders, checkpoint sets, per-run logs, stop signals, offline data, CUDA graphs.
+# Shared machinery: flags, run folders, the checkpoint file, logs, stop signals, evaluation envs, offline data.
 # The same block, byte for byte, in cql_pretrain.py, off2on_finetune.py and upq_finetune.py (tests/test_shared_code.py).
 # =============================================================================================================
 FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence refusal states them
@@ -920,9 +867,7 @@ FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence ref
     "in (0, 1]": lambda v: 0 < v <= 1,
     "in (0, 1)": lambda v: 0 < v < 1,
 }
-SET_FORMAT = "upq-checkpoint-set-v1"
-SET_MANIFEST, SET_COMMIT = "manifest.json", "commit.json"  # the complete set's list of files; a save's commit point
-SET_FILE = re.compile(r"^(agent_\d+|run_state)\.pt$")
+CHECKPOINT = "checkpoint.pt"  # the one file a save writes into --save-dir
 
 
 def fail(message: str) -> NoReturn:
@@ -951,141 +896,114 @@ def pick_device(name: str, deterministic: bool) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def check_writable(folder: Path, flag: str) -> None:
-    """Probe `folder`, or where it would be created (its nearest existing parent), with a temporary file: an
-    unwritable --save-dir or --run-dir stops the run before anything is loaded, and nothing is created yet."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
+def tensors_in(state, name: str = ""):
+    """(dotted name, tensor) for every tensor in nested dicts and lists, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        yield name, state
+    elif isinstance(state, (dict, list, tuple)):
+        for key, value in sorted(state.items(), key=lambda item: str(item[0])) if isinstance(state, dict) else \
+                enumerate(state):
+            yield from tensors_in(value, f"{name}.{key}".lstrip("."))
 
 
-def write_json(path: Path, content: dict) -> None:
-    """A JSON file written whole or not at all (a temporary file, then a rename)."""
+def digest(state: dict) -> str:
+    """sha256 of every tensor's bytes and of everything else's JSON text: a flipped byte changes it."""
+    sha = hashlib.sha256(json.dumps(state, sort_keys=True, default=lambda t: [str(t.dtype), t.shape]).encode())
+    for _, tensor in tensors_in(state):
+        sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return sha.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write `state` (and its digest) as one file, whole or not at all: a temporary file in the same folder, flushed
+    to disk, renamed over the previous one. Weights with NaN or inf and a failed write (a full disk) stop the run in
+    one sentence; the previous file stays as it was."""
+    for name, tensor in tensors_in(state):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            fail(f"{name} holds NaN or inf values, so it was not saved; {path} keeps the previous checkpoint")
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(content, indent=1) + "\n")
-    os.replace(temporary, path)
-
-
-def read_json(path: Path) -> dict | None:
-    if not path.exists():
-        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        fail(f"{path} cannot be read ({type(error).__name__}); it is not a file this script wrote")
+        with open(temporary, "wb") as f:
+            torch.save({**state, "sha256": digest(state)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        temporary.unlink(missing_ok=True)
+        needed = sum(t.nbytes for _, t in tensors_in(state)) / 1e6
+        fail(f"cannot write {path} ({getattr(error, 'strerror', None) or 'write failed'}; it needs about "
+             f"{needed:,.0f} MB, {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB are free there); the previous "
+             f"checkpoint is unchanged")
 
 
-def save_set(folder: Path, files: dict[str, dict], manifest: dict) -> None:
-    """Write a checkpoint set as one unit: every file as NAME.next, then commit.json (the commit point), then renames.
-
-    Whenever the process dies, the folder holds the previous complete set, or a committed one that finish_set
-    completes: a reader never sees files of two saves as one set.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    finish_set(folder)
-    for name, content in files.items():
-        torch.save(content, folder / f"{name}.next")
-    write_json(folder / SET_COMMIT, {"format": SET_FORMAT, **manifest, "files": sorted(files)})
-    finish_set(folder)
-
-
-def finish_set(folder: Path) -> None:
-    """Complete a committed save (rename its .next files, its commit becomes the manifest), then delete leftovers:
-    .next files of a save that died before its commit, and set files of an earlier run that the set does not list."""
-    commit = read_json(folder / SET_COMMIT)
-    if commit is not None:
-        for name in commit["files"]:
-            if (folder / f"{name}.next").exists():
-                os.replace(folder / f"{name}.next", folder / name)
-        os.replace(folder / SET_COMMIT, folder / SET_MANIFEST)
-    manifest = read_json(folder / SET_MANIFEST)
-    for path in folder.glob("*.pt.next"):
-        path.unlink()
-    for path in folder.iterdir() if manifest is not None else ():
-        if SET_FILE.match(path.name) and path.name not in manifest["files"]:
-            path.unlink()
-
-
-def read_set(folder: Path) -> tuple[dict, dict[str, Path]]:
-    """The folder's complete checkpoint set, read-only: its manifest and the path of each of its files."""
-    commit = read_json(folder / SET_COMMIT)  # a save that died after its commit point: its files are complete
-    if commit is not None:
-        return commit, {n: folder / f"{n}.next" if (folder / f"{n}.next").exists() else folder / n
-                        for n in commit["files"]}
-    manifest = read_json(folder / SET_MANIFEST)
-    if manifest is None:
-        found = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
-        fail(f"{folder} holds no complete checkpoint set (no {SET_MANIFEST}"
-             + (f"; its {', '.join(found)} come from an older version or an unfinished save)" if found else ")"))
-    return manifest, {name: folder / name for name in manifest["files"]}
-
-
-def holds_a_set(folder: Path) -> bool:
-    return folder.is_dir() and any(p.name in (SET_MANIFEST, SET_COMMIT) or SET_FILE.match(p.name)
-                                   for p in folder.iterdir())
-
-
-def load_checkpoint(path: Path, expected_format: str) -> dict:
-    """A checkpoint file, or one clear sentence on why it cannot be used."""
+def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
+    """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used."""
+    if path.is_dir() and (path / "manifest.json").exists():
+        fail(f"{path} holds checkpoints of the older per-agent layout; convert them with "
+             f"python results/convert_set.py {path} <new folder>")
+    path = path / CHECKPOINT if path.is_dir() else path
     if not path.is_file():
         fail(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 -- truncated zip, pickle error, ...: all mean "corrupted"
         fail(f"checkpoint {path} is corrupted or not a checkpoint ({type(error).__name__})")
-    if not isinstance(checkpoint, dict) or checkpoint.get("meta", {}).get("format") != expected_format:
-        fail(f"{path} is not a {expected_format} checkpoint")
-    return checkpoint
+    if not isinstance(state, dict) or not isinstance(state.get("meta"), dict) or \
+            state["meta"].get("format") not in formats:
+        fail(f"{path} is not a {' or '.join(formats)} checkpoint")
+    if state.pop("sha256", None) != digest(state):
+        fail(f"checkpoint {path} is corrupted: its contents do not match the digest saved with them")
+    return state
 
 
-def check_one_set(paths: list[Path], checkpoints: list[dict]) -> None:
-    """Refuse agents of different runs or saved at different steps, in one sentence."""
-    stamps = {(c["meta"]["run_id"], c["meta"]["step"]) for c in checkpoints}
-    if len(stamps) > 1:
-        listed = ", ".join(f"{p.name} (run {c['meta']['run_id']}, step {c['meta']['step']:,})"
-                           for p, c in zip(paths, checkpoints))
-        fail(f"these checkpoints come from different runs or steps and cannot form one ensemble: {listed}")
+def lock_folder(folder: Path, flag: str):
+    """Create `folder` and hold an OS lock on its .lock file while this process lives (the OS drops it when the
+    process ends, however it ends): a second run on the folder is refused. A folder it made that holds nothing else
+    at exit is removed."""
+    try:
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            atexit.register(lambda: os.listdir(folder) == [".lock"] and ((folder / ".lock").unlink(), folder.rmdir()))
+        handle = open(folder / ".lock", "a+")
+    except OSError as error:
+        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        fail(f"{flag} {folder} is in use by another run (process {handle.read().strip() or '?'}): wait for it to end "
+             f"or choose another {flag}")
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
-def prepare_folders(run, default_save_dir: str, default_run_dir: str, agent_format: str,
-                    run_state_format: str | None = None) -> tuple[Path, Path, tuple[dict, dict] | None]:
-    """--save-dir and --run-dir, checked before anything is loaded: a fresh run refuses a save dir that holds a set
-    or a run dir that holds an eval.csv unless --overwrite (the old set is replaced at the first save); both are
-    probed for writing (and created when first written). --resume: the run dir defaults to the saved run's, a save
-    cut short is completed, and the saved set comes back as (manifest, {file name: checkpoint})."""
-    save_dir = Path(run.save_dir or default_save_dir)
+def prepare_folders(run, default_save_dir: str, default_run_dir: str, formats: tuple[str, ...]):
+    """--save-dir and --run-dir, locked for this run and checked before anything is loaded: a fresh run refuses a
+    checkpoint or an eval.csv already there unless --overwrite (the checkpoint is replaced at the first save);
+    --resume loads the checkpoint and defaults the run dir to the saved run's. Returns (save dir, run dir, the saved
+    state or None, the locks to keep)."""
+    if re.search(r"[/\\]|^\.\.?$", run.exp_name):
+        fail(f"--exp-name {run.exp_name!r} must be a plain name (no path separator, not . or ..)")
     if run.resume and run.overwrite:
         fail("--resume and --overwrite exclude each other")
-    if run.resume and not holds_a_set(save_dir):
-        fail(f"--resume: {save_dir} holds no checkpoints to continue")
-    if not run.resume and holds_a_set(save_dir) and not run.overwrite:
-        fail(f"{save_dir} already holds checkpoints: pass --resume to continue them, --overwrite to replace them, "
+    save_dir = Path(run.save_dir or default_save_dir)
+    locks = [lock_folder(save_dir, "--save-dir")]
+    exists = (save_dir / CHECKPOINT).exists() or (save_dir / "manifest.json").exists()
+    if run.resume and not exists:
+        fail(f"--resume: {save_dir} holds no checkpoint to continue")
+    if exists and not run.resume and not run.overwrite:
+        fail(f"{save_dir} already holds a checkpoint: pass --resume to continue it, --overwrite to replace it, "
              f"or another --save-dir")
-    run_dir = Path(run.run_dir or (read_set(save_dir)[0]["run_dir"] if run.resume else default_run_dir))
+    saved = load_checkpoint(save_dir, formats) if run.resume else None
+    run_dir = Path(run.run_dir or (saved["meta"]["run_dir"] if saved else default_run_dir))
+    if run_dir.resolve() != save_dir.resolve():
+        locks.append(lock_folder(run_dir, "--run-dir"))
     if not run.resume and (run_dir / "eval.csv").exists() and not run.overwrite:
         fail(f"{run_dir / 'eval.csv'} already exists: pass --resume to continue that run, --overwrite to start it "
              f"anew, or another --run-dir")
-    check_writable(save_dir, "--save-dir")
-    check_writable(run_dir, "--run-dir")
-    if not run.resume:
-        return save_dir, run_dir, None
-    finish_set(save_dir)
-    manifest, paths = read_set(save_dir)
-    checkpoints = {name: load_checkpoint(path, run_state_format if name == "run_state.pt" else agent_format)
-                   for name, path in paths.items()}
-    check_one_set(list(paths.values()), list(checkpoints.values()))
-    return save_dir, run_dir, (manifest, checkpoints)
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:16]
+    return save_dir, run_dir, saved, locks
 
 
 class CsvLog:
@@ -1100,37 +1018,98 @@ class CsvLog:
             if rows and rows[0] != header:
                 fail(f"{path} has the columns {rows[0]}, not {header}: it is not this run's log")
             kept = [row for row in rows[1:] if len(row) == len(header) and int(row[0]) <= resume_step]
+        self.path = path
         temporary = path.with_name(path.name + ".tmp")
         with open(temporary, "w", newline="") as f:
             csv.writer(f).writerows([header, *kept])
         os.replace(temporary, path)
         self.file = open(path, "a", newline="")
-        self.writer = csv.writer(self.file)
 
     def write(self, row: list) -> None:
-        self.writer.writerow(row)
-        self.file.flush()
+        try:
+            csv.writer(self.file).writerow(row)
+            self.file.flush()
+        except OSError as error:
+            fail(f"cannot write {self.path} ({error.strerror}); the last checkpoint is unchanged")
 
-    def close(self) -> None:
-        self.file.close()
+
+class Tee:
+    """The console, also written to the run's train.log; the console still gets everything if train.log cannot."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        try:
+            self.log.write(text)
+            self.log.flush()
+        except OSError:
+            pass
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> dict:
+    """<run-dir>/train.log (the console, appended on resume), config.json (each resume's own appended), and one
+    CsvLog per entry of columns."""
+    console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
+    sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
+    config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
+              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    if resume_step is not None and (run_dir / "config.json").exists():
+        previous = json.loads((run_dir / "config.json").read_text())
+        config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
+    (run_dir / "config.json.tmp").write_text(json.dumps(config, indent=1) + "\n")
+    os.replace(run_dir / "config.json.tmp", run_dir / "config.json")
+    return {name: CsvLog(run_dir / f"{name}.csv", header, resume_step) for name, header in columns.items()}
+
+
+def source_commit() -> str | None:
+    """The git commit of this script's folder, if it is a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flat_args(args) -> dict:
+    """Every flag's value, the algorithm's and the run's, as plain JSON types."""
+    values = {**dataclasses.asdict(args.algorithm), **dataclasses.asdict(args.run)}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+def start_wandb(run, meta: dict):
+    """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
+    import wandb
+
+    wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
+               name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
+    return wandb
 
 
 def catch_stop_signals() -> dict:
-    """From here on SIGINT (Ctrl-C) and SIGTERM only set stop["signal"]: the loop finishes its update, saves a
-    complete set and exits (exit code 128 + the signal's number)."""
-    stop = {"signal": None}
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP. Until stop["armed"] is set (loading, the first evaluation) they end the
+    run at once, nothing saved and nothing left that blocks its re-run; after it they set stop["signal"], and the
+    loop finishes its update, saves and exits 128 + the signal's number (exit_stopped)."""
+    stop = {"signal": None, "armed": False}
 
     def request_stop(signum, frame):
+        if not stop["armed"]:
+            print(f"{signal.Signals(signum).name} before training started: nothing was saved", file=sys.stderr)
+            raise SystemExit(128 + signum)
         stop["signal"] = signum
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, request_stop)
     return stop
 
 
 def exit_stopped(stop: dict, where: str, save_dir: Path) -> NoReturn:
     name = signal.Signals(stop["signal"]).name
-    print(f"{name} at {where}: saved a complete set to {save_dir}; continue with the same command and --resume",
+    print(f"{name} at {where}: saved the run to {save_dir / CHECKPOINT}; continue with the same command and --resume",
           flush=True)
     raise SystemExit(128 + stop["signal"])
 
@@ -1152,91 +1131,22 @@ def progress(done: int, total: int, done_at_start: int, started: float, unit: st
             f"{speed:.1f} {unit}/s, ETA {eta}")
 
 
-class Tee:
-    """A console stream that also writes everything to the run's train.log."""
-
-    def __init__(self, stream, log):
-        self.stream, self.log = stream, log
-
-    def write(self, text: str) -> int:
-        self.log.write(text)
-        self.log.flush()
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> dict:
-    """<run-dir>/train.log (the console, appended on resume), config.json, and one CsvLog per entry of columns."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
-    sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
-    config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
-              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    previous = read_json(run_dir / "config.json") if resume_step is not None else None
-    if previous is not None:  # the first start's config, and every resume's own below it
-        config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
-    write_json(run_dir / "config.json", config)
-    return {name: CsvLog(run_dir / f"{name}.csv", header, resume_step) for name, header in columns.items()}
-
-
-def close_logs(logs: dict, wandb) -> None:
-    for log in logs.values():
-        log.close()
-    if wandb:
-        wandb.finish()
-    sys.stdout, sys.stderr = getattr(sys.stdout, "stream", sys.stdout), getattr(sys.stderr, "stream", sys.stderr)
-
-
-def source_commit() -> str | None:
-    """The git commit of this script's folder, if it is a git checkout."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
-
-
-def flat_args(args) -> dict:
-    """Every flag's value, the algorithm's and the run's, as plain JSON types."""
-    values = {**dataclasses.asdict(args.algorithm), **dataclasses.asdict(args.run)}
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
-
-
-def start_wandb(run, meta: dict):
-    """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
-    import wandb
-
-    wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
-               name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
-    return wandb
-
-
 def check_video(run, env_id: str = "InvertedPendulum-v5") -> None:
-    """--capture-video: MuJoCo must render offscreen here (MUJOCO_GL, egl unless set: called before MuJoCo is first
-    imported) and moviepy, which gymnasium's recorder writes with, must be installed; else one sentence on what to
-    install. Any MuJoCo env tells whether the OpenGL backend works."""
+    """--capture-video: MuJoCo must render offscreen here (MUJOCO_GL, egl unless set) and moviepy, which gymnasium's
+    RecordVideo writes with, must be installed; else one sentence on what to install."""
     if not run.capture_video:
         return
     os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         import moviepy  # noqa: F401
-    except ImportError:
-        fail("--capture-video needs moviepy, which gymnasium's video recorder writes with: pip install moviepy")
-    try:
         env = gym.make(env_id, render_mode="rgb_array")
         env.reset(seed=0)
         env.render()
         env.close()
     except Exception as error:  # noqa: BLE001 -- every OpenGL failure gets the same advice
-        fail(f"--capture-video: MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')} "
-             f"({type(error).__name__}); install EGL (apt-get install libegl1) and set MUJOCO_GL=egl, or OSMesa "
-             f"(apt-get install libosmesa6) and set MUJOCO_GL=osmesa")
+        fail(f"--capture-video needs moviepy (pip install moviepy) and offscreen MuJoCo rendering, which failed with "
+             f"MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(error).__name__}): install EGL (apt-get install "
+             f"libegl1) and set MUJOCO_GL=egl, or OSMesa (apt-get install libosmesa6) and set MUJOCO_GL=osmesa")
 
 
 def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> Path | None:
@@ -1247,22 +1157,17 @@ def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> 
     return None
 
 
-def make_eval_env(env_id: str, video_dir: Path | None, name: str) -> gym.Env:
-    """An evaluation env; with video_dir, gymnasium's RecordVideo writes its episode to video_dir/<name>-episode-0.mp4."""
-    if video_dir is None:
-        return gym.make(env_id)
-    with warnings.catch_warnings():  # the envs of one evaluation share their folder on purpose
-        warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
-        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), str(video_dir), name_prefix=name,
-                                        episode_trigger=lambda episode: True, disable_logger=True)
-
-
-def lockstep_returns(envs: list[gym.Env], seeds: list[int], act) -> np.ndarray:
-    """Undiscounted returns [E] of one episode in each env (reset with its seed), all stepped together: one call of
-    act(observations [E, obs]) -> actions [E, A] per step; the envs are closed at the end."""
+def lockstep_returns(env_id: str, seeds: list[int], act, video_dir: Path | None = None) -> np.ndarray:
+    """Undiscounted returns [E] of one episode of env_id per seed, all stepped together: one call of
+    act(observations [E, obs]) -> actions [E, A] per step; with video_dir, gymnasium's RecordVideo records each."""
+    envs = [gym.make(env_id, render_mode="rgb_array" if video_dir else None) for _ in seeds]
+    if video_dir is not None:
+        with warnings.catch_warnings():  # the envs of one evaluation share their folder on purpose
+            warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
+            envs = [gym.wrappers.RecordVideo(env, str(video_dir), name_prefix=f"episode{e}", disable_logger=True,
+                                             episode_trigger=lambda episode: True) for e, env in enumerate(envs)]
     obs = np.stack([env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)])
-    returns = np.zeros(len(envs))
-    running = np.ones(len(envs), dtype=bool)
+    returns, running = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
     while running.any():
         actions = act(obs)
         for e in np.flatnonzero(running):
@@ -1274,70 +1179,25 @@ def lockstep_returns(envs: list[gym.Env], seeds: list[int], act) -> np.ndarray:
     return returns
 
 
-def agent_slices(k: int) -> dict[str, slice]:
-    """Agent k's rows of the ensemble tensors: its actor, its two critics (and targets), its scalars."""
-    return {"actor": slice(k, k + 1), "critic": slice(2 * k, 2 * k + 2), "target_critic": slice(2 * k, 2 * k + 2),
-            "scalar": slice(k, k + 1)}
-
-
-def slice_optimizer_state(state: dict, rows: slice) -> dict:
-    """An optimizer state_dict restricted to one agent's rows (Adam moments share the params' layout)."""
-    return {
-        "state": {
-            index: {key: value if value.dim() == 0 else value[rows].clone() for key, value in entry.items()}
-            for index, entry in state["state"].items()
-        },
-        "param_groups": state["param_groups"],
-    }
-
-
-def concat_optimizer_states(states: list[dict]) -> dict:
-    """Inverse of slice_optimizer_state over the agents, in order."""
-    first = states[0]
-    return {
-        "state": {
-            index: {
-                key: value if value.dim() == 0 else torch.cat([s["state"][index][key] for s in states])
-                for key, value in entry.items()
-            }
-            for index, entry in first["state"].items()
-        },
-        "param_groups": first["param_groups"],
-    }
-
-
 def cuda_graphed(step, generators=()):
     """Record one call of step() as a CUDA graph; returns a function that replays it and returns step()'s outputs.
-
-    A replay launches the recorded kernels on the same tensors with no Python in between, so every state the step
-    changes must change in place, and Python values it reads are frozen at recording. `generators` (other than the
-    device's default one, which every graph follows) are registered, so each replay advances them as an eager call
-    would and a graphed run draws the same numbers as an eager one.
-    """
+    Every state the step changes must change in place; `generators` other than the device's default one are
+    registered, so a graphed run draws the same numbers as an eager one."""
     graph = torch.cuda.CUDAGraph()
     for generator in generators:
         graph.register_generator_state(generator)
     with torch.cuda.graph(graph):
         outputs = step()
-
-    def replay():
-        graph.replay()
-        return outputs
-
-    return replay
+    return lambda: graph.replay() or outputs
 
 
 # Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files ---------------------------------------------------
-D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-}
+D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                   "walker2d": (1.629008, 4592.3)}  # D4RL's reference returns (random, expert) per body
 D4RL_GYM_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 D4RL_NAME = re.compile(r"^(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2$")
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
-TRANSITION_AXES = {"observations": 2, "actions": 2, "rewards": 1, "next_observations": 2, "terminals": 1,
-                   "timeouts": 1}  # rewards, terminals and timeouts may also come as [M, 1]
+TRANSITION_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
 
 @dataclass
@@ -1356,11 +1216,7 @@ class OfflineData:
 
 def body_of(name: str) -> str | None:
     """'hopper' for hopper-medium-v2, Hopper-v5, local/hopper/medium-v0, .../hopper_medium-v2.hdf5."""
-    lowered = name.lower()
-    for body in ("halfcheetah", "walker2d", "hopper"):
-        if body in lowered:
-            return body
-    return None
+    return next((body for body in ("halfcheetah", "walker2d", "hopper") if body in name.lower()), None)
 
 
 def normalized_score(returns, ref_min_score: float | None, ref_max_score: float | None):
@@ -1371,180 +1227,121 @@ def normalized_score(returns, ref_min_score: float | None, ref_max_score: float 
     return 100.0 * (returns - ref_min_score) / (ref_max_score - ref_min_score)
 
 
-def check_transitions(name: str, data: dict[str, np.ndarray]) -> None:
-    """One sentence unless every array has one row per transition (at least one), the expected axes and finite
-    values, and next_observations the width of observations."""
-    size = len(data["rewards"])
-    for key, array in data.items():
-        axes = TRANSITION_AXES[key]
-        if array.ndim != axes and not (axes == 1 and array.ndim == 2 and array.shape[1] == 1):
-            fail(f"dataset {name}: {key} has shape {array.shape}, but it needs {axes} axes")
-        if len(array) != size:
-            fail(f"dataset {name}: {key} has {len(array):,} rows but rewards {size:,}; every array needs one row "
-                 f"per transition")
-    if size == 0:
-        fail(f"dataset {name} holds no transitions")
-    if "next_observations" in data and data["next_observations"].shape[1:] != data["observations"].shape[1:]:
-        fail(f"dataset {name}: next_observations are {data['next_observations'].shape[1:]}, observations "
-             f"{data['observations'].shape[1:]}")
-    for key, array in data.items():
-        bad = ~np.isfinite(array.reshape(size, -1).astype(np.float64)).all(1)
-        if bad.any():
-            fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values (the first is row "
-                 f"{np.flatnonzero(bad)[0]:,})")
-
-
-def d4rl_file_name(name: str) -> str:
-    """hopper-medium-replay-v2 -> hopper_medium_replay-v2.hdf5, as D4RL names its downloads."""
-    body, level = D4RL_NAME.match(name).groups()
-    return f"{body}_{level.replace('-', '_')}-v2.hdf5"
-
-
 def read_d4rl_hdf5(path: Path) -> dict[str, np.ndarray]:
-    """Transitions of a D4RL-layout file; timeouts bootstrap, terminals do not."""
+    """Transitions of a D4RL-layout file; timeouts bootstrap, terminals do not. Without next_observations the next
+    row is the next state, so each episode's last row is dropped (d4rl.qlearning_dataset)."""
     import h5py
 
-    needed = ("observations", "actions", "rewards", "terminals")
     try:
         with h5py.File(path, "r") as f:
-            missing = [key for key in needed if key not in f]
+            missing = [key for key in ("observations", "actions", "rewards", "terminals") if key not in f]
             if missing:
                 fail(f"{path} is not a D4RL-layout file: it lacks {', '.join(missing)}")
-            data = {key: f[key][()] for key in (*needed, "timeouts", "next_observations") if key in f}
+            data = {key: f[key][()] for key in (*TRANSITION_KEYS, "timeouts") if key in f}
     except OSError as error:
         fail(f"cannot read {path} as HDF5 ({error})")
-    check_transitions(str(path), data)
-    size = len(data["rewards"])
-    timeouts = data.get("timeouts", np.zeros(size, dtype=bool)).reshape(-1).astype(bool)
-    terminals = data["terminals"].reshape(-1).astype(bool)
-    if "next_observations" in data:
-        keep = np.ones(size, dtype=bool)  # a timeout transition has its true next state: bootstrap
-        next_observations = data["next_observations"]
-    else:  # next state = next row, so the last row of every episode has none: drop it (d4rl.qlearning_dataset)
-        keep = ~timeouts
-        keep[-1] = False
-        next_observations = np.concatenate([data["observations"][1:], data["observations"][-1:]])
-    return dict(
-        observations=data["observations"][keep],
-        actions=data["actions"][keep],
-        rewards=data["rewards"].reshape(-1)[keep],
-        next_observations=next_observations[keep],
-        terminals=terminals[keep],
-    )
+    rows = {key: len(value) for key, value in data.items()}
+    if len(set(rows.values())) > 1:
+        fail(f"{path}: its arrays have different numbers of rows ({rows}); every array needs one per transition")
+    keep = np.ones(rows["rewards"], dtype=bool)
+    if "next_observations" not in data:
+        keep = ~data.get("timeouts", np.zeros(len(keep))).reshape(-1).astype(bool)
+        keep[-1:] = False
+        data["next_observations"] = np.concatenate([data["observations"][1:], data["observations"][-1:]])
+    return {key: data[key][keep] for key in TRANSITION_KEYS}
 
 
 def fetch_d4rl(name: str) -> Path:
-    """The D4RL v2 file from D4RL's cache folder, downloaded there when absent and reachable."""
-    import urllib.request
-
+    """The D4RL v2 file from D4RL's cache folder (D4RL_DATASET_DIR), downloaded there when absent and reachable."""
+    body, level = D4RL_NAME.match(name).groups()
     folder = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
-    path = folder / d4rl_file_name(name)
-    if path.exists():
-        return path
-    url = D4RL_URL + path.name
-    body = body_of(name)
-    level = D4RL_NAME.match(name).group(2)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".part")
-        print(f"downloading {url} to {path}", flush=True)
-        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-        partial.replace(path)
-        return path
-    except OSError as error:
-        fail(
-            f"D4RL dataset {name} is not at {path} and could not be downloaded ({error}); fetch {url} "
-            f"into {folder}, or use the Minari dataset mujoco/{body}/{'medium' if 'medium' in level else level}-v0 "
-            f"(a different level from D4RL's), or make one offline: "
-            f"python make_dataset.py --env {D4RL_GYM_ENVS[body]} --kind {level}"
-        )
+    path = folder / f"{body}_{level.replace('-', '_')}-v2.hdf5"
+    if not path.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"downloading {D4RL_URL + path.name} to {path}", flush=True)
+            urllib.request.urlretrieve(D4RL_URL + path.name, path.with_suffix(".part"))
+            os.replace(path.with_suffix(".part"), path)
+        except OSError as error:
+            fail(f"D4RL dataset {name} is not at {path} and could not be downloaded ({error}); fetch "
+                 f"{D4RL_URL + path.name} into {folder}, or use a Minari dataset (mujoco/{body}/...-v0), or make one "
+                 f"offline: python make_dataset.py --env {D4RL_GYM_ENVS[body]} --kind {level}")
+    return path
 
 
 def read_minari(dataset_id: str):
-    """Transitions of a Minari dataset (local, or downloaded when absent and reachable; local/ ids never are)."""
+    """Transitions of a Minari dataset (downloaded when absent and reachable; local/ ids are made on this machine by
+    make_dataset.py), its env id and its reference returns."""
     import minari
 
-    body = body_of(dataset_id)
     kind = re.sub(r"-v\d+$", "", dataset_id.rsplit("/", 1)[-1])
-    advice = (f"make one offline with python make_dataset.py --env {D4RL_GYM_ENVS.get(body, '<MuJoCo env id>')} "
-              f"--kind {kind if kind in ('random', 'medium', 'medium-replay', 'expert', 'medium-expert') else 'medium'}")
+    advice = (f"make one offline with python make_dataset.py --env "
+              f"{D4RL_GYM_ENVS.get(body_of(dataset_id), '<MuJoCo env id>')} --kind {kind}")
+    local = dataset_id in minari.list_local_datasets()
+    if dataset_id.startswith("local/") and not local:
+        fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
+             f"local/ datasets are made on this machine: {advice}")
     try:
-        dataset = minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        if dataset_id.startswith("local/"):
-            fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
-                 f"local/ datasets are made on this machine: {advice}")
-        try:
-            dataset = minari.load_dataset(dataset_id, download=True)
-        except Exception as error:  # noqa: BLE001 -- any download failure gets the same advice
-            fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} and could not be "
-                 f"downloaded ({type(error).__name__}); {advice}")
-    columns = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    for episode in dataset.iterate_episodes():
-        columns["observations"].append(episode.observations[:-1])
-        columns["next_observations"].append(episode.observations[1:])
-        columns["actions"].append(episode.actions)
-        columns["rewards"].append(episode.rewards)
-        columns["terminals"].append(episode.terminations)
-    if not columns["rewards"]:
+        dataset = minari.load_dataset(dataset_id, download=not local)
+        episodes = list(dataset.iterate_episodes())
+    except Exception as error:  # noqa: BLE001 -- a failed download or an unreadable dataset get the same advice
+        fail(f"Minari dataset {dataset_id} could not be loaded from {minari.storage.get_dataset_path()} or "
+             f"downloaded ({type(error).__name__}); {advice}")
+    if not episodes:
         fail(f"dataset {dataset_id} holds no episodes")
-    data = {key: np.concatenate(value) for key, value in columns.items()}
+    data = {"observations": np.concatenate([e.observations[:-1] for e in episodes]),
+            "actions": np.concatenate([e.actions for e in episodes]),
+            "rewards": np.concatenate([e.rewards for e in episodes]),
+            "next_observations": np.concatenate([e.observations[1:] for e in episodes]),
+            "terminals": np.concatenate([e.terminations for e in episodes])}
     metadata = dataset.storage.metadata
     env_id = dataset.env_spec.id if dataset.env_spec is not None else None
     return data, env_id, metadata.get("ref_min_score"), metadata.get("ref_max_score")
 
 
 def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
-    """Resolve --env into checked transitions, the gymnasium env to evaluate on and the score references."""
-    ref_min = ref_max = None
+    """Resolve --env into checked float32 transitions, the gymnasium env to evaluate on and the score references."""
+    ref_min = ref_max = env_id = None
     if D4RL_NAME.match(name):
         data, env_id = read_d4rl_hdf5(fetch_d4rl(name)), D4RL_GYM_ENVS[body_of(name)]
     elif name.endswith((".hdf5", ".h5")):
         if not Path(name).is_file():
             fail(f"dataset file {name} does not exist")
-        body = body_of(Path(name).name)
-        env_id = gym_env or D4RL_GYM_ENVS.get(body)
-        if env_id is None:
-            fail(f"cannot tell the environment of {name} from its name: pass --gym-env (e.g. Hopper-v5)")
-        data = read_d4rl_hdf5(Path(name))
+        data, env_id = read_d4rl_hdf5(Path(name)), D4RL_GYM_ENVS.get(body_of(Path(name).name))
     elif "/" in name:
         data, env_id, ref_min, ref_max = read_minari(name)
     else:
-        fail(
-            f"unknown dataset {name!r}: expected a D4RL name such as hopper-medium-v2, a Minari id such as "
-            f"local/hopper/medium-v0, or a path to a .hdf5 file"
-        )
-    check_transitions(name, data)
+        fail(f"unknown dataset {name!r}: expected a D4RL name such as hopper-medium-v2, a Minari id such as "
+             f"local/hopper/medium-v0, or a path to a .hdf5 file")
     env_id = gym_env or env_id
     if env_id is None:
-        fail(f"dataset {name} records no environment: pass --gym-env")
-    if ref_min is not None and ref_max is not None:
-        ref_source = f"dataset metadata ({ref_min:.3f} / {ref_max:.3f})"
-    elif body_of(env_id) in D4RL_REF_SCORES:
-        ref_min, ref_max = D4RL_REF_SCORES[body_of(env_id)]
-        ref_source = f"D4RL {body_of(env_id)} ({ref_min} / {ref_max})"
-    else:
-        ref_source = "none (normalised score is NaN)"
+        fail(f"cannot tell the environment of dataset {name}: pass --gym-env (e.g. Hopper-v5)")
     try:
         env = gym.make(env_id)
     except gym.error.Error as error:
         fail(f"cannot make gymnasium env {env_id} ({error})")
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    shapes = {"observations": env.observation_space.shape, "actions": env.action_space.shape, "rewards": (),
+              "next_observations": env.observation_space.shape, "terminals": ()}
     env.close()
-    if data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,):
-        fail(
-            f"dataset {name} has observations {data['observations'].shape[1:]} and actions "
-            f"{data['actions'].shape[1:]}, but {env_id} has ({obs_dim},) and ({act_dim},)"
-        )
-    arrays = {key: np.asarray(value, dtype=np.float32) for key, value in data.items()}
-    return OfflineData(**arrays, dataset_id=name, gym_env_id=env_id, ref_min_score=ref_min,
-                       ref_max_score=ref_max, ref_source=ref_source)
+    data = {key: np.asarray(data[key], dtype=np.float32) for key in TRANSITION_KEYS}  # checked after the cast
+    if len(data["rewards"]) == 0:
+        fail(f"dataset {name} holds no transitions")
+    for key, shape in shapes.items():
+        if shape == () and data[key].shape[1:] == (1,):  # rewards and terminals may come as [M, 1]
+            data[key] = data[key][:, 0]
+        if data[key].shape != (len(data["rewards"]), *shape):
+            fail(f"dataset {name}: {key} has shape {data[key].shape}, but {env_id} needs "
+                 f"{(len(data['rewards']), *shape)}, one row per transition")
+        bad = ~np.isfinite(data[key].reshape(len(data[key]), -1)).all(1)
+        if bad.any():
+            fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values as float32 (the first is row "
+                 f"{np.flatnonzero(bad)[0]:,})")
+    if ref_min is None and body_of(env_id) in D4RL_REF_SCORES:
+        ref_min, ref_max = D4RL_REF_SCORES[body_of(env_id)]
+    ref_source = "none (normalised score is NaN)" if ref_min is None else f"{ref_min:.3f} / {ref_max:.3f}"
+    return OfflineData(**data, dataset_id=name, gym_env_id=env_id, ref_min_score=ref_min, ref_max_score=ref_max,
+                       ref_source=ref_source)
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))
-    except KeyboardInterrupt:
-        fail("interrupted before training started; nothing was saved")
+    main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))
