@@ -452,9 +452,9 @@ def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, devic
 # ---------------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
     alg, run = args.algorithm, args.run
-    stop = catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     check_cql_flags(alg, run)
     device = pick_device(run.device, run.torch_deterministic)
+    stop = catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
     save_dir, run_dir, saved, _locks = prepare_folders(run, f"checkpoints/{slug}__seed{run.seed}",
                                                        f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
@@ -729,7 +729,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     one sentence; the previous file stays as it was."""
     for name, tensor in tensors_in(state):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            fail(f"{name} holds NaN or inf values, so it was not saved; {path} keeps the previous checkpoint")
+            fail(f"{name} holds NaN or inf values: the run diverged and was not saved ({path} is as it was)")
     temporary = path.with_name(path.name + ".tmp")
     try:
         with open(temporary, "wb") as f:
@@ -767,12 +767,11 @@ def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
 
 def lock_folder(folder: Path, flag: str):
     """Create `folder` and hold an OS lock on its .lock file while this process lives (the OS drops it when the
-    process ends, however it ends): a second run on the folder is refused. A folder it made that holds nothing else
-    at exit is removed."""
+    process ends, however it ends): a second run on the folder is refused, naming the holder's pid. The folders it
+    made are removed at exit if they hold nothing else."""
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
-        if not folder.exists():
-            folder.mkdir(parents=True)
-            atexit.register(lambda: os.listdir(folder) == [".lock"] and ((folder / ".lock").unlink(), folder.rmdir()))
+        folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / ".lock", "a+")
     except OSError as error:
         fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
@@ -785,7 +784,17 @@ def lock_folder(folder: Path, flag: str):
     handle.truncate(0)
     handle.write(f"{os.getpid()}\n")
     handle.flush()
+    if created:
+        atexit.register(remove_if_unused, folder, created)
     return handle
+
+
+def remove_if_unused(folder: Path, created: list[Path]) -> None:
+    if os.listdir(folder) == [".lock"]:
+        (folder / ".lock").unlink()
+        for path in created:  # the folder, then the parents made for it
+            if not any(path.iterdir()):
+                path.rmdir()
 
 
 def prepare_folders(run, default_save_dir: str, default_run_dir: str, formats: tuple[str, ...]):
@@ -863,16 +872,20 @@ class Tee:
 def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> dict:
     """<run-dir>/train.log (the console, appended on resume), config.json (each resume's own appended), and one
     CsvLog per entry of columns."""
-    console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
-    sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
     config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
               "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    if resume_step is not None and (run_dir / "config.json").exists():
-        previous = json.loads((run_dir / "config.json").read_text())
-        config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
-    (run_dir / "config.json.tmp").write_text(json.dumps(config, indent=1) + "\n")
-    os.replace(run_dir / "config.json.tmp", run_dir / "config.json")
-    return {name: CsvLog(run_dir / f"{name}.csv", header, resume_step) for name, header in columns.items()}
+    try:
+        console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
+        if resume_step is not None and (run_dir / "config.json").exists():
+            previous = json.loads((run_dir / "config.json").read_text())
+            config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
+        (run_dir / "config.json.tmp").write_text(json.dumps(config, indent=1) + "\n")
+        os.replace(run_dir / "config.json.tmp", run_dir / "config.json")
+        logs = {name: CsvLog(run_dir / f"{name}.csv", header, resume_step) for name, header in columns.items()}
+    except (OSError, ValueError) as error:
+        fail(f"cannot write the logs in {run_dir} ({getattr(error, 'strerror', None) or error})")
+    sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
+    return logs
 
 
 def source_commit() -> str | None:

@@ -1,14 +1,17 @@
-"""Runs that cannot be lost or mixed: checkpoint sets saved as one unit (a real run killed at every rename of a save,
-then resumed), Ctrl-C and SIGTERM, --overwrite and --resume that do not fit, unwritable folders, and every bad flag or
-dataset refused in one sentence before anything is written."""
+"""Runs that cannot be lost or mixed: one checkpoint file renamed into place (a real run killed at every rename,
+then resumed), signals from the first instant, one run per folder, checked bytes, a full disk, diverged weights,
+unsafe names, and every bad flag or dataset refused in one sentence before anything is written."""
 
 import json
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -28,136 +31,86 @@ UPQ_TINY = ["--num-agents", "2", "--steps-per-epoch", "10", "--first-epoch-multi
             "--density-ratio-hidden-sizes", "8", "8", "--eval-episodes", "1", "--beta", "0.1"]
 
 
-def set_on_disk(folder):
-    """The checkpoint set a reader finds in `folder` right now: its manifest and every file's (run id, step)."""
-    manifest, paths = cql.read_set(folder)
-    metas = {name: torch.load(path, weights_only=True)["meta"] for name, path in paths.items()}
-    return manifest, {name: (meta["run_id"], meta["step"]) for name, meta in metas.items()}
+def saved(folder):
+    """The checkpoint in `folder`, its digest verified (as the scripts load it)."""
+    return cql.load_checkpoint(folder, (cql.CQL_FORMAT, upq.FINETUNED_FORMAT))
 
 
-def assert_one_consistent_set(folder):
-    """Whatever instant the process died, the folder holds one complete set: every file of one run and one step."""
-    manifest, stamps = set_on_disk(folder)
-    assert set(stamps.values()) == {(manifest["run_id"], manifest["step"])}
-    assert sorted(stamps) == manifest["files"]
+def files(folder):
+    """Every file in `folder` (recursively) and its bytes: what must stay as it was (.lock holds the pid of the
+    last run that took the folder)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
-def parameters(folder):
-    return {name: [torch.load(folder / name, weights_only=True)[net] for net in ("actor", "critic", "target_critic")]
-            for name in sorted(p.name for p in folder.glob("agent_*.pt"))}
+def assert_same_networks(folder, expected):
+    got = saved(folder)
+    for net in ("actor", "critic", "target_critic"):
+        assert all(torch.equal(got[net][key], value) for key, value in expected[net].items())
 
 
-def resume_or_restart(run_script, script, args, save_dir):
-    """What a user does after a crash: --resume when a set was saved, else start again with --overwrite."""
-    saved = (save_dir / "manifest.json").exists() or (save_dir / "commit.json").exists()
-    result = run_script(script, *args, "--resume" if saved else "--overwrite")
-    assert result.returncode == 0, result.stderr
-    return saved
-
-
-# --------------------------------------------------------------------------- a save is atomic for the whole set
-def test_cql_killed_at_every_rename_of_its_saves_resumes_to_the_uninterrupted_run(run_script, tiny_hopper_hdf5,
-                                                                                    tmp_path):
+# --------------------------------------------------------------------------- a save is one rename
+@pytest.mark.parametrize("script, flags, saves", [
+    ("cql_pretrain.py", [*CQL_TINY, "--total-steps", "12", "--save-every", "6"], 2),
+    ("upq_finetune.py", [*UPQ_TINY, "--total-steps", "20", "--save-every", "1"], 2),
+], ids=["cql", "upq"])
+def test_a_run_killed_at_every_rename_of_its_saves_resumes_to_the_uninterrupted_run(
+        run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path, script, flags, saves):
+    """SIGKILL before each rename into --save-dir: the folder holds the previous save (or none), and --resume (or a
+    fresh start with --overwrite) ends exactly where the uninterrupted run ends. Fine-tuning collects every epoch
+    from a fresh episode seeded by its first env step (Off2OnRL's collector), so its resume is exact too."""
     def args(name):
-        return ["--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "12", "--save-every", "6",
-                "--save-dir", tmp_path / name, "--run-dir", tmp_path / f"{name}_run"]
+        agents = ["--checkpoints", tiny_cql_checkpoints] if script == "upq_finetune.py" else []
+        return ["--env", tiny_hopper_hdf5, *flags, *agents, "--save-dir", tmp_path / name, "--run-dir",
+                tmp_path / f"{name}_run"]
 
-    straight = run_script("cql_pretrain.py", *args("straight"), kill_at_rename=(tmp_path / "straight", 0))
+    straight = run_script(script, *args("straight"), kill_at_rename=(tmp_path / "straight", 0))
     assert straight.returncode == 0, straight.stderr
-    renames = int(re.search(r"renames: (\d+)", straight.stderr).group(1))
-    assert renames == 2 * (1 + 2 + 1)  # two saves: the commit point, the 2 agents' files, the manifest
-    expected_eval, expected_parameters = (tmp_path / "straight_run" / "eval.csv").read_text(), parameters(
-        tmp_path / "straight")
-    resumed = []
-    for k in range(1, renames + 1):
-        killed = run_script("cql_pretrain.py", *args(f"k{k}"), kill_at_rename=(tmp_path / f"k{k}", k))
+    assert int(re.search(r"renames: (\d+)", straight.stderr).group(1)) == saves  # one per save
+    expected_eval, expected = (tmp_path / "straight_run" / "eval.csv").read_text(), saved(tmp_path / "straight")
+    for k in range(1, saves + 1):
+        killed = run_script(script, *args(f"k{k}"), kill_at_rename=(tmp_path / f"k{k}", k))
         assert killed.returncode == -signal.SIGKILL, killed.stderr
-        if (tmp_path / f"k{k}" / "manifest.json").exists() or (tmp_path / f"k{k}" / "commit.json").exists():
-            assert_one_consistent_set(tmp_path / f"k{k}")
-        resumed.append(resume_or_restart(run_script, "cql_pretrain.py", args(f"k{k}"), tmp_path / f"k{k}"))
+        before = files(tmp_path / f"k{k}")
+        assert (k > 1) == ("checkpoint.pt" in before)  # the previous save, complete (its digest checked)
+        result = run_script(script, *args(f"k{k}"), "--resume" if k > 1 else "--overwrite")
+        assert result.returncode == 0, result.stderr  # the dead run's lock does not block
         assert (tmp_path / f"k{k}_run" / "eval.csv").read_text() == expected_eval
-        got = parameters(tmp_path / f"k{k}")
-        assert got.keys() == expected_parameters.keys()
-        for name in got:
-            for mine, theirs in zip(got[name], expected_parameters[name]):
-                assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
-        assert sorted(p.name for p in (tmp_path / f"k{k}").iterdir()) == ["agent_0.pt", "agent_1.pt", "manifest.json"]
-    assert resumed == [False, True, True, True, True, True, True, True]  # the first commit point is rename 1
+        assert_same_networks(tmp_path / f"k{k}", expected)
+        assert sorted(files(tmp_path / f"k{k}")) == [".lock", "checkpoint.pt"]  # the temporary file renamed too
 
 
-def test_finetuning_killed_at_every_rename_of_its_saves_resumes_to_the_uninterrupted_run(run_script, tiny_hopper_hdf5,
-                                                                                        tiny_cql_checkpoints, tmp_path):
-    """Every epoch collects from a fresh episode seeded by its first env step (as Off2OnRL's collector starts each
-    epoch), so a resumed run repeats the uninterrupted one exactly."""
-    def args(name):
-        return ["--env", tiny_hopper_hdf5, *UPQ_TINY, "--checkpoints", tiny_cql_checkpoints, "--total-steps", "20",
-                "--save-every", "1", "--save-dir", tmp_path / name, "--run-dir", tmp_path / f"{name}_run"]
-
-    straight = run_script("upq_finetune.py", *args("straight"), kill_at_rename=(tmp_path / "straight", 0))
-    assert straight.returncode == 0, straight.stderr
-    renames = int(re.search(r"renames: (\d+)", straight.stderr).group(1))
-    assert renames == 2 * (1 + 3 + 1)  # two saves: the commit point, 2 agents and run_state.pt, the manifest
-    expected_eval, expected_parameters = (tmp_path / "straight_run" / "eval.csv").read_text(), parameters(
-        tmp_path / "straight")
-    for k in range(1, renames + 1):
-        killed = run_script("upq_finetune.py", *args(f"k{k}"), kill_at_rename=(tmp_path / f"k{k}", k))
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
-        if k > 1:
-            assert_one_consistent_set(tmp_path / f"k{k}")
-        resume_or_restart(run_script, "upq_finetune.py", args(f"k{k}"), tmp_path / f"k{k}")
-        assert [row["step"] for row in read_rows(tmp_path / f"k{k}_run" / "eval.csv")] == ["0", "10", "20"]
-        assert_one_consistent_set(tmp_path / f"k{k}")
-        manifest = json.loads((tmp_path / f"k{k}" / "manifest.json").read_text())
-        assert (manifest["env_steps"], manifest["grad_steps"]) == (20, 30)
-        metrics = read_rows(tmp_path / f"k{k}_run" / "metrics.csv")
-        assert [row["step"] for row in metrics] == ["10", "20"]
-        assert (tmp_path / f"k{k}_run" / "eval.csv").read_text() == expected_eval
-        got = parameters(tmp_path / f"k{k}")
-        for name in expected_parameters:
-            for mine, theirs in zip(got[name], expected_parameters[name]):
-                assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
+# --------------------------------------------------------------------------- signals
+def handles_sighup(pid: int) -> bool:
+    """Whether the process has installed its own handlers (it catches SIGHUP with SIGINT and SIGTERM)."""
+    caught = re.search(r"SigCgt:\s*([0-9a-f]+)", open(f"/proc/{pid}/status").read()).group(1)
+    return bool(int(caught, 16) >> (signal.SIGHUP - 1) & 1)
 
 
-def test_a_reader_of_a_save_cut_after_its_commit_point_gets_the_new_set(tmp_path):
-    """The commit point is the line: before it the old set stands, after it the new one, renamed or not."""
-    cql.save_set(tmp_path, {"agent_0.pt": {"meta": {"run_id": "a", "step": 1}},
-                            "agent_1.pt": {"meta": {"run_id": "a", "step": 1}}}, {"run_id": "a", "step": 1})
-    (tmp_path / "agent_1.pt.next").write_bytes(b"half a file of a save that died before its commit")
-    assert set_on_disk(tmp_path)[1] == {"agent_0.pt": ("a", 1), "agent_1.pt": ("a", 1)}
-    for name in ("agent_0.pt", "run_state.pt"):  # a committed save whose renames were cut: one file renamed
-        torch.save({"meta": {"run_id": "b", "step": 2}}, tmp_path / f"{name}.next")
-    cql.write_json(tmp_path / "commit.json", {"run_id": "b", "step": 2, "files": ["agent_0.pt", "run_state.pt"]})
-    cql.os.replace(tmp_path / "agent_0.pt.next", tmp_path / "agent_0.pt")
-    assert set_on_disk(tmp_path)[1] == {"agent_0.pt": ("b", 2), "run_state.pt": ("b", 2)}  # read-only
-    assert (tmp_path / "commit.json").exists() and (tmp_path / "agent_1.pt").exists()
-    cql.finish_set(tmp_path)  # a writer completes it: the earlier run's agent_1.pt and stray .next files go
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent_0.pt", "manifest.json", "run_state.pt"]
-    assert set_on_disk(tmp_path)[1] == {"agent_0.pt": ("b", 2), "run_state.pt": ("b", 2)}
-
-
-# --------------------------------------------------------------------------- Ctrl-C and SIGTERM
-def interrupt(script, args, run_dir, marker, signum, script_env):
-    """Start a run, wait for `marker` in its train.log, send `signum`; returns (exit code, stdout, stderr)."""
+def interrupt(script, args, run_dir, marker, signum, script_env, delay=0.5):
+    """Start a run, wait for `marker` in its train.log (None: for its signal handlers), wait `delay` seconds more,
+    send `signum`; returns (exit code, stdout, stderr)."""
     process = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=script_env, cwd=script_env["CWD"])
     deadline = time.time() + 120
-    while time.time() < deadline and not (
-            (run_dir / "train.log").exists() and marker in (run_dir / "train.log").read_text()):
+    while time.time() < deadline and not (handles_sighup(process.pid) if marker is None else (
+            (run_dir / "train.log").exists() and marker in (run_dir / "train.log").read_text())):
         time.sleep(0.1)
-    time.sleep(0.5)
+    time.sleep(delay)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     return process.returncode, stdout, stderr
 
 
-def test_ctrl_c_saves_a_complete_set_and_the_run_resumes(run_script, script_env, tiny_hopper_hdf5, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "sighup"])
+def test_a_signal_during_training_saves_and_the_run_resumes(run_script, script_env, tiny_hopper_hdf5, tmp_path,
+                                                            signum):
     args = ["--env", tiny_hopper_hdf5, *CQL_TINY, "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"]
     code, stdout, stderr = interrupt("cql_pretrain.py", [*args, "--total-steps", "1000000"], tmp_path / "run",
-                                     "eval step 0", signal.SIGINT, script_env)
-    assert code == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
-    assert "SIGINT at gradient step" in stdout and "--resume" in stdout
-    assert_one_consistent_set(tmp_path / "save")
-    step = json.loads((tmp_path / "save" / "manifest.json").read_text())["step"]
+                                     "eval step 0", signum, script_env)
+    assert code == 128 + signum and "Traceback" not in stderr, stderr
+    assert f"{signal.Signals(signum).name} at gradient step" in stdout and "--resume" in stdout
+    step = saved(tmp_path / "save")["meta"]["step"]
     assert step > 0
     finish = run_script("cql_pretrain.py", *args, "--total-steps", step + 6, "--resume")
     assert finish.returncode == 0, finish.stderr
@@ -176,68 +129,106 @@ def test_sigterm_in_the_middle_of_an_epoch_saves_and_the_resume_trains_the_rest(
                                      script_env)
     assert code == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     assert "SIGTERM at env step 10" in stdout
-    assert_one_consistent_set(tmp_path / "save")
-    manifest = json.loads((tmp_path / "save" / "manifest.json").read_text())
-    assert manifest["env_steps"] == 10 and 0 < manifest["grad_steps"] < 3000
+    meta = saved(tmp_path / "save")["meta"]
+    assert meta["env_steps"] == 10 and 0 < meta["grad_steps"] < 3000
     assert [row["step"] for row in read_rows(tmp_path / "run" / "eval.csv")] == ["0"]
     finish = run_script("upq_finetune.py", *args, "--resume")
     assert finish.returncode == 0, finish.stderr
     assert [row["step"] for row in read_rows(tmp_path / "run" / "eval.csv")] == ["0", "10", "20"]
-    assert json.loads((tmp_path / "save" / "manifest.json").read_text())["grad_steps"] == 3000 + 10
+    assert saved(tmp_path / "save")["meta"]["grad_steps"] == 3000 + 10
 
 
-# --------------------------------------------------------------------------- runs that must not be mixed
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_before_training_ends_the_run_and_leaves_nothing_that_blocks_its_rerun(
+        run_script, script_env, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path, signum):
+    """While the data loads and the step-0 evaluation runs (here 300 episodes), a signal ends the run at once."""
+    args = ["--env", tiny_hopper_hdf5, *UPQ_TINY, "--checkpoints", tiny_cql_checkpoints, "--total-steps", "10",
+            "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"]
+    code, stdout, stderr = interrupt("upq_finetune.py", [*args, "--eval-episodes", "300"], tmp_path / "run", None,
+                                     signum, script_env, delay=1)
+    assert code == 128 + signum and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == f"{signal.Signals(signum).name} before training started: nothing was saved"
+    assert not (tmp_path / "save").exists() and not (tmp_path / "run").exists()
+    again = run_script("upq_finetune.py", *args)  # the same command, no --overwrite needed
+    assert again.returncode == 0, again.stderr
+
+
+# --------------------------------------------------------------------------- one run per folder
+def test_a_second_run_on_a_folder_in_use_is_refused_and_changes_nothing(run_script, script_env, tiny_hopper_hdf5,
+                                                                        tmp_path):
+    args = ["--env", tiny_hopper_hdf5, *CQL_TINY, "--save-every", "2"]
+    first = subprocess.Popen([sys.executable, str(REPO / "cql_pretrain.py"), *map(str, args), "--total-steps",
+                              "1000000", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "save" / "checkpoint.pt").exists():
+            time.sleep(0.1)
+        log = (tmp_path / "run" / "train.log").read_text()
+        for flags, flag, folder in ((["--overwrite", "--run-dir", tmp_path / "other"], "--save-dir", "save"),
+                                    (["--resume"], "--save-dir", "save"),
+                                    (["--save-dir", tmp_path / "other", "--run-dir", tmp_path / "run", "--overwrite"],
+                                     "--run-dir", "run")):
+            second = run_script("cql_pretrain.py", *args, "--total-steps", "4", *flags,
+                                *(["--save-dir", tmp_path / "save"] if folder == "save" else []))
+            assert_refused(second, f"{flag} {tmp_path / folder} is in use by another run (process {first.pid})")
+        assert (tmp_path / "run" / "train.log").read_text().startswith(log)  # not rewritten by the refused runs
+        assert not (tmp_path / "other").exists()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM
+    assert saved(tmp_path / "save")["meta"]["run_id"] == json.loads((tmp_path / "run" / "config.json").read_text())[
+        "run_id"]
+
+
 @pytest.fixture(scope="module")
-def two_runs(run_script, tiny_hopper_hdf5, tmp_path_factory):
-    """Three CQL agents saved at step 8, then the same folder restarted with --overwrite and two agents."""
-    root = tmp_path_factory.mktemp("two_runs")
-    common = ["--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "8", "--save-dir", root / "save"]
-    first = run_script("cql_pretrain.py", *common, "--num-agents", "3", "--run-dir", root / "first")
-    shutil.copytree(root / "save", root / "three")
-    second = run_script("cql_pretrain.py", *common, "--run-dir", root / "second", "--overwrite")
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+def cql_run(run_script, tiny_hopper_hdf5, tmp_path_factory):
+    """Three CQL agents saved at step 8 (and their run folder)."""
+    root = tmp_path_factory.mktemp("cql_run")
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "8",
+                        "--num-agents", "3", "--save-dir", root / "save", "--run-dir", root / "run")
+    assert result.returncode == 0, result.stderr
     return root
 
 
-def test_overwrite_leaves_no_file_of_the_earlier_run(two_runs):
-    assert sorted(p.name for p in (two_runs / "save").iterdir()) == ["agent_0.pt", "agent_1.pt", "manifest.json"]
-    first = json.loads((two_runs / "three" / "manifest.json").read_text())["run_id"]
-    assert {run_id for run_id, _ in set_on_disk(two_runs / "save")[1].values()} != {first}
+def test_overwrite_and_refusals_never_delete_what_the_run_did_not_write(run_script, cql_run, tiny_hopper_hdf5,
+                                                                         tmp_path):
+    shutil.copytree(cql_run / "save", tmp_path / "save")
+    (tmp_path / "save" / "agent_2.pt").write_bytes(b"a user's own file")
+    (tmp_path / "save" / "notes.txt").write_text("mine")
+    common = ["--env", tiny_hopper_hdf5, *CQL_TINY, "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"]
+    before = files(tmp_path / "save")
+    for flags, message in ((["--num-agents", "3", "--total-steps", "4", "--resume"], "past --total-steps 4"),
+                           (["--total-steps", "12", "--resume"], "holds 3 agents, not --num-agents 2"),
+                           (["--total-steps", "4"], "already holds a checkpoint: pass --resume")):
+        assert_refused(run_script("cql_pretrain.py", *common, *flags), message)
+        assert files(tmp_path / "save") == before
+    result = run_script("cql_pretrain.py", *common, "--total-steps", "4", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    after = files(tmp_path / "save")
+    assert {name: after[name] for name in ("agent_2.pt", "notes.txt")} == {"agent_2.pt": b"a user's own file",
+                                                                           "notes.txt": b"mine"}
+    assert after["checkpoint.pt"] != before["checkpoint.pt"] and saved(tmp_path / "save")["meta"]["num_agents"] == 2
 
 
-def test_agents_of_two_runs_do_not_form_one_ensemble(run_script, two_runs, tiny_hopper_hdf5, tmp_path):
-    result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *UPQ_TINY[2:], "--total-steps", "10",
-                        "--checkpoints", two_runs / "save" / "agent_0.pt", two_runs / "three" / "agent_2.pt",
-                        "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
-    assert_refused(result, "come from different runs or steps and cannot form one ensemble")
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--num-agents", "1", "--total-steps", "12"], "holds 3 agents, not --num-agents 1"),
-    (["--num-agents", "3", "--total-steps", "4"], "at step 8, past --total-steps 4"),
-])
-def test_a_resume_that_does_not_fit_the_saved_run_is_refused(run_script, two_runs, tiny_hopper_hdf5, tmp_path,
-                                                             flags, message):
-    shutil.copytree(two_runs / "three", tmp_path / "three")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "three").iterdir()}
-    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, *flags, "--resume",
-                        "--save-dir", tmp_path / "three")
-    assert_refused(result, message)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "three").iterdir()} == before
-
-
-def test_a_folder_of_an_older_version_is_refused_in_one_sentence(run_script, two_runs, tiny_hopper_hdf5, tmp_path):
+def test_a_folder_of_the_older_per_agent_layout_is_refused_naming_the_converter(run_script, tiny_hopper_hdf5,
+                                                                                 tmp_path):
     (tmp_path / "old").mkdir()
-    shutil.copy(two_runs / "three" / "agent_0.pt", tmp_path / "old" / "agent_0.pt")
+    (tmp_path / "old" / "manifest.json").write_text('{"format": "upq-checkpoint-set-v1", "files": ["agent_0.pt"]}')
+    torch.save({"meta": {"format": "upq-cql-agent-v2"}}, tmp_path / "old" / "agent_0.pt")
+    before = files(tmp_path / "old")
     result = run_script("off2on_finetune.py", "--env", tiny_hopper_hdf5, "--checkpoints", tmp_path / "old",
                         "--save-dir", tmp_path / "save")
-    assert_refused(result, "holds no complete checkpoint set (no manifest.json; its agent_0.pt come from an older")
+    assert_refused(result, f"{tmp_path / 'old'} holds checkpoints of the older per-agent layout; convert them with "
+                           f"python results/convert_set.py {tmp_path / 'old'}")
+    assert files(tmp_path / "old") == before and not (tmp_path / "save").exists()
 
 
-def test_resume_cuts_the_logs_back_to_the_checkpoint(run_script, two_runs, tiny_hopper_hdf5, tmp_path):
+def test_resume_cuts_the_logs_back_to_the_checkpoint(run_script, cql_run, tiny_hopper_hdf5, tmp_path):
     """Rows written after the last save (here: forged ones) are dropped before a resumed run appends its own."""
-    shutil.copytree(two_runs / "three", tmp_path / "save")
-    shutil.copytree(two_runs / "first", tmp_path / "run")
+    shutil.copytree(cql_run / "save", tmp_path / "save")
+    shutil.copytree(cql_run / "run", tmp_path / "run")
     with open(tmp_path / "run" / "eval.csv", "a") as f:
         f.write("12,0,1.0,1.0\n16,0,1.0,1.0\n2")  # and a row cut in the middle
     result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3",
@@ -251,13 +242,114 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(run_script, two_runs, tiny_
     assert config["resumed"][0]["at_step"] == 8 and config["args"]["total_steps"] == 8
 
 
+# --------------------------------------------------------------------------- bytes, disks and weights that fail
+def flip_bytes(path, count=16):
+    """Flip `count` bytes in the middle of the largest tensor stored in a torch checkpoint (a zip, stored)."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[entry.header_offset + 26: entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2
+    raw[start: start + count] = bytes(b ^ 0xFF for b in raw[start: start + count])
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_is_refused_naming_the_file(run_script, cql_run, tiny_hopper_hdf5, tmp_path):
+    shutil.copytree(cql_run / "save", tmp_path / "cql")
+    flip_bytes(tmp_path / "cql" / "checkpoint.pt")
+    torch.load(tmp_path / "cql" / "checkpoint.pt", weights_only=True)  # torch itself reads it without complaint
+    result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *UPQ_TINY, "--checkpoints", tmp_path / "cql",
+                        "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
+    assert_refused(result, f"checkpoint {tmp_path / 'cql' / 'checkpoint.pt'} is corrupted: its contents do not "
+                           f"match the digest saved with them")
+    shutil.copytree(cql_run / "save", tmp_path / "resume")
+    flip_bytes(tmp_path / "resume" / "checkpoint.pt")
+    before = files(tmp_path / "resume")
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3",
+                        "--total-steps", "12", "--resume", "--save-dir", tmp_path / "resume")
+    assert_refused(result, "is corrupted: its contents do not match the digest")
+    assert files(tmp_path / "resume") == before
+
+
+@pytest.mark.parametrize("content, message", [({}, "is not a upq-cql-v3 checkpoint"),
+                                              ([1, 2], "is not a upq-cql-v3 checkpoint"),
+                                              ({"meta": {"format": "upq-cql-v3"}}, "do not match the digest")])
+def test_a_checkpoint_with_the_wrong_content_is_refused(run_script, tiny_hopper_hdf5, tmp_path, content, message):
+    (tmp_path / "cql").mkdir()
+    torch.save(content, tmp_path / "cql" / "checkpoint.pt")
+    result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, "--checkpoints", tmp_path / "cql",
+                        "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
+    assert_refused(result, message)
+
+
+def test_a_full_disk_at_a_save_is_one_sentence_and_the_previous_checkpoint_stays(run_script, cql_run,
+                                                                                 tiny_hopper_hdf5, tmp_path):
+    """The save's temporary file is /dev/full, a real ENOSPC: the run stops in one sentence, removes it, and the
+    checkpoint it continued from is unchanged."""
+    shutil.copytree(cql_run / "save", tmp_path / "save")
+    (tmp_path / "save" / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    before = (tmp_path / "save" / "checkpoint.pt").read_bytes()
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3",
+                        "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
+    assert_refused(result, f"cannot write {tmp_path / 'save' / 'checkpoint.pt'} (")
+    assert "MB are free there); the previous checkpoint is unchanged" in result.stderr
+    assert (tmp_path / "save" / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "save").iterdir()) == [".lock", "checkpoint.pt"]
+
+
+def test_a_full_run_dir_still_shows_the_console(run_script, tiny_hopper_hdf5, tmp_path):
+    """train.log is /dev/full: every line still reaches the terminal and the run ends normally."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.log").symlink_to("/dev/full")
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "4",
+                        "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "eval step 4:" in result.stdout and "saved 2 agents" in result.stdout
+
+
+def test_diverged_weights_are_never_saved(run_script, tiny_hopper_hdf5, tmp_path):
+    """Rewards of 1e30 (finite in float32) blow the critics up within a few steps, between two log lines: the save
+    refuses the NaN weights and the folder keeps what it had (here: nothing)."""
+    shutil.copy(tiny_hopper_hdf5, tmp_path / "hopper_huge-v2.hdf5")
+    with h5py.File(tmp_path / "hopper_huge-v2.hdf5", "a") as f:
+        f["rewards"][...] = 1e30
+    result = run_script("cql_pretrain.py", "--env", tmp_path / "hopper_huge-v2.hdf5", *CQL_TINY, "--log-every",
+                        "1000", "--total-steps", "20", "--save-every", "4", "--save-dir", tmp_path / "save",
+                        "--run-dir", tmp_path / "run")
+    assert_refused(result, "holds NaN or inf values: the run diverged and was not saved")
+    assert not (tmp_path / "save").exists()
+
+
+def test_values_that_overflow_float32_are_refused(tmp_path):
+    write_random_hopper_hdf5(tmp_path / "hopper_big-v2.hdf5", num_steps=30, max_episode_steps=20)
+    with h5py.File(tmp_path / "hopper_big-v2.hdf5", "a") as f:
+        rewards = f["rewards"][()].astype(np.float64)
+        rewards[[4, 9]] = 1e39  # finite as float64, inf as float32
+        del f["rewards"]
+        f["rewards"] = rewards
+    with pytest.raises(SystemExit) as refused:
+        cql.load_offline_data(str(tmp_path / "hopper_big-v2.hdf5"))
+    assert "rewards has 2 rows with NaN or inf values as float32 (the first is row 4)" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../up", "x\\y"])
+def test_an_exp_name_that_is_a_path_is_refused(run_script, tiny_hopper_hdf5, script_env, name):
+    def tree():
+        return sorted(str(p) for p in Path(script_env["CWD"]).parent.rglob("*"))
+
+    before = tree()
+    result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, "--exp-name", name)
+    assert_refused(result, f"--exp-name {name!r} must be a plain name (no path separator, not . or ..)")
+    assert tree() == before
+
+
 # --------------------------------------------------------------------------- folders and flags, checked first
 def test_an_unwritable_save_dir_is_found_before_the_data_is_read(run_script, tmp_path):
     (tmp_path / "file").write_text("a regular file")
     for script in ("cql_pretrain.py", "upq_finetune.py"):
         result = run_script(script, "--env", tmp_path / "no_such_data.hdf5", "--save-dir", tmp_path / "file" / "sub",
                             "--run-dir", tmp_path / "run")
-        assert_refused(result, f"--save-dir {tmp_path / 'file' / 'sub'} is not a writable folder")
+        assert_refused(result, f"--save-dir {tmp_path / 'file' / 'sub'} is not a writable folder (Not a directory)")
         assert not (tmp_path / "run").exists()
     result = run_script("cql_pretrain.py", "--env", tmp_path / "no_such_data.hdf5", "--save-dir", tmp_path / "save",
                         "--run-dir", tmp_path / "file")
@@ -325,10 +417,10 @@ def broken_hdf5(path, case):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("lengths", "actions has 29 rows but rewards 30; every array needs one row per transition"),
-    ("rank", "rewards has shape (30, 2), but it needs 1 axes"),
+    ("lengths", "its arrays have different numbers of rows"),
+    ("rank", "rewards has shape (30, 2), but Hopper-v5 needs (30,), one row per transition"),
     ("empty", "holds no transitions"),
-    ("nan", "observations has 3 rows with NaN or inf values (the first is row 3)"),
+    ("nan", "observations has 3 rows with NaN or inf values as float32 (the first is row 3)"),
 ])
 def test_a_broken_dataset_is_refused_in_one_sentence(tmp_path, case, message):
     broken_hdf5(tmp_path / "hopper_broken.hdf5", case)
@@ -398,7 +490,7 @@ def test_progress_and_duration_by_hand(monkeypatch):
 
 def test_track_with_resume_continues_the_same_wandb_run(tracked):
     root, _ = tracked
-    run_id = json.loads((root / "save" / "manifest.json").read_text())["run_id"]
+    run_id = saved(root / "save")["meta"]["run_id"]
     runs = sorted(p.name for p in (root / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
 
@@ -417,7 +509,7 @@ def test_capture_video_records_the_last_evaluation(run_script, tiny_hopper_hdf5,
     assert result.returncode == 0, result.stderr
     videos = sorted(p.relative_to(tmp_path / "run" / "videos").as_posix()
                     for p in (tmp_path / "run" / "videos").rglob("*.mp4"))
-    assert videos == ["step_20/eval0-episode-0.mp4", "step_20/eval1-episode-0.mp4"]
+    assert videos == ["step_20/episode0-episode-0.mp4", "step_20/episode1-episode-0.mp4"]
     assert all((tmp_path / "run" / "videos" / v).stat().st_size > 1000 for v in videos)
     assert "Overwriting" not in result.stderr
 
@@ -427,9 +519,10 @@ def test_capture_video_without_a_working_opengl_backend_is_one_sentence(run_scri
     result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, "--checkpoints", tiny_cql_checkpoints,
                         "--capture-video", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run",
                         env={"MUJOCO_GL": "osmesa"})
-    if result.returncode == 0 or "cannot render offscreen" not in result.stderr:
+    if result.returncode == 0 or "offscreen MuJoCo rendering" not in result.stderr:
         pytest.skip("OSMesa renders here, so this machine cannot show the refusal")
-    assert_refused(result, "--capture-video: MuJoCo cannot render offscreen with MUJOCO_GL=osmesa")
+    assert_refused(result, "--capture-video needs moviepy (pip install moviepy) and offscreen MuJoCo rendering, "
+                           "which failed with MUJOCO_GL=osmesa")
     assert "apt-get install libegl1" in result.stderr and not (tmp_path / "run" / "eval.csv").exists()
 
 
