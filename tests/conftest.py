@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: tiny datasets made here (nothing is downloaded), a runner for the scripts (also one
-that kills a run at a chosen file rename), and the checks every bad-input test makes."""
+that kills a run at a chosen file rename), the checks every bad-input test makes, and reading and editing the
+scripts' checkpoint files."""
 
 import csv
 import os
@@ -11,6 +12,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -78,6 +80,42 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def members(state_dict: dict, rows: slice) -> dict:
+    """Members `rows` of an ensemble's state dict (every tensor has the member axis first): agent k of a checkpoint
+    is actor rows k:k+1 and critic rows 2k:2k+2."""
+    return {key: value[rows] for key, value in state_dict.items()}
+
+
+def flat_tensors(value, name: str = "") -> dict:
+    """Every tensor in nested dicts and lists (a checkpoint's networks, Adam moments, random streams...), by name."""
+    if isinstance(value, torch.Tensor):
+        return {name: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    named = ((f"{name}.{part}" if name else str(part), item) for part, item in items)
+    return {key: tensor for part_name, item in named for key, tensor in flat_tensors(item, part_name).items()}
+
+
+def assert_same_tensors(first: dict, second: dict) -> None:
+    """Two checkpoints hold the same tensors, bit for bit (meta and digest aside)."""
+    ours, theirs = (flat_tensors({key: value for key, value in checkpoint.items() if key not in ("meta", "sha256")})
+                    for checkpoint in (first, second))
+    assert ours.keys() == theirs.keys() and "actor.net.0.weight" in ours
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def rewrite_checkpoint(source: Path, target: Path, edit, keep_digest: bool = False) -> Path:
+    """A copy of checkpoint.pt `source` at `target`, changed in place by edit(checkpoint), with the digest of its
+    new contents (so that only the edit can be refused), or with keep_digest the old, now wrong, one."""
+    from cql_pretrain import digest
+
+    checkpoint = torch.load(source, weights_only=True)
+    old_digest = checkpoint.pop("sha256")
+    edit(checkpoint)
+    torch.save({**checkpoint, "sha256": old_digest if keep_digest else digest(checkpoint)}, target)
+    return target
+
+
 def write_random_hopper_hdf5(path: Path, num_steps: int, max_episode_steps: int, seed: int = 0) -> dict:
     """A D4RL-layout file of uniform-random Hopper-v5 transitions; returns the arrays written."""
     env = gym.make("Hopper-v5", max_episode_steps=max_episode_steps)
@@ -109,7 +147,8 @@ def tiny_hopper_hdf5(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cql_checkpoints(run_script, tiny_hopper_hdf5, tmp_path_factory) -> Path:
-    """A folder with agent_0.pt .. agent_2.pt: three 50-step cql_pretrain.py agents (hidden 32 32) on tiny_hopper_hdf5."""
+    """The --save-dir of a 50-step cql_pretrain.py run of three agents (hidden 32 32) on tiny_hopper_hdf5: a folder
+    holding its checkpoint.pt (its run dir, with eval.csv, is the folder's sibling `run`)."""
     root = tmp_path_factory.mktemp("cql_agents")
     result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "3", "--total-steps", "50",
                         "--hidden-sizes", "32", "32", "--batch-size", "32", "--eval-episodes", "1",

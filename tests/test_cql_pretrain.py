@@ -4,7 +4,6 @@ per-agent loop, data loading, checkpoints, determinism/resume and the command-li
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,8 @@ import torch
 
 import cql_pretrain as cql
 import upq_finetune as upq
-from conftest import assert_refused, read_rows, write_random_hopper_hdf5
+from conftest import (assert_refused, assert_same_tensors, members, read_rows, rewrite_checkpoint,
+                      write_random_hopper_hdf5)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -67,8 +67,8 @@ def test_gap_target_and_policy_loss_by_hand():
     assert target.tolist() == pytest.approx([1.0 + 0.9 * 10.0, 2.0])
     alpha, log_prob = f64([[0.5]]), f64([[-2.0, 0.0]])
     q, bc = f64([[3.0, 5.0]]), f64([[-1.0, -3.0]])
-    assert cql.policy_loss(alpha, log_prob, q, bc, behaviour_cloning=False).item() == pytest.approx((-1 - 3 + 0 - 5) / 2)
-    assert cql.policy_loss(alpha, log_prob, q, bc, behaviour_cloning=True).item() == pytest.approx((-1 + 1 + 0 + 3) / 2)
+    soft_q, cloning = (cql.policy_loss(alpha, log_prob, q, bc, behaviour_cloning=flag).item() for flag in (False, True))
+    assert soft_q == pytest.approx((-1 - 3 + 0 - 5) / 2) and cloning == pytest.approx((-1 + 1 + 0 + 3) / 2)
 
 
 def test_normalized_score_uses_d4rl_reference_returns():
@@ -95,13 +95,17 @@ def reference_losses(actor, critic, target_critic, log_alpha, batch, noise, args
     num_agents, batch_size = rewards.shape
     R, A = args.num_random, actions.shape[-1]
     out = {"critic": [], "actor": [], "alpha": []}
+
+    def tanh_log_prob(mean, log_std, u):  # log-density of tanh(u), u ~ N(mean, std), in the epsilon form
+        gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(u)
+        return (gaussian - torch.log(1 - torch.tanh(u) ** 2 + 1e-6)).sum(-1)
+
     for k in range(num_agents):
         def policy(states, eps):
             mean, log_std = mlp_member(actor.net, k, states).chunk(2, -1)
             log_std = log_std.clamp(-5, 2)
             u = mean + log_std.exp() * eps
-            logp = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2 + 1e-6)).sum(-1)
-            return torch.tanh(u), logp
+            return torch.tanh(u), tanh_log_prob(mean, log_std, u)
 
         def q(net, j, states, acts):
             return mlp_member(net.net, 2 * k + j, torch.cat([states, acts], -1)).squeeze(-1)
@@ -136,8 +140,7 @@ def reference_losses(actor, critic, target_critic, log_alpha, batch, noise, args
             mean, log_std = mlp_member(actor.net, k, obs[k]).chunk(2, -1)
             u = torch.atanh(actions[k].clamp(-1 + 1e-6, 1 - 1e-6))
             log_std = log_std.clamp(-5, 2)
-            bc = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2 + 1e-6)).sum(-1)
-            actor_loss = (alpha * logp_pi - bc).mean()
+            actor_loss = (alpha * logp_pi - tanh_log_prob(mean, log_std, u)).mean()
         else:
             actor_loss = (alpha * logp_pi - q_pi).mean()
         out["critic"].append(critic_loss)
@@ -243,7 +246,8 @@ def test_d4rl_name_found_in_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
     data = cql.load_offline_data("hopper-medium-replay-v2")
     assert len(data.rewards) == 50 and data.gym_env_id == "Hopper-v5"
-    assert cql.d4rl_file_name("halfcheetah-medium-expert-v2") == "halfcheetah_medium_expert-v2.hdf5"
+    (tmp_path / "halfcheetah_medium_expert-v2.hdf5").touch()  # D4RL's file name: the level's hyphens as underscores
+    assert cql.fetch_d4rl("halfcheetah-medium-expert-v2") == tmp_path / "halfcheetah_medium_expert-v2.hdf5"
 
 
 def test_local_minari_dataset_loads_with_its_flags(tmp_path, monkeypatch):
@@ -283,9 +287,13 @@ def assert_refused_leaving(run_script, kept: Path, message, *flags):
     assert kept.read_bytes() == before
 
 
-def params_of(path):
-    ckpt = torch.load(path, weights_only=True)
-    return ckpt, torch.cat([v.flatten() for v in (*ckpt["actor"].values(), *ckpt["critic"].values())])
+def params_of(save_dir: Path, agent: int):
+    """The checkpoint in save_dir, and agent `agent`'s actor and critic weights (its members of the stacked tensors:
+    actor k, critics 2k and 2k + 1) as one vector."""
+    ckpt = torch.load(save_dir / "checkpoint.pt", weights_only=True)
+    actor = members(ckpt["actor"], slice(agent, agent + 1))
+    critic = members(ckpt["critic"], slice(2 * agent, 2 * agent + 2))
+    return ckpt, torch.cat([v.flatten() for v in (*actor.values(), *critic.values())])
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +305,8 @@ def trained(run_script, tiny_hopper_hdf5, tmp_path_factory):
         result = run_script("cql_pretrain.py", *common, "--total-steps", "30", "--save-dir", root / name,
                             "--run-dir", root / f"run_{name}")
         assert result.returncode == 0, result.stderr
-    first = run_script("cql_pretrain.py", *common, "--total-steps", "20", "--save-dir", root / "c", "--run-dir", root / "run_c")
+    first = run_script("cql_pretrain.py", *common, "--total-steps", "20", "--save-dir", root / "c",
+                       "--run-dir", root / "run_c")
     assert first.returncode == 0, first.stderr
     resumed = run_script("cql_pretrain.py", *common, "--total-steps", "30", "--save-dir", root / "c",
                          "--run-dir", root / "run_c", "--resume")
@@ -305,37 +314,46 @@ def trained(run_script, tiny_hopper_hdf5, tmp_path_factory):
     return root, result.stdout
 
 
-def test_smoke_run_writes_checkpoints_and_eval_csv(trained):
+def test_smoke_run_writes_one_checkpoint_and_eval_csv(trained):
     root, stdout = trained
-    assert sorted(p.name for p in (root / "a").iterdir()) == ["agent_0.pt", "agent_1.pt", "manifest.json"]
+    assert sorted(p.name for p in (root / "a").iterdir()) == [".lock", "checkpoint.pt"]  # no temporary file left
     rows = read_rows(root / "run_a" / "eval.csv")
     assert [(r["step"], r["agent"]) for r in rows] == [(s, a) for s in ("0", "20", "30")
                                                        for a in ("0", "1", "ensemble")]
     low, high = cql.D4RL_REF_SCORES["hopper"]
     for row in rows:
-        assert float(row["normalized_score"]) == pytest.approx(100 * (float(row["return"]) - low) / (high - low), abs=1e-2)
+        expected = 100 * (float(row["return"]) - low) / (high - low)
+        assert float(row["normalized_score"]) == pytest.approx(expected, abs=1e-2)
     assert "updates/s" in stdout
-    ckpt = torch.load(root / "a" / "agent_1.pt", weights_only=True)
+    ckpt = torch.load(root / "a" / "checkpoint.pt", weights_only=True)
+    assert ckpt.pop("sha256") == cql.digest(ckpt)
     meta = ckpt["meta"]
-    assert (meta["format"], meta["gym_env_id"], meta["grad_steps"], meta["seed"]) == ("upq-cql-agent-v2", "Hopper-v5", 30, 2)
-    assert ckpt["actor"]["net.0.weight"].shape == (1, 11, 16) and ckpt["critic"]["net.0.weight"].shape == (2, 14, 16)
+    assert (meta["format"], meta["gym_env_id"], meta["step"], meta["num_agents"], meta["seeds"]) == (
+        "upq-cql-v3", "Hopper-v5", 30, 2, [1, 2])
+    assert (meta["obs_dim"], meta["act_dim"], meta["hidden_sizes"], meta["run_dir"]) == (
+        11, 3, [16, 16], str(root / "run_a"))
+    last = [float(r["normalized_score"]) for r in rows if r["step"] == "30" and r["agent"] != "ensemble"]
+    assert meta["normalized_scores"] == pytest.approx(last, abs=1e-3)  # each agent's last evaluation
+    assert ckpt["actor"]["net.0.weight"].shape == (2, 11, 16) and ckpt["critic"]["net.0.weight"].shape == (4, 14, 16)
+    assert ckpt["target_critic"]["net.0.weight"].shape == (4, 14, 16)
+    assert ckpt["log_alpha"].shape == (2,) and ckpt["log_alpha_prime"] is None
+    assert sorted(ckpt["optimizers"]) == ["actor", "alpha", "critic"] and len(ckpt["generators"]) == 2
 
 
 def test_checkpoint_round_trip_reproduces_the_logged_evaluation(trained):
     root, _ = trained
-    for k in range(2):
-        ckpt = torch.load(root / "a" / f"agent_{k}.pt", weights_only=True)
+    ckpt = torch.load(root / "a" / "checkpoint.pt", weights_only=True)
+    logged = {r["agent"]: float(r["return"]) for r in read_rows(root / "run_a" / "eval.csv") if r["step"] == "30"}
+    for k in range(2):  # agent k alone: its member of the stacked actor
         actor = cql.Actor(11, 3, (16, 16), 1)
-        actor.load_state_dict(ckpt["actor"])
+        actor.load_state_dict(members(ckpt["actor"], slice(k, k + 1)))
         returns = cql.evaluate_agents(actor, "Hopper-v5", 1, 1, seed=1 + 10_000, device="cpu")
-        logged = [r for r in read_rows(root / "run_a" / "eval.csv") if r["step"] == "30" and r["agent"] == str(k)]
-        assert returns[0, 0] == pytest.approx(float(logged[0]["return"]), abs=1e-3)
+        assert returns[0, 0] == pytest.approx(logged[str(k)], abs=1e-3)
     # the ensemble row: pi^E of the two saved agents, as fine-tuning loads and evaluates them
     actor = upq.Actor(11, 3, (16, 16), 2)
-    upq.stack_members(actor, [torch.load(root / "a" / f"agent_{k}.pt", weights_only=True) for k in range(2)], "actor")
-    logged = [r for r in read_rows(root / "run_a" / "eval.csv") if r["step"] == "30" and r["agent"] == "ensemble"]
+    upq.load_members(actor, ckpt["actor"], 2)
     ensemble = upq.evaluate_ensemble(actor, "Hopper-v5", 1, seed=1 + 10_000, device="cpu")
-    assert ensemble[0] == pytest.approx(float(logged[0]["return"]), abs=1e-3)
+    assert ensemble[0] == pytest.approx(logged["ensemble"], abs=1e-3)
 
 
 def test_an_ensemble_of_identical_agents_acts_as_each_of_them():
@@ -352,23 +370,24 @@ def test_an_ensemble_of_identical_agents_acts_as_each_of_them():
 
 def test_agents_are_independent_and_runs_deterministic(trained):
     root, _ = trained
-    _, a0 = params_of(root / "a" / "agent_0.pt")
-    _, a1 = params_of(root / "a" / "agent_1.pt")
-    _, b0 = params_of(root / "b" / "agent_0.pt")
+    a, a0 = params_of(root / "a", 0)
+    _, a1 = params_of(root / "a", 1)
+    b, b0 = params_of(root / "b", 0)
     assert not torch.equal(a0, a1)
     assert torch.equal(a0, b0)
+    assert_same_tensors(a, b)  # all of it: networks, temperatures, Adam moments, each agent's random stream
+    assert a["meta"]["run_id"] != b["meta"]["run_id"]
     assert read_rows(root / "run_a" / "eval.csv") == read_rows(root / "run_b" / "eval.csv")
 
 
 def test_resume_equals_uninterrupted_run(trained):
     root, _ = trained
-    for k in range(2):
-        straight, params = params_of(root / "a" / f"agent_{k}.pt")
-        resumed, resumed_params = params_of(root / "c" / f"agent_{k}.pt")
-        assert torch.equal(params, resumed_params)
-        assert torch.equal(straight["log_alpha"], resumed["log_alpha"])
-        for key in straight["target_critic"]:
-            assert torch.equal(straight["target_critic"][key], resumed["target_critic"][key])
+    straight, resumed = (torch.load(root / name / "checkpoint.pt", weights_only=True) for name in ("a", "c"))
+    assert_same_tensors(straight, resumed)  # networks, target critics, temperatures, Adam moments, random streams
+    assert read_rows(root / "run_a" / "eval.csv") == read_rows(root / "run_c" / "eval.csv")
+    config = json.loads((root / "run_c" / "config.json").read_text())  # the resume continued the run it found
+    assert resumed["meta"]["step"] == 30 and config["resumed"][0]["at_step"] == 20
+    assert resumed["meta"]["run_id"] == config["run_id"] == config["resumed"][0]["run_id"]
 
 
 def test_agent_initialisation_does_not_depend_on_n():
@@ -385,7 +404,7 @@ def test_agent_initialisation_does_not_depend_on_n():
 @pytest.mark.parametrize("dataset, message", [
     ("hopper-mediocre-v2", "unknown dataset"),
     ("hopper-medium-v2", "could not be downloaded"),
-    ("mujoco/hopper/medium-v0", "could not be downloaded"),
+    ("mujoco/hopper/medium-v0", "could not be loaded from"),
     ("/nonexistent/hopper.hdf5", "does not exist"),
 ])
 def test_bad_dataset_gives_one_clear_sentence(run_script, dataset, message):
@@ -396,16 +415,22 @@ def test_bad_dataset_gives_one_clear_sentence(run_script, dataset, message):
 
 def test_occupied_save_dir_and_corrupted_resume_are_refused(run_script, tiny_hopper_hdf5, trained, tmp_path):
     root, _ = trained
-    before = (root / "b" / "agent_0.pt").read_bytes()
-    assert_refused_leaving(run_script, root / "b" / "agent_0.pt", "--resume", "--env", tiny_hopper_hdf5, *TINY,
-                           "--save-dir", root / "b", "--total-steps", "5", "--run-dir", tmp_path / "run")
+    checkpoint = root / "b" / "checkpoint.pt"
+    assert_refused_leaving(run_script, checkpoint, "already holds a checkpoint: pass --resume", "--env",
+                           tiny_hopper_hdf5, *TINY, "--save-dir", root / "b", "--total-steps", "5",
+                           "--run-dir", tmp_path / "run")
 
-    broken = tmp_path / "broken"
-    shutil.copytree(root / "b", broken)
-    for k in range(2):
-        (broken / f"agent_{k}.pt").write_bytes(before[: len(before) // 2])
-    assert_refused_leaving(run_script, broken / "agent_0.pt", "corrupted", "--env", tiny_hopper_hdf5, *TINY,
-                           "--save-dir", broken, "--total-steps", "5", "--resume", "--run-dir", tmp_path / "run")
+    truncated, edited = tmp_path / "truncated", tmp_path / "edited"
+    for folder in (truncated, edited):
+        folder.mkdir()
+    (truncated / "checkpoint.pt").write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    rewrite_checkpoint(checkpoint, edited / "checkpoint.pt", lambda ckpt: ckpt["log_alpha"].add_(0.01),
+                       keep_digest=True)  # one number changed, the digest of the run's own
+    for folder, message in ((truncated, "is corrupted or not a checkpoint"),
+                            (edited, "is corrupted: its contents do not match the digest")):
+        assert_refused_leaving(run_script, folder / "checkpoint.pt", message, "--env", tiny_hopper_hdf5, *TINY,
+                               "--save-dir", folder, "--total-steps", "40", "--resume", "--run-dir", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, tmp_path):
@@ -417,21 +442,20 @@ def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, t
         f["actions"] = np.zeros((10, 6), np.float32)
         f["rewards"] = np.zeros(10, np.float32)
         f["terminals"] = np.zeros(10, bool)
-    result = run_script("cql_pretrain.py", "--env", cheetah, *TINY, "--save-dir", root / "b", "--resume",
-                        "--total-steps", "40", "--run-dir", tmp_path / "run")
-    assert_refused(result, "other shapes")
+    assert_refused_leaving(run_script, root / "b" / "checkpoint.pt",
+                           "the saved agents were made for Hopper-v5, not for the env of --env", "--env", cheetah,
+                           *TINY, "--save-dir", root / "b", "--resume", "--total-steps", "40",
+                           "--run-dir", tmp_path / "run")
 
 
 def test_resume_on_another_kind_of_device_is_refused(run_script, tiny_hopper_hdf5, trained, tmp_path):
     """A CUDA generator's state (16 bytes) cannot continue a CPU generator's stream (5,056 bytes), nor the reverse."""
     root, _ = trained
     moved = tmp_path / "moved"
-    shutil.copytree(root / "b", moved)
-    for k in range(2):
-        checkpoint = torch.load(root / "b" / f"agent_{k}.pt", weights_only=True)
-        checkpoint["generator_state"] = torch.zeros(16, dtype=torch.uint8)
-        torch.save(checkpoint, moved / f"agent_{k}.pt")
-    assert_refused_leaving(run_script, moved / "agent_0.pt", "saved on another kind of device", "--env",
+    moved.mkdir()
+    rewrite_checkpoint(root / "b" / "checkpoint.pt", moved / "checkpoint.pt",
+                       lambda ckpt: ckpt.update(generators=[torch.zeros(16, dtype=torch.uint8)] * 2))
+    assert_refused_leaving(run_script, moved / "checkpoint.pt", "saved on another kind of device", "--env",
                            tiny_hopper_hdf5, *TINY, "--save-dir", moved, "--total-steps", "40", "--resume",
                            "--run-dir", tmp_path / "run")
 
@@ -445,37 +469,42 @@ def test_cuda_graph_replays_the_eager_updates(run_script, tiny_hopper_hdf5, tmp_
             "first_half": ["--total-steps", "20"], "resumed": ["--total-steps", "30", "--resume"]}
     for name, flags in runs.items():
         save = tmp_path / ("resumed" if name == "first_half" else name)
-        result = run_script("cql_pretrain.py", *common, *flags, "--save-dir", save, "--run-dir", tmp_path / f"run_{name}")
+        result = run_script("cql_pretrain.py", *common, *flags, "--save-dir", save,
+                            "--run-dir", tmp_path / f"run_{name}")
         assert result.returncode == 0, result.stderr
         assert "agents on cuda" in result.stdout
     for k in range(2):
-        eager, eager_params = params_of(tmp_path / "eager" / f"agent_{k}.pt")
+        eager, eager_params = params_of(tmp_path / "eager", k)
         for name in ("graph", "resumed"):
-            checkpoint, params = params_of(tmp_path / name / f"agent_{k}.pt")
-            assert torch.equal(checkpoint["generator_state"], eager["generator_state"])
+            checkpoint, params = params_of(tmp_path / name, k)
+            assert torch.equal(checkpoint["generators"][k], eager["generators"][k])
             assert torch.allclose(params, eager_params, rtol=1e-4, atol=1e-6)
-            assert torch.allclose(checkpoint["log_alpha"], eager["log_alpha"], rtol=1e-4, atol=1e-6)
+            assert torch.allclose(checkpoint["log_alpha"][k], eager["log_alpha"][k], rtol=1e-4, atol=1e-6)
 
 
 def test_readme_loading_snippet_gives_the_deterministic_action(trained, tmp_path):
-    """The lines the README shows for loading a checkpoint and acting, run as written from another folder, in a fresh
-    interpreter that has only the standard path."""
+    """The lines the README shows for loading one agent of a checkpoint and acting, run as written from another
+    folder, in a fresh interpreter that has only the standard path."""
     root, _ = trained
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    snippet = snippet.replace("checkpoints/hopper-medium-v2__seed1/agent_0.pt", str(root / "a" / "agent_0.pt"))
+    assert "checkpoints/hopper-medium-v2__seed1/checkpoint.pt" in snippet and "path/to/upq" in snippet
+    snippet = snippet.replace("checkpoints/hopper-medium-v2__seed1/checkpoint.pt", str(root / "a" / "checkpoint.pt"))
     snippet = snippet.replace("path/to/upq", str(Path(__file__).resolve().parents[1]))
     obs = np.linspace(-1, 1, 11)
-    program = f"import numpy as np\nobs = np.linspace(-1, 1, 11)\n{snippet}\nprint(type(action).__name__, action.tolist())"
+    program = (f"import numpy as np\nobs = np.linspace(-1, 1, 11)\n{snippet}\n"
+               "print(type(action).__name__, action.tolist())")
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path,
                             env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"})
     assert result.returncode == 0, result.stderr
     kind, values = result.stdout.split(" ", 1)
-    reference = cql.Actor(11, 3, (16, 16), 1)
-    reference.load_state_dict(torch.load(root / "a" / "agent_0.pt", weights_only=True)["actor"])
-    out = mlp_member(reference.net, 0, torch.as_tensor(obs, dtype=torch.float32)[None])[0]  # layer by layer
+    reference = cql.Actor(11, 3, (16, 16), 2)
+    reference.load_state_dict(torch.load(root / "a" / "checkpoint.pt", weights_only=True)["actor"])
+    agents = [torch.tanh(mlp_member(reference.net, k, torch.as_tensor(obs, dtype=torch.float32)[None])[0, :3])
+              for k in range(2)]  # layer by layer
     assert kind == "ndarray"
-    assert np.allclose(json.loads(values), torch.tanh(out[:3]).detach().numpy(), atol=1e-6)
+    assert np.allclose(json.loads(values), agents[0].detach().numpy(), atol=1e-6)  # agent 0's action
+    assert not np.allclose(json.loads(values), agents[1].detach().numpy(), atol=1e-6)  # not agent 1's
 
 
 def test_a_used_run_dir_is_refused_without_resume_or_overwrite(run_script, tiny_hopper_hdf5, trained, tmp_path):
@@ -520,12 +549,11 @@ def test_lagrange_term_is_the_official_cql_codes_form():
     original = cql.conservative_gap
     try:
         cql.conservative_gap = lambda logsumexp, q_data: gaps + 0 * logsumexp.mean(-1)
+        zeros = torch.zeros(1, 9, 3, dtype=torch.float64)
         _, alpha_prime_loss, _, _ = cql.cql_critic_loss(
             critic, target_critic, log_alpha_prime, *batch,
-            (*cql.tanh_gaussian_sample(torch.zeros(1, 9, 3, dtype=torch.float64), torch.zeros(1, 9, 3, dtype=torch.float64),
-                                       noise["s"]), *cql.tanh_gaussian_sample(
-                torch.zeros(1, 9, 3, dtype=torch.float64), torch.zeros(1, 9, 3, dtype=torch.float64), noise["next"]),
-             noise["uniform"]), 0.99, 5.0, 2, 1.0, 10.0)
+            (*cql.tanh_gaussian_sample(zeros, zeros, noise["s"]),
+             *cql.tanh_gaussian_sample(zeros, zeros, noise["next"]), noise["uniform"]), 0.99, 5.0, 2, 1.0, 10.0)
     finally:
         cql.conservative_gap = original
     assert alpha_prime_loss.item() == pytest.approx(-2.5)

@@ -1,8 +1,9 @@
 """off2on_finetune.py and upq_finetune.py: Eqs. (2)-(7) against hand computations, the vectorised step
 against a member-by-member loop, balanced replay's sampler, checkpoint loading, and both scripts end to end."""
 
+import json
 import math
-import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import off2on_finetune as off2on
 import upq_finetune as upq
-from conftest import assert_refused, read_rows
+from conftest import assert_refused, assert_same_tensors, members, read_rows, rewrite_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 BOTH = pytest.mark.parametrize("script", [off2on, upq], ids=["off2on", "upq"])
@@ -115,7 +116,7 @@ OBS, ACT, HIDDEN = 11, 3, (8, 8)
 def one_agent_module(script, big, rows, kind):
     """The slice `rows` of an ensemble module as a separate one-member network (own leaf tensors)."""
     small = kind(OBS, ACT, HIDDEN, rows.stop - rows.start).double()
-    small.load_state_dict({key: value[rows] for key, value in big.state_dict().items()})
+    small.load_state_dict(members(big.state_dict(), rows))
     return small
 
 
@@ -195,8 +196,8 @@ def test_one_backward_gives_every_member_the_gradient_of_its_own_loss(script, be
     assert ("penalty_fraction" in metrics) == (script is upq) and metrics["uncertainty_max"] > metrics["uncertainty"]
     # each network's gradient is that of its own loss alone: no actor gradient through the critic loss or targets,
     # no critic gradient through the actor loss
-    for loss_alone, ensemble, members in ((actor_loss, actor, actors), (critic_loss, critic, critics)):
-        for m, single in enumerate(members):
+    for loss_alone, ensemble, singles in ((actor_loss, actor, actors), (critic_loss, critic, critics)):
+        for m, single in enumerate(singles):
             grads = torch.autograd.grad(loss_alone, list(single.parameters()), retain_graph=True)
             for big, grad in zip(ensemble.parameters(), grads):
                 assert torch.allclose(big.grad[m: m + 1], grad, rtol=1e-8, atol=1e-12)
@@ -287,13 +288,14 @@ TINY = ["--steps-per-epoch", "10", "--first-epoch-multiplier", "2", "--batch-siz
 
 @pytest.fixture(scope="module")
 def finetuned(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path_factory):
-    """off2on and upq --beta 0 on the first 2 of 3 agents, and with uniform replay; upq on all 3 stopped at step 10
-    and resumed. Each run saves to root/<name> and logs to root/<name>_run."""
+    """off2on and upq --beta 0 on the first 2 of 3 agents (--checkpoints: the folder), and with uniform replay; upq on
+    all 3 (--checkpoints: the file) stopped at step 10 and resumed. Each run saves to root/<name>, logs to
+    root/<name>_run."""
     root = tmp_path_factory.mktemp("finetune")
     two = ["--env", tiny_hopper_hdf5, *TINY, "--checkpoints", tiny_cql_checkpoints, "--num-agents", "2",
            "--total-steps", "20"]
     three = ["--env", tiny_hopper_hdf5, *TINY, "--beta", "0.1", "--checkpoints",
-             *(tiny_cql_checkpoints / f"agent_{k}.pt" for k in range(3))]
+             tiny_cql_checkpoints / "checkpoint.pt"]
     runs = {  # name: (script, its save dir's name, arguments)
         "off2on": ("off2on_finetune.py", "off2on", two),
         "upq_beta0": ("upq_finetune.py", "upq_beta0", [*two, "--beta", "0"]),
@@ -309,9 +311,9 @@ def finetuned(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path_facto
     return root, stdout
 
 
-def test_smoke_run_saves_agents_eval_csv_and_log(finetuned, tiny_cql_checkpoints):
+def test_smoke_run_saves_one_checkpoint_eval_csv_and_log(finetuned, tiny_cql_checkpoints):
     root, stdout = finetuned
-    assert sorted(p.name for p in (root / "off2on").iterdir()) == ["agent_0.pt", "agent_1.pt", "manifest.json", "run_state.pt"]
+    assert sorted(p.name for p in (root / "off2on").iterdir()) == [".lock", "checkpoint.pt"]  # no temporary file left
     rows = read_rows(root / "off2on_run" / "eval.csv")
     assert [r["step"] for r in rows] == ["0", "10", "20"]  # an evaluation at the start of every epoch, and the end
     low, high = off2on.D4RL_REF_SCORES["hopper"]
@@ -323,20 +325,23 @@ def test_smoke_run_saves_agents_eval_csv_and_log(finetuned, tiny_cql_checkpoints
     assert "beta U / |y| 0.00e+00" in stdout["upq_beta0"] and "beta U" not in stdout["off2on"]
     assert "| U " in stdout["off2on"]  # Off2OnRL's ensemble spread, measured though not used
 
-    checkpoint = torch.load(root / "off2on" / "agent_1.pt", weights_only=True)
+    checkpoint = torch.load(root / "off2on" / "checkpoint.pt", weights_only=True)
+    assert checkpoint.pop("sha256") == off2on.digest(checkpoint)
+    pretrained = torch.load(tiny_cql_checkpoints / "checkpoint.pt", weights_only=True)
     meta = checkpoint["meta"]
-    assert (meta["format"], meta["algorithm"], meta["agent"], meta["gym_env_id"]) == (
-        "upq-finetuned-agent-v2", "off2on", 1, "Hopper-v5")
-    assert (meta["env_steps"], meta["grad_steps"]) == (20, 10 * 2 + 10)  # epoch 0 does 2x the updates
-    assert checkpoint["actor"]["net.0.weight"].shape == (1, 11, 32)
-    assert checkpoint["critic"]["net.0.weight"].shape == (2, 14, 32)
-    assert checkpoint["target_critic"]["net.0.weight"].shape == (2, 14, 32)
-    assert checkpoint["log_alpha"].shape == (1,)
+    assert (meta["format"], meta["algorithm"], meta["gym_env_id"], meta["num_agents"], meta["hidden_sizes"]) == (
+        "upq-finetune-v3", "off2on", "Hopper-v5", 2, [32, 32])
+    assert (meta["env_steps"], meta["grad_steps"], meta["offline_size"]) == (20, 10 * 2 + 10, 1500)  # epoch 0: 2x
+    assert meta["pretrained"] == dict(path=str(tiny_cql_checkpoints), run_id=pretrained["meta"]["run_id"], step=50)
+    assert checkpoint["actor"]["net.0.weight"].shape == (2, 11, 32)
+    assert checkpoint["critic"]["net.0.weight"].shape == (4, 14, 32)
+    assert checkpoint["target_critic"]["net.0.weight"].shape == (4, 14, 32)
+    assert checkpoint["log_alpha"].shape == (1,) and checkpoint["density_ratio"] is not None
+    assert sorted(checkpoint["optimizers"]) == ["actor", "alpha", "critic", "density_ratio"]
 
     # step 0 is the pre-trained ensemble of the first two agents, evaluated as the script does
     actor = off2on.Actor(11, 3, (32, 32), 2)
-    agents = [torch.load(tiny_cql_checkpoints / f"agent_{k}.pt", weights_only=True) for k in range(2)]
-    off2on.stack_members(actor, agents, "actor")
+    actor.load_state_dict(members(pretrained["actor"], slice(0, 2)))
     returns = off2on.evaluate_ensemble(actor, "Hopper-v5", 1, seed=3 + 10_000, device="cpu")
     assert float(rows[0]["return"]) == pytest.approx(returns.mean(), abs=1e-3)
 
@@ -344,28 +349,31 @@ def test_smoke_run_saves_agents_eval_csv_and_log(finetuned, tiny_cql_checkpoints
 def test_upq_with_beta_zero_is_off2on(finetuned):
     root, _ = finetuned
     assert (root / "upq_beta0_run" / "eval.csv").read_text() == (root / "off2on_run" / "eval.csv").read_text()
-    for k in range(2):
-        ours, theirs = (torch.load(root / run / f"agent_{k}.pt", weights_only=True) for run in ("upq_beta0", "off2on"))
-        for net in ("actor", "critic", "target_critic"):
-            for key in ours[net]:
-                assert torch.equal(ours[net][key], theirs[net][key])
+    ours, theirs = (torch.load(root / run / "checkpoint.pt", weights_only=True) for run in ("upq_beta0", "off2on"))
+    assert_same_tensors(ours, theirs)  # networks, temperature, density ratio, Adam moments, replay, random stream
+    assert (ours["meta"]["algorithm"], theirs["meta"]["algorithm"]) == ("upq", "off2on")
 
 
-def test_resume_continues_the_run(finetuned):
+def test_resume_continues_the_run(finetuned, tiny_cql_checkpoints):
     root, stdout = finetuned
-    assert "resumed 3 fine-tuned agents" in stdout["upq_resumed"]
+    assert "ensemble of 3 agents" in stdout["upq_resumed"] and "resumed at env step 10" in stdout["upq_resumed"]
     assert [r["step"] for r in read_rows(root / "upq_run" / "eval.csv")] == ["0", "10", "20"]
-    meta = torch.load(root / "upq" / "agent_2.pt", weights_only=True)["meta"]
+    checkpoint = torch.load(root / "upq" / "checkpoint.pt", weights_only=True)
+    meta = checkpoint["meta"]
     assert (meta["algorithm"], meta["env_steps"], meta["grad_steps"], meta["num_agents"]) == ("upq", 20, 30, 3)
-    replay = torch.load(root / "upq" / "run_state.pt", weights_only=True)["replay"]
+    assert meta["pretrained"]["path"] == str(tiny_cql_checkpoints / "checkpoint.pt")
+    assert meta["run_id"] == json.loads((root / "upq_run" / "config.json").read_text())["run_id"]  # the same run
+    assert checkpoint["actor"]["net.0.weight"].shape == (3, 11, 32)
+    replay = checkpoint["replay"]
     assert replay["online_rows"].shape == (20, 2 * 11 + 3 + 2) and replay["online_size"] == 20
     assert replay["priorities"].shape == (1500 + 20,)
 
 
 def test_uniform_replay_samples_offline_and_online_alike(finetuned):
     root, stdout = finetuned
-    state = torch.load(root / "uniform" / "run_state.pt", weights_only=True)
+    state = torch.load(root / "uniform" / "checkpoint.pt", weights_only=True)
     assert state["density_ratio"] is None and state["replay"]["priorities"] is None
+    assert "density_ratio" not in state["optimizers"]
     fractions = [float(line.split("online fraction ")[1].split()[0]) for line in stdout["uniform"].splitlines()
                  if "online fraction" in line]
     assert fractions[0] == pytest.approx(10 / 1510, abs=0.01) and fractions[1] == pytest.approx(20 / 1520, abs=0.02)
@@ -373,71 +381,77 @@ def test_uniform_replay_samples_offline_and_online_alike(finetuned):
 
 def test_occupied_save_dir_is_refused(run_script, finetuned, tiny_hopper_hdf5, tiny_cql_checkpoints):
     root, _ = finetuned
-    before = (root / "off2on" / "agent_0.pt").read_bytes()
+    before = (root / "off2on" / "checkpoint.pt").read_bytes()
     result = run_script("off2on_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--checkpoints", tiny_cql_checkpoints,
                         "--total-steps", "10", "--save-dir", root / "off2on", "--run-dir", root / "again")
-    assert_refused(result, "--resume")
-    assert (root / "off2on" / "agent_0.pt").read_bytes() == before and not (root / "again").exists()
+    assert_refused(result, "already holds a checkpoint: pass --resume")
+    assert (root / "off2on" / "checkpoint.pt").read_bytes() == before and not (root / "again").exists()
+
+
+def saved_files(folder: Path) -> dict:
+    """The files of a save dir, byte for byte (its .lock aside: each run writes its process id there)."""
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.name != ".lock"}
 
 
 def test_resume_on_another_kind_of_device_is_refused(run_script, finetuned, tiny_hopper_hdf5, tmp_path):
     """A CUDA generator's state (16 bytes) cannot continue a CPU run's random stream, nor the reverse."""
     root, _ = finetuned
     moved = tmp_path / "moved"
-    shutil.copytree(root / "upq", moved)
-    state = torch.load(moved / "run_state.pt", weights_only=True)
-    state["generator_state"] = torch.zeros(16, dtype=torch.uint8)
-    torch.save(state, moved / "run_state.pt")
-    before = {path.name: path.read_bytes() for path in moved.iterdir()}
+    moved.mkdir()
+    rewrite_checkpoint(root / "upq" / "checkpoint.pt", moved / "checkpoint.pt",
+                       lambda checkpoint: checkpoint.update(generator=torch.zeros(16, dtype=torch.uint8)))
+    before = saved_files(moved)
     result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "30", "--resume",
                         "--save-dir", moved, "--run-dir", tmp_path / "run")
     assert_refused(result, "saved on another kind of device")
-    assert {path.name: path.read_bytes() for path in moved.iterdir()} == before
+    assert saved_files(moved) == before
 
 
-def edited_checkpoint(source, target, **meta):
-    """A copy of the checkpoint `source` with some meta entries replaced (or, with critic_nan, a NaN critic)."""
-    checkpoint = torch.load(source, weights_only=True)
-    if meta.pop("critic_nan", False):
-        checkpoint["critic"]["net.4.bias"].fill_(float("nan"))
-    checkpoint["meta"].update(meta)
-    torch.save(checkpoint, target)
-    return target
+def edit_meta(**entries):
+    """An edit for rewrite_checkpoint: some meta entries replaced."""
+    return lambda checkpoint: checkpoint["meta"].update(entries)
 
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
-    ("corrupted", "is corrupted"),
-    ("other env", "was trained for HalfCheetah-v5 (obs 17, actions 6)"),
-    ("other hidden sizes", "has hidden sizes (16, 16) but"),
-    ("finetuned, not cql", "is not a upq-cql-agent-v2 checkpoint"),
+    ("truncated", "is corrupted or not a checkpoint"),
+    ("edited", "is corrupted: its contents do not match the digest"),
+    ("other env", "the agents were trained for HalfCheetah-v5 (obs 17, actions 6) but --env"),
+    ("more agents than saved", "--num-agents must lie between 1 and the 3 agents of"),
+    ("finetuned, not cql", "is not a upq-cql-v3 checkpoint"),
 ])
 def test_bad_checkpoints_give_one_sentence_and_overwrite_nothing(run_script, finetuned, tiny_hopper_hdf5,
                                                                  tiny_cql_checkpoints, tmp_path, case, message):
     root, _ = finetuned
-    good, bad = tiny_cql_checkpoints / "agent_0.pt", tmp_path / "agent_1.pt"
-    if case == "corrupted":
+    good, bad, num_agents = tiny_cql_checkpoints / "checkpoint.pt", tmp_path / "checkpoint.pt", "2"
+    if case == "truncated":
         bad.write_bytes(good.read_bytes()[:5000])
+    elif case == "edited":  # a meta entry changed, the digest of the run's own
+        rewrite_checkpoint(good, bad, edit_meta(step=49), keep_digest=True)
     elif case == "other env":
-        edited_checkpoint(good, bad, gym_env_id="HalfCheetah-v5", obs_dim=17, act_dim=6)
-    elif case == "other hidden sizes":
-        edited_checkpoint(good, bad, hidden_sizes=[16, 16])
+        rewrite_checkpoint(good, bad, edit_meta(gym_env_id="HalfCheetah-v5", obs_dim=17, act_dim=6))
+    elif case == "more agents than saved":
+        bad, num_agents = good, "4"
     elif case == "finetuned, not cql":
-        bad = root / "off2on" / "agent_1.pt"
-    before = (root / "off2on" / "agent_0.pt").read_bytes()
+        bad = root / "upq"  # the folder of a fine-tuning run
+    before = saved_files(root / "off2on")
     result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "10", "--checkpoints",
-                        good, bad, "--save-dir", root / "off2on", "--overwrite", "--run-dir", tmp_path / "run")
+                        bad, "--num-agents", num_agents, "--save-dir", root / "off2on", "--overwrite",
+                        "--run-dir", tmp_path / "run")
     assert_refused(result, message)
-    assert (root / "off2on" / "agent_0.pt").read_bytes() == before and not (tmp_path / "run").exists()
+    assert saved_files(root / "off2on") == before and not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_the_run_before_anything_is_saved(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path):
-    nan_agent = edited_checkpoint(tiny_cql_checkpoints / "agent_0.pt", tmp_path / "agent_0.pt", critic_nan=True)
+    def nan_critic(checkpoint):  # agent 0's first critic, its last bias
+        checkpoint["critic"]["net.4.bias"][0].fill_(float("nan"))
+
+    nan_agent = rewrite_checkpoint(tiny_cql_checkpoints / "checkpoint.pt", tmp_path / "nan.pt", nan_critic)
     result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "20", "--save-every", "1",
-                        "--checkpoints", nan_agent, tiny_cql_checkpoints / "agent_1.pt",
+                        "--checkpoints", nan_agent, "--num-agents", "2",
                         "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
     assert_refused(result, "non-finite")
-    assert not (tmp_path / "save").exists()  # probed for writing before the run, created only by a save
+    assert not (tmp_path / "save").exists()  # locked for the run, removed at its end: nothing was saved there
     assert [r["step"] for r in read_rows(tmp_path / "run" / "eval.csv")] == ["0"]
 
 
@@ -452,12 +466,12 @@ def test_cuda_run_end_to_end_with_and_without_cuda_graphs(run_script, tiny_hoppe
         assert result.returncode == 0, result.stderr
         assert [r["step"] for r in read_rows(tmp_path / f"run_{name}" / "eval.csv")] == ["0", "10", "20"]
         assert "on cuda" in result.stdout
-        saved[name] = [torch.load(tmp_path / name / file, weights_only=True) for file in ("agent_0.pt", "run_state.pt")]
-    (graph_agent, graph_state), (eager_agent, eager_state) = saved["graph"], saved["eager"]
-    assert torch.equal(graph_state["generator_state"], eager_state["generator_state"])
+        saved[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+    graph, eager = saved["graph"], saved["eager"]
+    assert torch.equal(graph["generator"], eager["generator"])
     for net in ("actor", "critic", "target_critic"):
-        for key in eager_agent[net]:
-            assert torch.allclose(graph_agent[net][key], eager_agent[net][key], rtol=1e-4, atol=1e-6)
+        for key in eager[net]:
+            assert torch.allclose(graph[net][key], eager[net][key], rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the official code's last details
@@ -477,7 +491,8 @@ def test_fine_tuning_clamps_each_members_log_std_to_off2onrls_range():
 @BOTH
 def test_tanh_gaussian_log_prob_is_off2onrls_exact_form_where_actions_saturate(script):
     # u = mean = 10, std = 1 (float32): log N = -0.9189385 and log(1 - tanh(10)^2) = -18.6137, exactly
-    log_prob = script.tanh_gaussian_log_prob(torch.tensor([[10.0, 0.0]]), torch.zeros(1, 2), torch.tensor([[10.0, 0.0]]))
+    saturated = torch.tensor([[10.0, 0.0]])
+    log_prob = script.tanh_gaussian_log_prob(saturated, torch.zeros(1, 2), saturated)
     assert log_prob.item() == pytest.approx(17.694767 - 0.9189385, abs=1e-4)  # cql_pretrain.py's form: 11.97763
 
 
