@@ -1,6 +1,9 @@
 """make_dataset.py: Minari datasets that load as is, with gymnasium's episode ends, seeded, and refusals."""
 
 import re
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,9 +15,35 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import make_dataset as md  # noqa: E402
-from conftest import assert_refused  # noqa: E402
+from conftest import REPO, assert_refused  # noqa: E402
 
 TIME_LIMIT = 20
+# Runs make_dataset.py and kills it (SIGKILL) just before its k-th step (0: never); at exit it prints "steps: <count>"
+# on stderr. A step: Minari writing a group of an episode, a rename, a folder deletion. Arguments: k, the script's.
+KILL_AT_STEP = """
+import atexit, os, runpy, shutil, signal, sys
+from minari.dataset._storages import hdf5_storage
+kill_at, script, steps = int(sys.argv[1]), sys.argv[2], [0]
+def step(function):
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        if steps[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return counted
+os.replace, shutil.rmtree = step(os.replace), step(shutil.rmtree)
+hdf5_storage._add_episode_to_group = step(hdf5_storage._add_episode_to_group)
+atexit.register(lambda: print(f"steps: {steps[0]}", file=sys.stderr))
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+KILLED_ID = "killed/hopper/random-v0"
+# The new dataset: one 20-step episode. Written over an old one, its steps are those of WRITE_STEPS.
+NEW_FLAGS = ("--env", "Hopper-v5", "--kind", "random", "--num-steps", "20", "--max-episode-steps", "20", "--seed", "0",
+             "--dataset-id", KILLED_ID)
+WRITE_STEPS = ("Minari writes the episode's arrays", "Minari writes the episode's infos",
+               "the old dataset is renamed aside", "the new one is renamed into place", "the old one is deleted",
+               "the writing folder is deleted")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,6 +81,26 @@ def tiny_sac_args(**overrides) -> md.Args:
 
 def episode_seeds(dataset):
     return [m["seed"] for m in dataset.storage.get_episode_metadata(range(dataset.total_episodes))]
+
+
+def assert_same_episodes(dataset, other):
+    """Equal episodes: every array, and the seed each was reset with."""
+    assert episode_seeds(dataset) == episode_seeds(other)
+    for a, b in zip(dataset.iterate_episodes(), other.iterate_episodes(), strict=True):
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def files_of(folder: Path) -> dict:
+    """Every file under a folder, as {relative path: bytes}."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def run_killed_at_step(script_env: dict, root: Path, k: int, *flags: str) -> subprocess.CompletedProcess:
+    """make_dataset.py with these flags under the Minari root `root`, killed at step k (0: never) by KILL_AT_STEP."""
+    return subprocess.run([sys.executable, "-c", KILL_AT_STEP, str(k), str(REPO / "make_dataset.py"), *flags],
+                          capture_output=True, text=True, env={**script_env, "MINARI_DATASETS_PATH": str(root)},
+                          timeout=300, check=False)
 
 
 def gymnasium_flags(dataset, episode, seed):
@@ -102,9 +151,7 @@ def test_same_seed_gives_identical_arrays_and_another_seed_does_not(random_datas
         md.main(md.Args(env="Hopper-v5", kind="random", num_steps=300, max_episode_steps=TIME_LIMIT, seed=seed,
                         dataset_id=dataset_id))
     same, other = minari.load_dataset("test/hopper/random-again-v0"), minari.load_dataset("test/hopper/random-seed4-v0")
-    for a, b in zip(random_dataset.iterate_episodes(), same.iterate_episodes(), strict=True):
-        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
-            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert_same_episodes(random_dataset, same)
     assert not np.array_equal(random_dataset[0].actions, other[0].actions)
 
 
@@ -121,6 +168,54 @@ def test_existing_dataset_is_refused_without_overwrite_and_replaced_with_it(rand
     md.main(md.Args(env="Hopper-v5", kind="random", num_steps=60, seed=0, dataset_id="test/hopper/replaced-v0",
                     overwrite=True))
     assert minari.load_dataset("test/hopper/replaced-v0").total_steps == 60
+
+
+@pytest.fixture(scope="module")
+def old_and_new(tmp_path_factory, script_env):
+    """A Minari root holding an old dataset at KILLED_ID (30 steps, seed 1), and the dataset that a run with
+    NEW_FLAGS --overwrite, killed at no step, replaces it with (checking that run took exactly the WRITE_STEPS)."""
+    old_root, straight_root = tmp_path_factory.mktemp("old"), tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINARI_DATASETS_PATH", str(old_root))
+        md.main(md.Args(env="Hopper-v5", kind="random", num_steps=30, max_episode_steps=20, seed=1,
+                        dataset_id=KILLED_ID))
+    shutil.copytree(old_root, straight_root, dirs_exist_ok=True)
+    straight = run_killed_at_step(script_env, straight_root, 0, *NEW_FLAGS, "--overwrite")
+    assert straight.returncode == 0, straight.stderr
+    assert f"steps: {len(WRITE_STEPS)}" in straight.stderr
+    new = minari.MinariDataset(straight_root / KILLED_ID / "data")
+    assert new.total_steps == 20 and new.total_episodes == 1 and new.id == KILLED_ID
+    return old_root, new
+
+
+@pytest.mark.parametrize("k, step", list(enumerate(WRITE_STEPS, start=1)), ids=WRITE_STEPS)
+def test_overwrite_killed_at_each_step_leaves_the_old_dataset_or_the_new_one(k, step, old_and_new, script_env,
+                                                                             tmp_path, monkeypatch):
+    old_root, new = old_and_new
+    root = tmp_path / "minari"
+    shutil.copytree(old_root, root)
+    folder, old_files = root / KILLED_ID, files_of(old_root / KILLED_ID)
+    others = {"random-v0.old": b"not ours", ".random-v1.writing": b"another id's"}  # must be left alone
+    for name, content in others.items():
+        (folder.parent / name).mkdir()
+        (folder.parent / name / "file").write_bytes(content)
+    killed = run_killed_at_step(script_env, root, k, *NEW_FLAGS, "--overwrite")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    new_in_place = WRITE_STEPS.index(step) > WRITE_STEPS.index("the new one is renamed into place")  # killed after
+    if step != "the new one is renamed into place":  # killed between the two renames, the folder is missing
+        assert new_in_place or files_of(folder) == old_files  # a run loading it now gets the old one or the new one
+    # The next run recovers (and here refuses to replace what it finds): the old dataset, byte for byte, or the new.
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    with pytest.raises(SystemExit, match="already exists"):
+        md.main(tyro.cli(md.Args, args=list(NEW_FLAGS)))
+    if new_in_place:
+        assert_same_episodes(minari.load_dataset(KILLED_ID), new)
+    else:
+        assert files_of(folder) == old_files
+        assert minari.load_dataset(KILLED_ID).total_steps == 30
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted(["namespace_metadata.json", "random-v0", *others])
+    assert all((folder.parent / name / "file").read_bytes() == content for name, content in others.items())
+    assert list(minari.list_local_datasets()) == [KILLED_ID]
 
 
 def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path, run_script):
