@@ -23,6 +23,7 @@ Example:
     python -c "import minari; print(minari.load_dataset('local/hopper/medium-v0'))"
 """
 
+import json
 import math
 import os
 import shutil
@@ -477,9 +478,25 @@ def recover_interrupted_write(dataset_id: str) -> Path:
     return path
 
 
-def existing_dataset(dataset_id: str) -> bool:
-    """After recovering an interrupted write: whether a dataset is at dataset_id."""
-    return recover_interrupted_write(dataset_id).exists()
+def is_complete(path: Path) -> bool:
+    """Whether a dataset folder holds a whole dataset of this script: Minari's metadata with its episode count, which
+    Minari writes after the episodes, and the 'kind' that write_dataset adds last."""
+    try:
+        metadata = json.loads((path / "data" / "metadata.json").read_text())
+    except (OSError, ValueError):  # no metadata, or metadata cut short
+        return False
+    return metadata.get("total_episodes", 0) > 0 and "kind" in metadata and (path / "data/main_data.hdf5").is_file()
+
+
+def existing_dataset(dataset_id: str, overwrite: bool) -> bool:
+    """After recovering an interrupted write: whether a whole dataset is at dataset_id. An incomplete one (left by a
+    version of this script that wrote in place) is refused, or with --overwrite counts as none, to be replaced."""
+    path = recover_interrupted_write(dataset_id)
+    if not path.exists() or is_complete(path):
+        return path.exists()
+    if not overwrite:
+        fail(f"dataset {dataset_id} at {path} is incomplete (an interrupted write): pass --overwrite to make it again")
+    return False
 
 
 def write_dataset(args: Args, dataset_id: str, episodes: list, kind: str, algorithm_name: str,
@@ -588,12 +605,12 @@ def main(args: Args) -> None:
         namespace, _, version = parse_dataset_id(dataset_id)
     except ValueError as error:
         fail(str(error))
-    if existing_dataset(dataset_id) and not args.overwrite:
+    if existing_dataset(dataset_id, args.overwrite) and not args.overwrite:
         fail(f"dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; pass --overwrite to replace it")
     # medium-expert is made of the medium and expert datasets: each reused if whole, else made
     parts = ({part: gen_dataset_id(namespace, part, version) for part in ("medium", "expert")}
              if args.kind == "medium-expert" else {})
-    reused = {part: existing_dataset(part_id) for part, part_id in parts.items()}
+    reused = {part: existing_dataset(part_id, args.overwrite) for part, part_id in parts.items()}
     target_return = args.target_return if args.target_return is not None else D4RL_MEDIUM_RETURN.get(body)
     if target_return is None and args.kind != "random" and args.kind != "expert":
         fail(f"D4RL has no medium level for {args.env}; pass --target-return")

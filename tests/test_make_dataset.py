@@ -188,34 +188,85 @@ def old_and_new(tmp_path_factory, script_env):
     return old_root, new
 
 
-@pytest.mark.parametrize("k, step", list(enumerate(WRITE_STEPS, start=1)), ids=WRITE_STEPS)
-def test_overwrite_killed_at_each_step_leaves_the_old_dataset_or_the_new_one(k, step, old_and_new, script_env,
-                                                                             tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", WRITE_STEPS)
+def test_overwrite_killed_at_each_step_leaves_the_old_dataset_or_the_new_one(step, old_and_new, script_env, tmp_path,
+                                                                             monkeypatch):
     old_root, new = old_and_new
     root = tmp_path / "minari"
     shutil.copytree(old_root, root)
     folder, old_files = root / KILLED_ID, files_of(old_root / KILLED_ID)
-    others = {"random-v0.old": b"not ours", ".random-v1.writing": b"another id's"}  # must be left alone
+    others = {"random-v0.old": b"not a temporary", ".random-v1.writing": b"another id's"}  # to be left alone
     for name, content in others.items():
         (folder.parent / name).mkdir()
         (folder.parent / name / "file").write_bytes(content)
-    killed = run_killed_at_step(script_env, root, k, *NEW_FLAGS, "--overwrite")
+    killed = run_killed_at_step(script_env, root, WRITE_STEPS.index(step) + 1, *NEW_FLAGS, "--overwrite")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    new_in_place = WRITE_STEPS.index(step) > WRITE_STEPS.index("the new one is renamed into place")  # killed after
-    if step != "the new one is renamed into place":  # killed between the two renames, the folder is missing
-        assert new_in_place or files_of(folder) == old_files  # a run loading it now gets the old one or the new one
-    # The next run recovers (and here refuses to replace what it finds): the old dataset, byte for byte, or the new.
+    new_in_place = WRITE_STEPS.index(step) > WRITE_STEPS.index("the new one is renamed into place")
+
+    def assert_old_or_new():
+        if new_in_place:
+            assert_same_episodes(minari.MinariDataset(folder / "data"), new)
+        else:
+            assert files_of(folder) == old_files
+
+    if step != "the new one is renamed into place":  # (killed between the two renames, the old one is aside)
+        assert_old_or_new()  # what a training run loading it now would read
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(SystemExit, match="already exists"):  # the next run recovers, then refuses to replace it
         md.main(tyro.cli(md.Args, args=list(NEW_FLAGS)))
-    if new_in_place:
-        assert_same_episodes(minari.load_dataset(KILLED_ID), new)
-    else:
-        assert files_of(folder) == old_files
-        assert minari.load_dataset(KILLED_ID).total_steps == 30
+    assert_old_or_new()
     assert sorted(p.name for p in folder.parent.iterdir()) == sorted(["namespace_metadata.json", "random-v0", *others])
     assert all((folder.parent / name / "file").read_bytes() == content for name, content in others.items())
     assert list(minari.list_local_datasets()) == [KILLED_ID]
+
+
+def test_partial_dataset_of_a_write_in_place_is_refused_in_one_sentence_and_replaced_with_overwrite(
+        old_and_new, script_env, run_script, tmp_path, monkeypatch):
+    """Older versions wrote in place: a kill inside Minari's write left what this run's writing folder holds when it
+    is killed there (metadata with 0 episodes, a data file cut short). Loading it raised an OSError."""
+    root, new = tmp_path / "minari", old_and_new[1]
+    killed = run_killed_at_step(script_env, root, WRITE_STEPS.index("Minari writes the episode's infos") + 1,
+                                *NEW_FLAGS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    folder = root / KILLED_ID
+    (folder.parent / f".{folder.name}.writing" / KILLED_ID).rename(folder)  # where the older version had written it
+    partial = files_of(folder)
+    assert b'"total_episodes": 0' in partial["data/metadata.json"]
+    with pytest.raises(OSError):
+        list(minari.MinariDataset(folder / "data").iterate_episodes())
+    result = run_script("make_dataset.py", *NEW_FLAGS, env={"MINARI_DATASETS_PATH": str(root)})
+    assert_refused(result, f"dataset {KILLED_ID} at {folder} is incomplete (an interrupted write): pass --overwrite "
+                           f"to make it again")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert files_of(folder) == partial
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    md.main(tyro.cli(md.Args, args=[*NEW_FLAGS, "--overwrite"]))
+    assert_same_episodes(minari.load_dataset(KILLED_ID), new)
+
+
+@pytest.mark.parametrize("damage", ["no metadata", "metadata cut short", "no data file", "no data folder"])
+@pytest.mark.parametrize("kind", ["random", "medium-expert"])  # medium-expert: its medium part is the damaged one
+def test_incomplete_dataset_or_part_is_refused_and_left_as_it_is(damage, kind, old_and_new, tmp_path, monkeypatch):
+    old_root, _ = old_and_new
+    dataset_id = "damaged/hopper/random-v0" if kind == "random" else "damaged/hopper/medium-v0"
+    folder = tmp_path / dataset_id
+    shutil.copytree(old_root / KILLED_ID, folder)
+    data = folder / "data"
+    if damage == "no metadata":
+        (data / "metadata.json").unlink()
+    elif damage == "metadata cut short":
+        (data / "metadata.json").write_bytes((data / "metadata.json").read_bytes()[:100])
+    elif damage == "no data file":
+        (data / "main_data.hdf5").unlink()
+    else:
+        shutil.rmtree(data)
+    before = files_of(tmp_path)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        md.main(md.Args(env="Hopper-v5", kind=kind, num_steps=20, dataset_id=f"damaged/hopper/{kind}-v0"))
+    assert exit_info.value.code == (f"error: dataset {dataset_id} at {folder} is incomplete (an interrupted write): "
+                                    f"pass --overwrite to make it again")
+    assert files_of(tmp_path) == before
 
 
 def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path, run_script):
