@@ -15,19 +15,24 @@ The SAC behaviour agent is CleanRL's sac_continuous_action.py, inline. One SAC r
 replay, and the actor at every evaluation) is saved beside the datasets, e.g.
 ~/.minari/datasets/local/hopper/sac-seed0.pt, so `--kind expert` continues the run that made
 `--kind medium`, and `--kind medium-replay` only reads it. Output root: Minari's own
-(MINARI_DATASETS_PATH, default ~/.minari/datasets).
+(MINARI_DATASETS_PATH, default ~/.minari/datasets). A dataset is written beside its place and renamed there
+when whole: a killed run leaves the old dataset or the new one, never a part of one (write_dataset).
 
 Example:
     python make_dataset.py --env Hopper-v5 --kind medium --num-steps 200000
     python -c "import minari; print(minari.load_dataset('local/hopper/medium-v0'))"
 """
 
+import json
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NoReturn, Optional
+from unittest import mock
 
 import gymnasium as gym
 import minari
@@ -40,6 +45,7 @@ import tyro
 from gymnasium.envs.mujoco import MujocoEnv
 from minari.data_collector import EpisodeBuffer
 from minari.dataset.minari_dataset import gen_dataset_id, parse_dataset_id
+from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
 
 
@@ -56,7 +62,7 @@ class Args:
     seed: int = 0
     """seed of env resets, actions and SAC; same seed and flags give identical datasets"""
     overwrite: bool = False
-    """replace an existing dataset with the same id (otherwise refuse); never retrains a saved SAC run"""
+    """replace a dataset with this id (else refuse), kept until the new one is whole; never retrains a saved SAC run"""
     max_episode_steps: Optional[int] = None
     """time limit of an episode; default the env's own (1000 for the MuJoCo locomotion envs)"""
     target_return: Optional[float] = None
@@ -451,15 +457,57 @@ def check_env(env_id: str) -> gym.Env:
     return env
 
 
-def refuse_existing(dataset_id: str, overwrite: bool) -> None:
-    if get_dataset_path(dataset_id).exists() and not overwrite:
-        fail(f"dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; pass --overwrite to replace it")
+def write_paths(dataset_id: str) -> tuple[Path, Path, Path]:
+    """A dataset's folder and, beside it (hidden from Minari's listings), the two temporaries of write_dataset: the
+    folder the new dataset is written in, and the name the old one has while the new one is moved into place."""
+    path = get_dataset_path(dataset_id)
+    return path, path.with_name(f".{path.name}.writing"), path.with_name(f".{path.name}.old")
+
+
+def recover_interrupted_write(dataset_id: str) -> Path:
+    """Undo what a killed write_dataset left: the old dataset put back if the kill fell between its two renames, then
+    both temporaries deleted. Returns the dataset's folder."""
+    path, writing, old = write_paths(dataset_id)
+    if old.exists() and not path.exists():
+        os.replace(old, path)
+        print(f"restored {dataset_id} from {old}, where an interrupted write had left it", flush=True)
+    for temporary in (writing, old):
+        if temporary.exists():
+            shutil.rmtree(temporary)
+            print(f"removed {temporary}, left by an interrupted write", flush=True)
+    return path
+
+
+def is_complete(path: Path) -> bool:
+    """Whether a dataset folder holds a whole dataset of this script: Minari's metadata with its episode count, which
+    Minari writes after the episodes, and the 'kind' that write_dataset adds last."""
+    try:
+        metadata = json.loads((path / "data" / "metadata.json").read_text())
+    except (OSError, ValueError):  # no metadata, or metadata cut short
+        return False
+    return metadata.get("total_episodes", 0) > 0 and "kind" in metadata and (path / "data/main_data.hdf5").is_file()
+
+
+def existing_dataset(dataset_id: str, overwrite: bool) -> bool:
+    """After recovering an interrupted write: whether a whole dataset is at dataset_id. An incomplete one (left by a
+    version of this script that wrote in place) is refused, or with --overwrite counts as none, to be replaced."""
+    path = recover_interrupted_write(dataset_id)
+    if not path.exists() or is_complete(path):
+        return path.exists()
+    if not overwrite:
+        fail(f"dataset {dataset_id} at {path} is incomplete (an interrupted write): pass --overwrite to make it again")
+    return False
 
 
 def write_dataset(args: Args, dataset_id: str, episodes: list, kind: str, algorithm_name: str,
                   ref_scores: Optional[tuple], extra_metadata: dict) -> minari.MinariDataset:
-    if get_dataset_path(dataset_id).exists():  # only reached with --overwrite
-        minari.delete_dataset(dataset_id)
+    """Write the dataset whole in a folder beside its place, then rename it there. Any old one (--overwrite) is first
+    renamed aside and deleted last, so a kill leaves the old dataset or the new one; between the two renames, the old
+    one aside, which recover_interrupted_write puts back."""
+    path, writing, old = write_paths(dataset_id)
+    namespace = parse_dataset_id(dataset_id)[0]
+    if namespace is not None and namespace not in list_local_namespaces():
+        create_namespace(namespace)  # as Minari does when it writes in place
     num_steps = sum(len(e.rewards) for e in episodes)
     description = (f"D4RL-style '{kind}' dataset for {args.env}: {num_steps} transitions in {len(episodes)} "
                    f"episodes, made by make_dataset.py (seed {args.seed}).")
@@ -467,18 +515,26 @@ def write_dataset(args: Args, dataset_id: str, episodes: list, kind: str, algori
     if ref_scores is None:
         print("note: no reference scores for this env yet (no SAC run to measure a best return); "
               "ref_min_score/ref_max_score left out", flush=True)
-    with warnings.catch_warnings():  # Minari warns about every optional field left empty
-        warnings.filterwarnings("ignore", message=".*is set to None")
-        dataset = minari.create_dataset_from_buffers(
+    # Minari writes a dataset at its id under its root: the writing folder is that root while it writes.
+    with warnings.catch_warnings(), mock.patch.dict(os.environ, MINARI_DATASETS_PATH=str(writing)):
+        warnings.filterwarnings("ignore", message=".*is set to None")  # Minari warns of every optional field left out
+        written = minari.create_dataset_from_buffers(
             dataset_id, buffer=episodes, env=make_env(args), algorithm_name=algorithm_name,
             ref_min_score=ref_min, ref_max_score=ref_max, description=description,
             requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"])
-    dataset.storage.update_metadata({"seed": args.seed, "kind": kind, **extra_metadata})
+        written.storage.update_metadata({"seed": args.seed, "kind": kind, **extra_metadata})
+    if path.exists():  # only reached with --overwrite
+        os.replace(path, old)
+    os.replace(written.storage.data_path.parent, path)
+    for temporary in (old, writing):
+        if temporary.exists():
+            shutil.rmtree(temporary)
+    dataset = minari.load_dataset(dataset_id)
     time_limit = dataset.env_spec.max_episode_steps
     finished = [float(np.sum(e.rewards)) for e in episodes if e.terminations[-1] or len(e.rewards) == time_limit]
     print(f"wrote {dataset_id}: {dataset.total_steps} steps, {dataset.total_episodes} episodes, "
           f"{dataset.storage.metadata['dataset_size']} MB, mean return of whole episodes "
-          f"{np.mean(finished) if finished else float('nan'):.1f} -> {get_dataset_path(dataset_id)}", flush=True)
+          f"{np.mean(finished) if finished else float('nan'):.1f} -> {path}", flush=True)
     return dataset
 
 
@@ -549,7 +605,12 @@ def main(args: Args) -> None:
         namespace, _, version = parse_dataset_id(dataset_id)
     except ValueError as error:
         fail(str(error))
-    refuse_existing(dataset_id, args.overwrite)
+    if existing_dataset(dataset_id, args.overwrite) and not args.overwrite:
+        fail(f"dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; pass --overwrite to replace it")
+    # medium-expert is made of the medium and expert datasets: each reused if whole, else made
+    parts = ({part: gen_dataset_id(namespace, part, version) for part in ("medium", "expert")}
+             if args.kind == "medium-expert" else {})
+    reused = {part: existing_dataset(part_id, args.overwrite) for part, part_id in parts.items()}
     target_return = args.target_return if args.target_return is not None else D4RL_MEDIUM_RETURN.get(body)
     if target_return is None and args.kind != "random" and args.kind != "expert":
         fail(f"D4RL has no medium level for {args.env}; pass --target-return")
@@ -557,9 +618,8 @@ def main(args: Args) -> None:
 
     if args.kind == "medium-expert":
         episodes, metadata = [], {}
-        for part in ("medium", "expert"):
-            part_id = gen_dataset_id(namespace, part, version)
-            if get_dataset_path(part_id).exists():
+        for part, part_id in parts.items():
+            if reused[part]:
                 print(f"reusing {part_id}", flush=True)
                 part_episodes = load_episodes(args, part_id)
                 metadata.update({f"{part}_{k}": v for k, v in minari.load_dataset(part_id).storage.metadata.items()

@@ -1,6 +1,9 @@
 """make_dataset.py: Minari datasets that load as is, with gymnasium's episode ends, seeded, and refusals."""
 
 import re
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,9 +15,35 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import make_dataset as md  # noqa: E402
-from conftest import assert_refused  # noqa: E402
+from conftest import REPO, assert_refused  # noqa: E402
 
 TIME_LIMIT = 20
+# Runs make_dataset.py and kills it (SIGKILL) just before its k-th step (0: never); at exit it prints "steps: <count>"
+# on stderr. A step: Minari writing a group of an episode, a rename, a folder deletion. Arguments: k, the script's.
+KILL_AT_STEP = """
+import atexit, os, runpy, shutil, signal, sys
+from minari.dataset._storages import hdf5_storage
+kill_at, script, steps = int(sys.argv[1]), sys.argv[2], [0]
+def step(function):
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        if steps[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return counted
+os.replace, shutil.rmtree = step(os.replace), step(shutil.rmtree)
+hdf5_storage._add_episode_to_group = step(hdf5_storage._add_episode_to_group)
+atexit.register(lambda: print(f"steps: {steps[0]}", file=sys.stderr))
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+KILLED_ID = "killed/hopper/random-v0"
+# The new dataset: one 20-step episode. Written over an old one, its steps are those of WRITE_STEPS.
+NEW_FLAGS = ("--env", "Hopper-v5", "--kind", "random", "--num-steps", "20", "--max-episode-steps", "20", "--seed", "0",
+             "--dataset-id", KILLED_ID)
+WRITE_STEPS = ("Minari writes the episode's arrays", "Minari writes the episode's infos",
+               "the old dataset is renamed aside", "the new one is renamed into place", "the old one is deleted",
+               "the writing folder is deleted")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,6 +81,26 @@ def tiny_sac_args(**overrides) -> md.Args:
 
 def episode_seeds(dataset):
     return [m["seed"] for m in dataset.storage.get_episode_metadata(range(dataset.total_episodes))]
+
+
+def assert_same_episodes(dataset, other):
+    """Equal episodes: every array, and the seed each was reset with."""
+    assert episode_seeds(dataset) == episode_seeds(other)
+    for a, b in zip(dataset.iterate_episodes(), other.iterate_episodes(), strict=True):
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def files_of(folder: Path) -> dict:
+    """Every file under a folder, as {relative path: bytes}."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def run_killed_at_step(script_env: dict, root: Path, k: int, *flags: str) -> subprocess.CompletedProcess:
+    """make_dataset.py with these flags under the Minari root `root`, killed at step k (0: never) by KILL_AT_STEP."""
+    return subprocess.run([sys.executable, "-c", KILL_AT_STEP, str(k), str(REPO / "make_dataset.py"), *flags],
+                          capture_output=True, text=True, env={**script_env, "MINARI_DATASETS_PATH": str(root)},
+                          timeout=300, check=False)
 
 
 def gymnasium_flags(dataset, episode, seed):
@@ -102,9 +151,7 @@ def test_same_seed_gives_identical_arrays_and_another_seed_does_not(random_datas
         md.main(md.Args(env="Hopper-v5", kind="random", num_steps=300, max_episode_steps=TIME_LIMIT, seed=seed,
                         dataset_id=dataset_id))
     same, other = minari.load_dataset("test/hopper/random-again-v0"), minari.load_dataset("test/hopper/random-seed4-v0")
-    for a, b in zip(random_dataset.iterate_episodes(), same.iterate_episodes(), strict=True):
-        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
-            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert_same_episodes(random_dataset, same)
     assert not np.array_equal(random_dataset[0].actions, other[0].actions)
 
 
@@ -121,6 +168,105 @@ def test_existing_dataset_is_refused_without_overwrite_and_replaced_with_it(rand
     md.main(md.Args(env="Hopper-v5", kind="random", num_steps=60, seed=0, dataset_id="test/hopper/replaced-v0",
                     overwrite=True))
     assert minari.load_dataset("test/hopper/replaced-v0").total_steps == 60
+
+
+@pytest.fixture(scope="module")
+def old_and_new(tmp_path_factory, script_env):
+    """A Minari root holding an old dataset at KILLED_ID (30 steps, seed 1), and the dataset that a run with
+    NEW_FLAGS --overwrite, killed at no step, replaces it with (checking that run took exactly the WRITE_STEPS)."""
+    old_root, straight_root = tmp_path_factory.mktemp("old"), tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINARI_DATASETS_PATH", str(old_root))
+        md.main(md.Args(env="Hopper-v5", kind="random", num_steps=30, max_episode_steps=20, seed=1,
+                        dataset_id=KILLED_ID))
+    shutil.copytree(old_root, straight_root, dirs_exist_ok=True)
+    straight = run_killed_at_step(script_env, straight_root, 0, *NEW_FLAGS, "--overwrite")
+    assert straight.returncode == 0, straight.stderr
+    assert f"steps: {len(WRITE_STEPS)}" in straight.stderr
+    new = minari.MinariDataset(straight_root / KILLED_ID / "data")
+    assert new.total_steps == 20 and new.total_episodes == 1 and new.id == KILLED_ID
+    return old_root, new
+
+
+@pytest.mark.parametrize("step", WRITE_STEPS)
+def test_overwrite_killed_at_each_step_leaves_the_old_dataset_or_the_new_one(step, old_and_new, script_env, tmp_path,
+                                                                             monkeypatch):
+    old_root, new = old_and_new
+    root = tmp_path / "minari"
+    shutil.copytree(old_root, root)
+    folder, old_files = root / KILLED_ID, files_of(old_root / KILLED_ID)
+    others = {"random-v0.old": b"not a temporary", ".random-v1.writing": b"another id's"}  # to be left alone
+    for name, content in others.items():
+        (folder.parent / name).mkdir()
+        (folder.parent / name / "file").write_bytes(content)
+    killed = run_killed_at_step(script_env, root, WRITE_STEPS.index(step) + 1, *NEW_FLAGS, "--overwrite")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    new_in_place = WRITE_STEPS.index(step) > WRITE_STEPS.index("the new one is renamed into place")
+
+    def assert_old_or_new():
+        if new_in_place:
+            assert_same_episodes(minari.MinariDataset(folder / "data"), new)
+        else:
+            assert files_of(folder) == old_files
+
+    if step != "the new one is renamed into place":  # (killed between the two renames, the old one is aside)
+        assert_old_or_new()  # what a training run loading it now would read
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    with pytest.raises(SystemExit, match="already exists"):  # the next run recovers, then refuses to replace it
+        md.main(tyro.cli(md.Args, args=list(NEW_FLAGS)))
+    assert_old_or_new()
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted(["namespace_metadata.json", "random-v0", *others])
+    assert all((folder.parent / name / "file").read_bytes() == content for name, content in others.items())
+    assert list(minari.list_local_datasets()) == [KILLED_ID]
+
+
+def test_partial_dataset_of_a_write_in_place_is_refused_in_one_sentence_and_replaced_with_overwrite(
+        old_and_new, script_env, run_script, tmp_path, monkeypatch):
+    """Older versions wrote in place: a kill inside Minari's write left what this run's writing folder holds when it
+    is killed there (metadata with 0 episodes, a data file cut short). Loading it raised an OSError."""
+    root, new = tmp_path / "minari", old_and_new[1]
+    killed = run_killed_at_step(script_env, root, WRITE_STEPS.index("Minari writes the episode's infos") + 1,
+                                *NEW_FLAGS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    folder = root / KILLED_ID
+    (folder.parent / f".{folder.name}.writing" / KILLED_ID).rename(folder)  # where the older version had written it
+    partial = files_of(folder)
+    assert b'"total_episodes": 0' in partial["data/metadata.json"]
+    with pytest.raises(OSError):
+        list(minari.MinariDataset(folder / "data").iterate_episodes())
+    result = run_script("make_dataset.py", *NEW_FLAGS, env={"MINARI_DATASETS_PATH": str(root)})
+    assert_refused(result, f"dataset {KILLED_ID} at {folder} is incomplete (an interrupted write): pass --overwrite "
+                           f"to make it again")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert files_of(folder) == partial
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    md.main(tyro.cli(md.Args, args=[*NEW_FLAGS, "--overwrite"]))
+    assert_same_episodes(minari.load_dataset(KILLED_ID), new)
+
+
+@pytest.mark.parametrize("damage", ["no metadata", "metadata cut short", "no data file", "no data folder"])
+@pytest.mark.parametrize("kind", ["random", "medium-expert"])  # medium-expert: its medium part is the damaged one
+def test_incomplete_dataset_or_part_is_refused_and_left_as_it_is(damage, kind, old_and_new, tmp_path, monkeypatch):
+    old_root, _ = old_and_new
+    dataset_id = "damaged/hopper/random-v0" if kind == "random" else "damaged/hopper/medium-v0"
+    folder = tmp_path / dataset_id
+    shutil.copytree(old_root / KILLED_ID, folder)
+    data = folder / "data"
+    if damage == "no metadata":
+        (data / "metadata.json").unlink()
+    elif damage == "metadata cut short":
+        (data / "metadata.json").write_bytes((data / "metadata.json").read_bytes()[:100])
+    elif damage == "no data file":
+        (data / "main_data.hdf5").unlink()
+    else:
+        shutil.rmtree(data)
+    before = files_of(tmp_path)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        md.main(md.Args(env="Hopper-v5", kind=kind, num_steps=20, dataset_id=f"damaged/hopper/{kind}-v0"))
+    assert exit_info.value.code == (f"error: dataset {dataset_id} at {folder} is incomplete (an interrupted write): "
+                                    f"pass --overwrite to make it again")
+    assert files_of(tmp_path) == before
 
 
 def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path, run_script):
