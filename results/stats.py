@@ -54,7 +54,7 @@ class Args:
     """the same numbers, one estimate a row, 4 decimals"""
 
 
-MEASURES = {"final": "final score", "early_min": "early-drop minimum"}
+MEASURES = ("final", "early_min")  # a seed's final score, its early-drop minimum
 
 
 def mean_and_iqm(scores: np.ndarray) -> np.ndarray:
