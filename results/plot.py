@@ -81,6 +81,17 @@ def read_metrics(eval_csv: str) -> dict[str, np.ndarray] | None:
     return {key: np.array([float(row[key]) for row in rows]) for key in (rows[0] if rows else {})}
 
 
+def final_score(scores: np.ndarray, pretraining: bool, final_evals: int) -> float:
+    """A seed's final score: the mean of its last `final_evals` evaluations (a pre-training file: its last)."""
+    return float(scores[-1] if pretraining else scores[-final_evals:].mean())
+
+
+def early_minimum(steps: np.ndarray, scores: np.ndarray, early_steps: int) -> float | None:
+    """A fine-tuning seed's lowest score at env steps 1 .. early_steps (the early drop), or None if none lies there."""
+    early = scores[(steps > 0) & (steps <= early_steps)]
+    return float(early.min()) if len(early) else None
+
+
 def draw_band(axis, runs: list[tuple[np.ndarray, np.ndarray]], label: str, color: str) -> None:
     """Mean over runs and a band of one standard deviation, on the steps all runs reached."""
     length = min(len(steps) for steps, _ in runs)
@@ -141,16 +152,15 @@ def main(args: Args) -> None:
             axes[0].axhline(np.mean(starts), linestyle=":", color="black",
                             label=f"pre-trained ensemble, step 0 ({np.mean(starts):.1f})")
         for index, (label, seeds) in enumerate(curves):
-            finals = np.array([scores[-1] if pretraining else scores[-args.final_evals:].mean()
-                               for _, scores, pretraining in seeds])
+            finals = np.array([final_score(scores, pretraining, args.final_evals) for _, scores, pretraining in seeds])
             rows.append((panel, label, finals))
             if seeds[0][2] or len(seeds[0][0]) < 2:  # pre-training (gradient steps) or one point: a level
                 axes[0].axhline(finals.mean(), linestyle="--", color="gray", label=f"{label} ({finals.mean():.1f})")
                 continue
             if args.early_steps > 0:
-                early = [scores[(steps > 0) & (steps <= args.early_steps)] for steps, scores, _ in seeds]
-                if all(len(values) for values in early):
-                    early_rows.append((panel, label, np.array([values.min() for values in early])))
+                lows = [early_minimum(steps, scores, args.early_steps) for steps, scores, _ in seeds]
+                if None not in lows:
+                    early_rows.append((panel, label, np.array(lows)))
             draw_band(axes[0], [(steps, scores) for steps, scores, _ in seeds], label, f"C{index}")
             for axis, key in zip(axes[1:], kinds[1:]):
                 runs = [(m["step"], m[key]) for m in metrics[panel, label] if m is not None and key in m]
