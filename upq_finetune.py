@@ -158,8 +158,12 @@ CUDA_GRAPH_WARMUP = 3  # eager updates at the start of every epoch before the st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The paper's equations: small pure functions, each checked against a hand computation in tests/
+# The paper's equations: small pure functions, each checked against a hand computation in tests/, and the losses
+# of one step built from them (finetune_losses). From >>> to <<< is the block another codebase copies whole
+# (tests/test_update_block.py runs it alone, on foreign networks).
 # ---------------------------------------------------------------------------------------------------------------
+# >>> UPQ update: copy from here to '<<< UPQ update'; it needs only `import math`, `import torch` and
+#     `import torch.nn.functional as F`. finetune_losses, at its end, states what it takes and what stays with you.
 def twin_min(q: torch.Tensor) -> torch.Tensor:
     """Each member's pessimistic value min(Q1_i, Q2_i): [2N, B] (member 2i + j = critic j of agent i) -> [N, B]."""
     return q.view(q.shape[0] // 2, 2, *q.shape[1:]).min(1).values
@@ -219,6 +223,59 @@ def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_tanh: 
     gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
     tanh_correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
     return (gaussian - tanh_correction).sum(-1)
+
+
+def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewards, next_obs, terminals, noise,
+                    gamma: float, beta: float, target_entropy: float, ensemble_mean_target: bool = False):
+    """Eqs. (2)-(7) on one batch, for any ensemble of N actors [N, ...] and 2N critics [2N, ...].
+
+    obs [B, obs], actions [B, A], rewards [B], next_obs [B, obs], terminals [B]; noise [2B, A] standard normal,
+    for a~ at s and a' at s'. Returns (critic + actor + temperature loss, dict of scalar metrics). The actor's
+    loss sees the critics frozen and the targets see no graph, so one backward pass gives each network the
+    gradient of its own objective (as the official code's separate optimisers do).
+    """
+    num_members, batch_size = actor.net[0].weight.shape[0], len(rewards)
+    alpha = log_alpha.exp().detach()
+
+    def every_actor(x):  # [B, D] -> [N, B, D]
+        return x.expand(num_members, -1, -1)
+
+    def every_critic(x):  # [B, D] -> [2N, B, D]: all critics see the same batch
+        return x.expand(2 * num_members, -1, -1)
+
+    # Eq. (3): pi^E at s (trained through the actor loss) and at s' (for the target only: no graph), a sample each
+    new_actions, new_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(obs))),
+                                                     noise[:batch_size])  # [B, A], [B]
+    with torch.no_grad():
+        next_actions, next_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(next_obs))),
+                                                           noise[batch_size:])
+
+    # Eqs. (4)-(6): every member regresses to its own penalised target at the shared a' ~ pi^E(.|s')
+    with torch.no_grad():
+        next_q_members = twin_min(target_critic(every_critic(next_obs), every_critic(next_actions)))  # [N, B]
+        uncertainty = uncertainty_std(next_q_members)  # [B]
+        next_values = next_q_members  # [N, B]: each member's own, or (as Eq. 5 is printed) Q^E for every member
+        if ensemble_mean_target:
+            next_values = ensemble_q_mean(next_q_members).expand_as(next_q_members)
+        targets = penalized_target(rewards, terminals, next_values, next_log_prob, alpha, gamma, beta,
+                                   uncertainty)  # [N, B]
+    q_data = critic(every_critic(obs), every_critic(actions))  # [2N, B]
+    q_members = twin_min(q_data.detach())  # [N, B]
+    critic_loss = critic_td_loss(q_data, targets)
+
+    # Eq. (7) with Eq. (2), the critics frozen; and the temperature
+    frozen = {name: p.detach() for name, p in critic.named_parameters()}
+    q_new = twin_min(torch.func.functional_call(critic, frozen, (every_critic(obs), every_critic(new_actions))))
+    actor_loss = ensemble_actor_loss(alpha, new_log_prob, ensemble_q_mean(q_new))
+    alpha_loss = temperature_loss(log_alpha, new_log_prob.detach(), target_entropy)
+    metrics = dict(critic_loss=critic_loss.detach(), actor_loss=actor_loss.detach(),
+                   q_ensemble=ensemble_q_mean(q_members).mean(),  # Q^E(s, a) on the batch
+                   q_spread=q_members.std(0, correction=0).mean(),  # the members' disagreement at (s, a)
+                   target_mean=targets.mean(), uncertainty=uncertainty.mean(), uncertainty_max=uncertainty.max(),
+                   penalty_fraction=beta * uncertainty.mean() / targets.abs().mean(),  # beta U against |y|
+                   alpha=alpha[0], entropy=-new_log_prob.detach().mean())  # pi^E's entropy, estimated
+    return critic_loss + actor_loss + alpha_loss, metrics
+# <<< UPQ update: to here
 
 
 def density_ratio_loss(w_offline: torch.Tensor, w_online: torch.Tensor) -> torch.Tensor:
@@ -445,58 +502,6 @@ class BalancedReplay:
 # ---------------------------------------------------------------------------------------------------------------
 # One gradient step: all members in one graph, one backward
 # ---------------------------------------------------------------------------------------------------------------
-def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewards, next_obs, terminals, noise,
-                    gamma: float, beta: float, target_entropy: float, ensemble_mean_target: bool = False):
-    """Eqs. (2)-(7) on one batch, for any ensemble of N actors [N, ...] and 2N critics [2N, ...].
-
-    obs [B, obs], actions [B, A], rewards [B], next_obs [B, obs], terminals [B]; noise [2B, A] standard normal,
-    for a~ at s and a' at s'. Returns (critic + actor + temperature loss, dict of scalar metrics). The actor's
-    loss sees the critics frozen and the targets see no graph, so one backward pass gives each network the
-    gradient of its own objective (as the official code's separate optimisers do).
-    """
-    num_members, batch_size = actor.net[0].weight.shape[0], len(rewards)
-    alpha = log_alpha.exp().detach()
-
-    def every_actor(x):  # [B, D] -> [N, B, D]
-        return x.expand(num_members, -1, -1)
-
-    def every_critic(x):  # [B, D] -> [2N, B, D]: all critics see the same batch
-        return x.expand(2 * num_members, -1, -1)
-
-    # Eq. (3): pi^E at s (trained through the actor loss) and at s' (for the target only: no graph), a sample each
-    new_actions, new_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(obs))),
-                                                     noise[:batch_size])  # [B, A], [B]
-    with torch.no_grad():
-        next_actions, next_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(next_obs))),
-                                                           noise[batch_size:])
-
-    # Eqs. (4)-(6): every member regresses to its own penalised target at the shared a' ~ pi^E(.|s')
-    with torch.no_grad():
-        next_q_members = twin_min(target_critic(every_critic(next_obs), every_critic(next_actions)))  # [N, B]
-        uncertainty = uncertainty_std(next_q_members)  # [B]
-        next_values = next_q_members  # [N, B]: each member's own, or (as Eq. 5 is printed) Q^E for every member
-        if ensemble_mean_target:
-            next_values = ensemble_q_mean(next_q_members).expand_as(next_q_members)
-        targets = penalized_target(rewards, terminals, next_values, next_log_prob, alpha, gamma, beta,
-                                   uncertainty)  # [N, B]
-    q_data = critic(every_critic(obs), every_critic(actions))  # [2N, B]
-    q_members = twin_min(q_data.detach())  # [N, B]
-    critic_loss = critic_td_loss(q_data, targets)
-
-    # Eq. (7) with Eq. (2), the critics frozen; and the temperature
-    frozen = {name: p.detach() for name, p in critic.named_parameters()}
-    q_new = twin_min(torch.func.functional_call(critic, frozen, (every_critic(obs), every_critic(new_actions))))
-    actor_loss = ensemble_actor_loss(alpha, new_log_prob, ensemble_q_mean(q_new))
-    alpha_loss = temperature_loss(log_alpha, new_log_prob.detach(), target_entropy)
-    metrics = dict(critic_loss=critic_loss.detach(), actor_loss=actor_loss.detach(),
-                   q_ensemble=ensemble_q_mean(q_members).mean(),  # Q^E(s, a) on the batch
-                   q_spread=q_members.std(0, correction=0).mean(),  # the members' disagreement at (s, a)
-                   target_mean=targets.mean(), uncertainty=uncertainty.mean(), uncertainty_max=uncertainty.max(),
-                   penalty_fraction=beta * uncertainty.mean() / targets.abs().mean(),  # beta U against |y|
-                   alpha=alpha[0], entropy=-new_log_prob.detach().mean())  # pi^E's entropy, estimated
-    return critic_loss + actor_loss + alpha_loss, metrics
-
-
 def density_ratio_step(density_ratio, state_actions: torch.Tensor, temperature: float):
     """Balanced replay on one draw: state_actions [3B, obs+act] = the RL batch, uniform offline, uniform online rows.
 
