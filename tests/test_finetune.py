@@ -180,11 +180,11 @@ def test_one_backward_gives_every_member_the_gradient_of_its_own_loss(script, be
     noise = torch.randn(2 * batch_size, ACT, dtype=F64)
     upq_terms = dict(beta=beta, ensemble_mean_target=mean_target) if script is upq else {}
 
-    loss, metrics = script.finetune_losses(actor, critic, target_critic, log_alpha,
-                                           *script.unpack_transitions(rows[:batch_size], OBS, ACT), noise, gamma=0.99,
-                                           target_entropy=-3.0, **upq_terms)
+    *losses, metrics = script.finetune_losses(actor, critic, target_critic, log_alpha,
+                                              *script.unpack_transitions(rows[:batch_size], OBS, ACT), noise, n,
+                                              gamma=0.99, target_entropy=-3.0, **upq_terms)
     ratio_loss, priorities, w_means = script.density_ratio_step(density_ratio, rows[:, : OBS + ACT], 5.0)
-    (loss + ratio_loss).backward()
+    (sum(losses) + ratio_loss).backward()
     critic_loss, actor_loss, actors, critics, new_log_prob, diagnostics = member_by_member_step(
         script, actor, critic, target_critic, log_alpha, rows, noise, batch_size, beta, mean_target)
     assert metrics["critic_loss"].item() == pytest.approx(critic_loss.item(), rel=1e-10)
