@@ -182,6 +182,16 @@ def test_the_block_holds_exactly_the_update_and_needs_only_three_imports(script)
     assert set(names) <= set(vars(module))
 
 
+def test_the_readme_names_the_block_and_every_function_in_it():
+    readme = (REPO / "README.md").read_text()
+    paragraph = readme[readme.index("The update to copy"):].split("\n\n")[0]
+    for script in TARGET_OF:
+        start, end = block_text(script).splitlines()[0], block_text(script).splitlines()[-1]
+        assert start.split(":")[0] in paragraph and end.split(":")[0] in paragraph
+        for node in ast.parse(block_text(script)).body:
+            assert f"`{node.name}`" in paragraph or f"`{node.name}(" in paragraph, node.name
+
+
 @pytest.mark.parametrize("script, beta, mean_target", [("upq_finetune.py", 0.3, False), ("upq_finetune.py", 0.3, True),
                                                        ("off2on_finetune.py", 0.0, False)],
                          ids=["upq", "upq-ensemble-mean-target", "off2on"])
