@@ -568,20 +568,21 @@ def density_ratio_step(density_ratio, state_actions: torch.Tensor, temperature: 
 
 
 def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, generator: torch.Generator,
-                    batch_size: int, tau: float, priority_temperature: float, loss_args: dict) -> dict:
+                    batch_size: int, tau: float, priority_temperature: float, loss_args: dict, num_agents: int,
+                    act_dim: int) -> dict:
     """One gradient step: draw the batch, the three losses, one backward of their sum (the networks' simultaneous
     update), Adam steps, soft target update (tau), new priorities.
 
-    loss_args: finetune_losses' hyperparameters (loss_hyperparameters). Returns the step's metrics.
+    loss_args: finetune_losses' hyperparameters (loss_hyperparameters); num_agents: N; act_dim: A (the observation
+    width follows from the replay's rows). Returns the step's metrics.
     """
-    actor, density_ratio = nets["actor"], nets["density_ratio"]
-    num_agents, obs_dim, act_dim = (actor.net[0].weight.shape[0], actor.net[0].weight.shape[1],
-                                    actor.net[-1].weight.shape[-1] // 2)
+    density_ratio = nets["density_ratio"]
+    obs_dim = (replay.transitions.shape[1] - act_dim - 2) // 2  # rows [obs | action | reward | next obs | terminal]
     index = replay.sample(batch_size, generator)  # [B] ([3B] with balanced replay)
     noise = torch.randn(2 * batch_size, act_dim, generator=generator, device=replay.transitions.device)
     drawn = replay.transitions[index]
     critic_loss, actor_loss, alpha_loss, metrics = finetune_losses(
-        actor, nets["critic"], nets["target_critic"], nets["log_alpha"],
+        nets["actor"], nets["critic"], nets["target_critic"], nets["log_alpha"],
         *unpack_transitions(drawn[:batch_size], obs_dim, act_dim), noise, num_agents, **loss_args)
     loss = critic_loss + actor_loss + alpha_loss
     zero = torch.zeros((), device=loss.device)
@@ -608,15 +609,15 @@ def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, genera
 # Acting and evaluation: the envs step on the CPU, pi^E runs on the device
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def collect(env, actor: Actor, steps: int, seed: int, generator, device) -> np.ndarray:
-    """`steps` env steps with a ~ pi^E(.|s) (Eq. 3) from a fresh episode (reset with `seed`), as Off2OnRL's collector
-    starts every epoch: returns the packed transitions. Only termination stops bootstrapping; an episode cut by the
-    time limit or by the end of the epoch bootstraps (Off2OnRL keeps the cut path, terminal 0)."""
-    num_members = actor.net[0].weight.shape[0]
+def collect(env, actor: Actor, num_agents: int, steps: int, seed: int, generator, device) -> np.ndarray:
+    """`steps` env steps with a ~ pi^E(.|s) (Eq. 3) of the actor's N = num_agents members from a fresh episode (reset
+    with `seed`), as Off2OnRL's collector starts every epoch: returns the packed transitions. Only termination stops
+    bootstrapping; an episode cut by the time limit or by the end of the epoch bootstraps (Off2OnRL keeps the cut
+    path, terminal 0)."""
     transitions, obs = [], env.reset(seed=seed)[0]
     for _ in range(steps):
         state = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        mean, log_std = ensemble_policy(*actor(state.expand(num_members, 1, -1)))  # [1, A]
+        mean, log_std = ensemble_policy(*actor(state.expand(num_agents, 1, -1)))  # [1, A]
         noise = torch.randn(mean.shape, generator=generator, device=device)
         action = tanh_gaussian_sample(mean, log_std, noise)[0][0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = env.step(action)

@@ -510,10 +510,10 @@ class CountingEnv:
 @BOTH
 def test_every_epoch_collects_from_a_fresh_episode_as_off2onrl(script):
     env, actor = CountingEnv(300), script.Actor(11, 3, (8,), 2)
-    transitions = script.collect(env, actor, 1000, seed=7, generator=torch.Generator().manual_seed(0), device="cpu")
+    transitions = script.collect(env, actor, 2, 1000, seed=7, generator=torch.Generator().manual_seed(0), device="cpu")
     terminals = transitions[:, -1]
     assert np.flatnonzero(terminals).tolist() == [299, 599, 899]  # paths of 300, 300, 300 and a cut 100
     assert terminals[-1] == 0  # the path cut by the epoch's end bootstraps (Off2OnRL keeps it, terminal 0)
     assert env.resets == [7, None, None, None]  # seeded at the epoch's start, then the env's own stream
-    script.collect(env, actor, 10, seed=8, generator=torch.Generator(), device="cpu")
+    script.collect(env, actor, 2, 10, seed=8, generator=torch.Generator(), device="cpu")
     assert env.resets[-1] == 8 and env.t == 10  # the next epoch starts a fresh episode, not step 101 of the last
