@@ -237,7 +237,7 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
     the actor's loss evaluates it as torch.func.functional_call(critic, {name: p.detach() for name, p in
     critic.named_parameters()}, ...), and these detached parameters are what keep the actor loss's gradient out of
     the critics. Weights held in a plain dict (the stack_module_state tutorial's pattern) are not registered, and
-    the actor loss would reach them: hold them as nn.Parameter attributes (e.g. an nn.ParameterDict).
+    the actor loss would reach them: hold them as nn.Parameters (in an nn.ParameterList, say).
 
     The batch, in the networks' floating dtype and device (this project: float32):
         obs [B, obs_dim], actions [B, A] in tanh space (in (-1, 1), as the env took them), rewards [B],
