@@ -161,8 +161,12 @@ CUDA_GRAPH_WARMUP = 3  # eager updates at the start of every epoch before the st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The paper's equations: small pure functions, each checked against a hand computation in tests/
+# The paper's equations: small pure functions, each checked against a hand computation in tests/, and the losses
+# of one step built from them (finetune_losses). From >>> to <<< is the block another codebase copies whole
+# (tests/test_update_block.py runs it alone, on foreign networks).
 # ---------------------------------------------------------------------------------------------------------------
+# >>> UPQ update: copy from here to '<<< UPQ update'; it needs only `import math`, `import torch` and
+#     `import torch.nn.functional as F`. finetune_losses, at its end, states what it takes and what stays with you.
 def twin_min(q: torch.Tensor) -> torch.Tensor:
     """Each member's pessimistic value min(Q1_i, Q2_i): [2N, B] (member 2i + j = critic j of agent i) -> [N, B]."""
     return q.view(q.shape[0] // 2, 2, *q.shape[1:]).min(1).values
@@ -222,6 +226,126 @@ def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_tanh: 
     gaussian = -0.5 * ((pre_tanh - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
     tanh_correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
     return (gaussian - tanh_correction).sum(-1)
+
+
+def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewards, next_obs, terminals, noise,
+                    num_agents: int, gamma: float, beta: float, target_entropy: float,
+                    ensemble_mean_target: bool = False):
+    """The three losses of one UPQ step, Eqs. (2)-(7), for an ensemble of N actors and 2N critics on a batch of B.
+
+    The networks, any callables with the ensemble axis first (as modules stacked with
+    torch.func.stack_module_state and run through torch.vmap give it):
+        actor(obs [N, B, obs_dim]) -> (mean, log_std), each [N, B, A]: member i's pre-tanh Gaussian, its log_std
+            already clamped (this project: to [-20, 2]); every member is given the same batch.
+        critic(obs [2N, B, obs_dim], actions [2N, B, A]) -> Q [2N, B]. Member 2i + j is critic j (j = 0, 1) of
+            agent i: an agent's two critics are neighbours, [Q1_0, Q2_0, Q1_1, Q2_1, ...]. A stack ordered
+            [Q1 of every agent, Q2 of every agent] has the same shapes and wrong twin pairs: stack the critics in
+            the order q1[0], q2[0], q1[1], q2[1], ... instead.
+        target_critic: the slow copy of critic, in the same layout; called under torch.no_grad().
+    The critic must also be an nn.Module whose weights are all registered parameters (critic.named_parameters()):
+    the actor's loss evaluates it as torch.func.functional_call(critic, {name: p.detach() for name, p in
+    critic.named_parameters()}, ...), and these detached parameters are what keep the actor loss's gradient out of
+    the critics. Weights held in a plain dict (the stack_module_state tutorial's pattern) are not registered, and
+    the actor loss would reach them: hold them as nn.Parameters (in an nn.ParameterList, say).
+
+    The batch, in the networks' floating dtype and device (this project: float32):
+        obs [B, obs_dim], actions [B, A] in tanh space (in (-1, 1), as the env took them), rewards [B],
+        next_obs [B, obs_dim], terminals [B]: 1.0 where the episode terminated at s' (not where a time limit cut
+        it), else 0.0;
+        noise [2B, A], standard normal, drawn by the caller: rows :B give a~ ~ pi^E(.|s) for the actor and
+        temperature losses, rows B: give a' ~ pi^E(.|s') for the targets.
+    log_alpha [1]: log of SAC's temperature alpha, one for the whole ensemble, a leaf with requires_grad.
+    num_agents: N. gamma: the discount; beta: the uncertainty penalty of Eq. (5) (0: Off2OnRL's target);
+    target_entropy: SAC's (this project: -A); ensemble_mean_target: every member's target from Q^E (Eq. 5 as
+    printed) instead of from its own min(Q1_i, Q2_i) (Off2OnRL official).
+
+    Returns (critic_loss, actor_loss, alpha_loss, metrics): three scalar losses, and the step's diagnostics as
+    detached scalar tensors (nothing is read back to the host). Each loss has a gradient in one network only:
+        critic_loss, Eq. (6): the 2N critics (the targets are computed without a graph);
+        actor_loss, Eq. (7) with Eq. (2): the N actors (the critics frozen as above, alpha detached);
+        alpha_loss, SAC's temperature loss: log_alpha (log pi^E detached).
+    So one backward pass of their sum gives every network the gradient of its own objective, all at the weights
+    from before this step, and the optimiser steps that follow update actor, critics and temperature
+    simultaneously, as the official code's separate optimisers do (all its losses are computed before any step).
+    Three separate backward passes give the same gradients (the three graphs share nothing).
+
+    What stays with the caller: drawing the noise; zeroing the gradients, the backward pass and the optimiser steps
+    (this project: Adam for log_alpha, the actors and the critics); then the soft target update
+    target_critic <- (1 - tau) target_critic + tau critic (tau = 5e-3), after the critics' step.
+
+    A layout it can see from shapes and dtypes alone (no host-device sync) raises a ValueError in one sentence:
+    num_agents < 1, a batch tensor of the wrong shape or not floating point, noise not [2B, A], log_alpha not [1],
+    actor outputs not [N, B, A], critic outputs not [2N, B], a critic with no registered parameters. The member
+    order cannot be seen: getting 2i + j right is the caller's part.
+    """
+    # cheap checks of the layout: shapes and dtypes only, no host-device sync
+    if num_agents < 1 or obs.dim() != 2 or actions.dim() != 2:
+        raise ValueError(f"finetune_losses: needs num_agents >= 1, obs [B, obs_dim] and actions [B, A], not "
+                         f"{num_agents}, {list(obs.shape)} and {list(actions.shape)}")
+    n, batch_size, obs_dim, act_dim = num_agents, obs.shape[0], obs.shape[1], actions.shape[1]
+
+    def check(name: str, tensor: torch.Tensor, layout: str, shape: tuple) -> None:
+        if tensor.shape != shape:
+            raise ValueError(f"finetune_losses: {name} must be {layout} = {list(shape)}, not {list(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"finetune_losses: {name} must be floating point, not {tensor.dtype}")
+
+    check("obs", obs, "[B, obs_dim]", (batch_size, obs_dim))
+    check("actions", actions, "[B, A]", (batch_size, act_dim))
+    check("rewards", rewards, "[B]", (batch_size,))
+    check("next_obs", next_obs, "[B, obs_dim]", (batch_size, obs_dim))
+    check("terminals", terminals, "[B]", (batch_size,))
+    check("noise (rows :B for a~ at s, rows B: for a' at s')", noise, "[2B, A]", (2 * batch_size, act_dim))
+    check("log_alpha", log_alpha, "[1]", (1,))
+    frozen = {name: p.detach() for name, p in critic.named_parameters()} if isinstance(critic, torch.nn.Module) else {}
+    if not frozen:
+        raise ValueError("finetune_losses: the critic must be an nn.Module whose weights are registered parameters "
+                         "(weights in a plain dict are not, and the actor loss would reach them)")
+    alpha = log_alpha.exp().detach()
+
+    def every_actor(x):  # [B, D] -> [N, B, D]
+        return x.expand(n, -1, -1)
+
+    def every_critic(x):  # [B, D] -> [2N, B, D]: all critics see the same batch
+        return x.expand(2 * n, -1, -1)
+
+    # Eq. (3): pi^E at s (trained through the actor loss) and at s' (for the target only: no graph), a sample each
+    mean, log_std = actor(every_actor(obs))  # [N, B, A] each
+    check("the actor's mean", mean, "[N, B, A]", (n, batch_size, act_dim))
+    check("the actor's log_std", log_std, "[N, B, A]", (n, batch_size, act_dim))
+    new_actions, new_log_prob = tanh_gaussian_sample(*ensemble_policy(mean, log_std), noise[:batch_size])  # [B, A], [B]
+    with torch.no_grad():
+        next_actions, next_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(next_obs))),
+                                                           noise[batch_size:])
+
+    # Eqs. (4)-(6): every member regresses to its own penalised target at the shared a' ~ pi^E(.|s')
+    with torch.no_grad():
+        next_q = target_critic(every_critic(next_obs), every_critic(next_actions))  # [2N, B]
+        check("target_critic(next_obs, next_actions)", next_q, "[2N, B]", (2 * n, batch_size))
+        next_q_members = twin_min(next_q)  # [N, B]
+        uncertainty = uncertainty_std(next_q_members)  # [B]
+        next_values = next_q_members  # [N, B]: each member's own, or (as Eq. 5 is printed) Q^E for every member
+        if ensemble_mean_target:
+            next_values = ensemble_q_mean(next_q_members).expand_as(next_q_members)
+        targets = penalized_target(rewards, terminals, next_values, next_log_prob, alpha, gamma, beta,
+                                   uncertainty)  # [N, B]
+    q_data = critic(every_critic(obs), every_critic(actions))  # [2N, B]
+    check("critic(obs, actions)", q_data, "[2N, B]", (2 * n, batch_size))
+    q_members = twin_min(q_data.detach())  # [N, B]
+    critic_loss = critic_td_loss(q_data, targets)
+
+    # Eq. (7) with Eq. (2), the critics frozen (their detached parameters); and the temperature
+    q_new = twin_min(torch.func.functional_call(critic, frozen, (every_critic(obs), every_critic(new_actions))))
+    actor_loss = ensemble_actor_loss(alpha, new_log_prob, ensemble_q_mean(q_new))
+    alpha_loss = temperature_loss(log_alpha, new_log_prob.detach(), target_entropy)
+    metrics = dict(critic_loss=critic_loss.detach(), actor_loss=actor_loss.detach(),
+                   q_ensemble=ensemble_q_mean(q_members).mean(),  # Q^E(s, a) on the batch
+                   q_spread=q_members.std(0, correction=0).mean(),  # the members' disagreement at (s, a)
+                   target_mean=targets.mean(), uncertainty=uncertainty.mean(), uncertainty_max=uncertainty.max(),
+                   penalty_fraction=beta * uncertainty.mean() / targets.abs().mean(),  # beta U against |y|
+                   alpha=alpha[0], entropy=-new_log_prob.detach().mean())  # pi^E's entropy, estimated
+    return critic_loss, actor_loss, alpha_loss, metrics
+# <<< UPQ update: to here
 
 
 def density_ratio_loss(w_offline: torch.Tensor, w_online: torch.Tensor) -> torch.Tensor:
@@ -448,58 +572,6 @@ class BalancedReplay:
 # ---------------------------------------------------------------------------------------------------------------
 # One gradient step: all members in one graph, one backward
 # ---------------------------------------------------------------------------------------------------------------
-def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewards, next_obs, terminals, noise,
-                    gamma: float, beta: float, target_entropy: float, ensemble_mean_target: bool = False):
-    """Eqs. (2)-(7) on one batch, for any ensemble of N actors [N, ...] and 2N critics [2N, ...].
-
-    obs [B, obs], actions [B, A], rewards [B], next_obs [B, obs], terminals [B]; noise [2B, A] standard normal,
-    for a~ at s and a' at s'. Returns (critic + actor + temperature loss, dict of scalar metrics). The actor's
-    loss sees the critics frozen and the targets see no graph, so one backward pass gives each network the
-    gradient of its own objective (as the official code's separate optimisers do).
-    """
-    num_members, batch_size = actor.net[0].weight.shape[0], len(rewards)
-    alpha = log_alpha.exp().detach()
-
-    def every_actor(x):  # [B, D] -> [N, B, D]
-        return x.expand(num_members, -1, -1)
-
-    def every_critic(x):  # [B, D] -> [2N, B, D]: all critics see the same batch
-        return x.expand(2 * num_members, -1, -1)
-
-    # Eq. (3): pi^E at s (trained through the actor loss) and at s' (for the target only: no graph), a sample each
-    new_actions, new_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(obs))),
-                                                     noise[:batch_size])  # [B, A], [B]
-    with torch.no_grad():
-        next_actions, next_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(next_obs))),
-                                                           noise[batch_size:])
-
-    # Eqs. (4)-(6): every member regresses to its own penalised target at the shared a' ~ pi^E(.|s')
-    with torch.no_grad():
-        next_q_members = twin_min(target_critic(every_critic(next_obs), every_critic(next_actions)))  # [N, B]
-        uncertainty = uncertainty_std(next_q_members)  # [B]
-        next_values = next_q_members  # [N, B]: each member's own, or (as Eq. 5 is printed) Q^E for every member
-        if ensemble_mean_target:
-            next_values = ensemble_q_mean(next_q_members).expand_as(next_q_members)
-        targets = penalized_target(rewards, terminals, next_values, next_log_prob, alpha, gamma, beta,
-                                   uncertainty)  # [N, B]
-    q_data = critic(every_critic(obs), every_critic(actions))  # [2N, B]
-    q_members = twin_min(q_data.detach())  # [N, B]
-    critic_loss = critic_td_loss(q_data, targets)
-
-    # Eq. (7) with Eq. (2), the critics frozen; and the temperature
-    frozen = {name: p.detach() for name, p in critic.named_parameters()}
-    q_new = twin_min(torch.func.functional_call(critic, frozen, (every_critic(obs), every_critic(new_actions))))
-    actor_loss = ensemble_actor_loss(alpha, new_log_prob, ensemble_q_mean(q_new))
-    alpha_loss = temperature_loss(log_alpha, new_log_prob.detach(), target_entropy)
-    metrics = dict(critic_loss=critic_loss.detach(), actor_loss=actor_loss.detach(),
-                   q_ensemble=ensemble_q_mean(q_members).mean(),  # Q^E(s, a) on the batch
-                   q_spread=q_members.std(0, correction=0).mean(),  # the members' disagreement at (s, a)
-                   target_mean=targets.mean(), uncertainty=uncertainty.mean(), uncertainty_max=uncertainty.max(),
-                   penalty_fraction=beta * uncertainty.mean() / targets.abs().mean(),  # beta U against |y|
-                   alpha=alpha[0], entropy=-new_log_prob.detach().mean())  # pi^E's entropy, estimated
-    return critic_loss + actor_loss + alpha_loss, metrics
-
-
 def density_ratio_step(density_ratio, state_actions: torch.Tensor, temperature: float):
     """Balanced replay on one draw: state_actions [3B, obs+act] = the RL batch, uniform offline, uniform online rows.
 
@@ -512,18 +584,23 @@ def density_ratio_step(density_ratio, state_actions: torch.Tensor, temperature: 
 
 
 def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, generator: torch.Generator,
-                    batch_size: int, tau: float, priority_temperature: float, loss_args: dict) -> dict:
-    """One gradient step: draw the batch, losses, one backward, Adam steps, soft target update (tau), new priorities.
+                    batch_size: int, tau: float, priority_temperature: float, loss_args: dict, num_agents: int,
+                    act_dim: int) -> dict:
+    """One gradient step: draw the batch, the three losses, one backward of their sum (the networks' simultaneous
+    update), Adam steps, soft target update (tau), new priorities.
 
-    loss_args: finetune_losses' hyperparameters (loss_hyperparameters). Returns the step's metrics.
+    loss_args: finetune_losses' hyperparameters (loss_hyperparameters); num_agents: N; act_dim: A (the observation
+    width follows from the replay's rows). Returns the step's metrics.
     """
-    actor, density_ratio = nets["actor"], nets["density_ratio"]
-    obs_dim, act_dim = actor.net[0].weight.shape[1], actor.net[-1].weight.shape[-1] // 2
+    density_ratio = nets["density_ratio"]
+    obs_dim = (replay.transitions.shape[1] - act_dim - 2) // 2  # rows [obs | action | reward | next obs | terminal]
     index = replay.sample(batch_size, generator)  # [B] ([3B] with balanced replay)
     noise = torch.randn(2 * batch_size, act_dim, generator=generator, device=replay.transitions.device)
     drawn = replay.transitions[index]
-    loss, metrics = finetune_losses(actor, nets["critic"], nets["target_critic"], nets["log_alpha"],
-                                    *unpack_transitions(drawn[:batch_size], obs_dim, act_dim), noise, **loss_args)
+    critic_loss, actor_loss, alpha_loss, metrics = finetune_losses(
+        nets["actor"], nets["critic"], nets["target_critic"], nets["log_alpha"],
+        *unpack_transitions(drawn[:batch_size], obs_dim, act_dim), noise, num_agents, **loss_args)
+    loss = critic_loss + actor_loss + alpha_loss
     zero = torch.zeros((), device=loss.device)
     metrics.update(ratio_loss=zero, w_offline=zero, w_online=zero)
     if density_ratio is not None:
@@ -548,15 +625,15 @@ def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, genera
 # Acting and evaluation: the envs step on the CPU, pi^E runs on the device
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def collect(env, actor: Actor, steps: int, seed: int, generator, device) -> np.ndarray:
-    """`steps` env steps with a ~ pi^E(.|s) (Eq. 3) from a fresh episode (reset with `seed`), as Off2OnRL's collector
-    starts every epoch: returns the packed transitions. Only termination stops bootstrapping; an episode cut by the
-    time limit or by the end of the epoch bootstraps (Off2OnRL keeps the cut path, terminal 0)."""
-    num_members = actor.net[0].weight.shape[0]
+def collect(env, actor: Actor, num_agents: int, steps: int, seed: int, generator, device) -> np.ndarray:
+    """`steps` env steps with a ~ pi^E(.|s) (Eq. 3) of the actor's N = num_agents members from a fresh episode (reset
+    with `seed`), as Off2OnRL's collector starts every epoch: returns the packed transitions. Only termination stops
+    bootstrapping; an episode cut by the time limit or by the end of the epoch bootstraps (Off2OnRL keeps the cut
+    path, terminal 0)."""
     transitions, obs = [], env.reset(seed=seed)[0]
     for _ in range(steps):
         state = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        mean, log_std = ensemble_policy(*actor(state.expand(num_members, 1, -1)))  # [1, A]
+        mean, log_std = ensemble_policy(*actor(state.expand(num_agents, 1, -1)))  # [1, A]
         noise = torch.randn(mean.shape, generator=generator, device=device)
         action = tanh_gaussian_sample(mean, log_std, noise)[0][0].cpu().numpy()
         next_obs, reward, terminated, truncated, _ = env.step(action)

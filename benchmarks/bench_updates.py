@@ -215,7 +215,8 @@ def measure_finetune(args, device, num_agents: int, script: str):
 
     def eager():
         return module.finetune_update(nets, optimizers, replay, generator, algorithm.batch_size, algorithm.tau,
-                                      algorithm.priority_temperature, module.loss_hyperparameters(algorithm))
+                                      algorithm.priority_temperature, module.loss_hyperparameters(algorithm),
+                                      num_agents, ACT_DIM)
 
     step = eager
     if device.type == "cuda":

@@ -181,11 +181,11 @@ def test_one_backward_gives_every_member_the_gradient_of_its_own_loss(script, be
     noise = torch.randn(2 * batch_size, ACT, dtype=F64)
     upq_terms = dict(beta=beta, ensemble_mean_target=mean_target) if script is upq else {}
 
-    loss, metrics = script.finetune_losses(actor, critic, target_critic, log_alpha,
-                                           *script.unpack_transitions(rows[:batch_size], OBS, ACT), noise, gamma=0.99,
-                                           target_entropy=-3.0, **upq_terms)
+    *losses, metrics = script.finetune_losses(actor, critic, target_critic, log_alpha,
+                                              *script.unpack_transitions(rows[:batch_size], OBS, ACT), noise, n,
+                                              gamma=0.99, target_entropy=-3.0, **upq_terms)
     ratio_loss, priorities, w_means = script.density_ratio_step(density_ratio, rows[:, : OBS + ACT], 5.0)
-    (loss + ratio_loss).backward()
+    (sum(losses) + ratio_loss).backward()
     critic_loss, actor_loss, actors, critics, new_log_prob, diagnostics = member_by_member_step(
         script, actor, critic, target_critic, log_alpha, rows, noise, batch_size, beta, mean_target)
     assert metrics["critic_loss"].item() == pytest.approx(critic_loss.item(), rel=1e-10)
@@ -525,10 +525,10 @@ class CountingEnv:
 @BOTH
 def test_every_epoch_collects_from_a_fresh_episode_as_off2onrl(script):
     env, actor = CountingEnv(300), script.Actor(11, 3, (8,), 2)
-    transitions = script.collect(env, actor, 1000, seed=7, generator=torch.Generator().manual_seed(0), device="cpu")
+    transitions = script.collect(env, actor, 2, 1000, seed=7, generator=torch.Generator().manual_seed(0), device="cpu")
     terminals = transitions[:, -1]
     assert np.flatnonzero(terminals).tolist() == [299, 599, 899]  # paths of 300, 300, 300 and a cut 100
     assert terminals[-1] == 0  # the path cut by the epoch's end bootstraps (Off2OnRL keeps it, terminal 0)
     assert env.resets == [7, None, None, None]  # seeded at the epoch's start, then the env's own stream
-    script.collect(env, actor, 10, seed=8, generator=torch.Generator(), device="cpu")
+    script.collect(env, actor, 2, 10, seed=8, generator=torch.Generator(), device="cpu")
     assert env.resets[-1] == 8 and env.t == 10  # the next epoch starts a fresh episode, not step 101 of the last
