@@ -466,7 +466,7 @@ def main(args: Args) -> None:
     data = load_offline_data(run.env, run.gym_env)
     obs_dim, act_dim, n = data.observations.shape[1], data.actions.shape[1], alg.num_agents
     alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
-    nets, optimizers, generators = build_agents(alg, run, obs_dim, act_dim, device, saved)
+    nets, optimizers, generators = build_agents(alg, run, data, device, saved)
     meta = dict(format=CQL_FORMAT, version=PROJECT_VERSION, run_id=saved["meta"]["run_id"] if saved else
                 uuid.uuid4().hex[:16], run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
                 obs_dim=obs_dim, act_dim=act_dim, hidden_sizes=list(alg.hidden_sizes), num_agents=n,
@@ -599,9 +599,10 @@ def make_agents(obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_agents:
     return actor, critic
 
 
-def build_agents(alg: Algorithm, run: Run, obs_dim: int, act_dim: int, device, saved: dict | None):
+def build_agents(alg: Algorithm, run: Run, data: OfflineData, device, saved: dict | None):
     """The N agents' networks, temperatures, optimisers and generators: fresh, or as the resumed run saved them."""
-    n, hidden = alg.num_agents, tuple(alg.hidden_sizes)
+    n, hidden, obs_dim, act_dim = alg.num_agents, tuple(alg.hidden_sizes), *data.observations.shape[1:], \
+        data.actions.shape[1]
     actor, critic = make_agents(obs_dim, act_dim, hidden, n, run.seed)
     target_critic = Critic(obs_dim, act_dim, hidden, 2 * n)
     target_critic.load_state_dict(critic.state_dict())
@@ -620,8 +621,8 @@ def build_agents(alg: Algorithm, run: Run, obs_dim: int, act_dim: int, device, s
         optimizers["alpha_prime"] = torch.optim.Adam([nets["log_alpha_prime"]], lr=alg.critic_lr, **adam)
     generators = [torch.Generator(device=device).manual_seed(run.seed + k) for k in range(n)]
     if saved is not None:  # the resumed agents' networks, temperatures, Adam moments and random streams
-        if (saved["meta"]["obs_dim"], saved["meta"]["act_dim"]) != (obs_dim, act_dim):
-            fail(f"the saved agents were made for {saved['meta']['gym_env_id']}, not for the env of --env")
+        if (saved["meta"]["gym_env_id"], saved["meta"]["obs_dim"]) != (data.gym_env_id, obs_dim):
+            fail(f"the saved agents were made for {saved['meta']['gym_env_id']}, not for {data.gym_env_id} of --env")
         with torch.no_grad():
             for name, net in nets.items():
                 if isinstance(net, nn.Module):
@@ -1014,8 +1015,11 @@ def cuda_graphed(step, generators=()):
 
 
 # Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files ---------------------------------------------------
-D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
-                   "walker2d": (1.629008, 4592.3)}  # D4RL's reference returns (random, expert) per body
+D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+}
 D4RL_GYM_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 D4RL_NAME = re.compile(r"^(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2$")
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
@@ -1099,18 +1103,22 @@ def read_minari(dataset_id: str):
     kind = re.sub(r"-v\d+$", "", dataset_id.rsplit("/", 1)[-1])
     advice = (f"make one offline with python make_dataset.py --env "
               f"{D4RL_GYM_ENVS.get(body_of(dataset_id), '<MuJoCo env id>')} --kind {kind}")
-    local = dataset_id in minari.list_local_datasets()
-    if dataset_id.startswith("local/") and not local:
+    path = minari.storage.get_dataset_path(dataset_id)
+    if not path.exists() and path.with_name(f".{path.name}.old").exists():  # make_dataset.py killed mid-replace
+        fail(f"Minari dataset {dataset_id} is at {path.with_name(f'.{path.name}.old')}, where an interrupted "
+             f"make_dataset.py left it: run make_dataset.py again, or move it back to {path}")
+    if dataset_id.startswith("local/") and not path.exists():
         fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
              f"local/ datasets are made on this machine: {advice}")
     try:
-        dataset = minari.load_dataset(dataset_id, download=not local)
+        dataset = minari.load_dataset(dataset_id, download=not path.exists())
         episodes = list(dataset.iterate_episodes())
-    except Exception as error:  # noqa: BLE001 -- a failed download or an unreadable dataset get the same advice
-        fail(f"Minari dataset {dataset_id} could not be loaded from {minari.storage.get_dataset_path()} or "
-             f"downloaded ({type(error).__name__}); {advice}")
+    except Exception as error:  # noqa: BLE001 -- a failed download or an unreadable dataset: the same advice
+        fail(f"Minari dataset {dataset_id} at {path} is incomplete (an interrupted write): {advice} --overwrite"
+             if path.exists() else f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} and "
+             f"could not be downloaded ({type(error).__name__}); {advice}")
     if not episodes:
-        fail(f"dataset {dataset_id} holds no episodes")
+        fail(f"Minari dataset {dataset_id} at {path} holds no episodes (an interrupted write?): {advice} --overwrite")
     data = {"observations": np.concatenate([e.observations[:-1] for e in episodes]),
             "actions": np.concatenate([e.actions for e in episodes]),
             "rewards": np.concatenate([e.rewards for e in episodes]),

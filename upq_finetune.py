@@ -692,6 +692,7 @@ def main(args: Args) -> None:
     nets, optimizers, replay, generator = build_run(alg, run, pretrained, saved, data, device)
     meta = run_meta(args, data, pretrained, source, run_dir, saved)
     env_steps, grad_steps = (meta["env_steps"], meta["grad_steps"]) if saved else (0, 0)
+    n, act_dim = meta["num_agents"], data.actions.shape[1]
     loss_args = loss_hyperparameters(alg)
 
     def evaluate(step: int) -> tuple[float, float]:  # pi^E's mean return over --eval-episodes, and its score
@@ -720,7 +721,7 @@ def main(args: Args) -> None:
                          env_steps if saved else None, meta)
     wandb = start_wandb(run, meta) if run.track else None
     print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns "
-          f"{data.ref_source}; ensemble of {meta['num_agents']} agents (hidden {meta['hidden_sizes']}) on {device}; "
+          f"{data.ref_source}; ensemble of {n} agents (hidden {meta['hidden_sizes']}) on {device}; "
           f"{'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoint {save_dir}"
           + (f"; resumed at env step {env_steps:,}" if saved else ""))
     if first:
@@ -732,13 +733,13 @@ def main(args: Args) -> None:
     while env_steps < alg.total_steps or grad_steps < updates_due(env_steps, alg):  # (a stopped run: its epoch's rest)
         # Collect an epoch with a ~ pi^E (Eq. 3) into the online buffer, at priority P_max
         if grad_steps == updates_due(env_steps, alg) and not stop["signal"]:  # (a run stopped mid-epoch: not yet)
-            transitions = collect(env, nets["actor"], alg.steps_per_epoch, run.seed + env_steps, generator, device)
+            transitions = collect(env, nets["actor"], n, alg.steps_per_epoch, run.seed + env_steps, generator, device)
             replay.add(torch.as_tensor(transitions, device=device))
             env_steps += len(transitions)
         # Train: as many gradient steps as env steps (x --first-epoch-multiplier in epoch 0), Eqs. (2)-(7)
         timer = time.perf_counter()
         update = functools.partial(finetune_update, nets, optimizers, replay, generator, alg.batch_size, alg.tau,
-                                   alg.priority_temperature, loss_args)
+                                   alg.priority_temperature, loss_args, n, act_dim)
         means, done = train_epoch(update, updates_due(env_steps, alg) - grad_steps,
                                   run.cuda_graph and device.type == "cuda", stop, report)
         grad_steps += done
@@ -762,7 +763,7 @@ def main(args: Args) -> None:
     if wandb:
         wandb.finish()
     print(f"{env_steps:,} env steps, {grad_steps:,} gradient steps in {duration(time.perf_counter() - started)}; "
-          f"saved {meta['num_agents']} fine-tuned agents to {save_dir / CHECKPOINT}; evaluations in "
+          f"saved {n} fine-tuned agents to {save_dir / CHECKPOINT}; evaluations in "
           f"{run_dir / 'eval.csv'}")
 
 
@@ -1282,8 +1283,11 @@ def cuda_graphed(step, generators=()):
 
 
 # Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files ---------------------------------------------------
-D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
-                   "walker2d": (1.629008, 4592.3)}  # D4RL's reference returns (random, expert) per body
+D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+}
 D4RL_GYM_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 D4RL_NAME = re.compile(r"^(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2$")
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
@@ -1367,18 +1371,22 @@ def read_minari(dataset_id: str):
     kind = re.sub(r"-v\d+$", "", dataset_id.rsplit("/", 1)[-1])
     advice = (f"make one offline with python make_dataset.py --env "
               f"{D4RL_GYM_ENVS.get(body_of(dataset_id), '<MuJoCo env id>')} --kind {kind}")
-    local = dataset_id in minari.list_local_datasets()
-    if dataset_id.startswith("local/") and not local:
+    path = minari.storage.get_dataset_path(dataset_id)
+    if not path.exists() and path.with_name(f".{path.name}.old").exists():  # make_dataset.py killed mid-replace
+        fail(f"Minari dataset {dataset_id} is at {path.with_name(f'.{path.name}.old')}, where an interrupted "
+             f"make_dataset.py left it: run make_dataset.py again, or move it back to {path}")
+    if dataset_id.startswith("local/") and not path.exists():
         fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
              f"local/ datasets are made on this machine: {advice}")
     try:
-        dataset = minari.load_dataset(dataset_id, download=not local)
+        dataset = minari.load_dataset(dataset_id, download=not path.exists())
         episodes = list(dataset.iterate_episodes())
-    except Exception as error:  # noqa: BLE001 -- a failed download or an unreadable dataset get the same advice
-        fail(f"Minari dataset {dataset_id} could not be loaded from {minari.storage.get_dataset_path()} or "
-             f"downloaded ({type(error).__name__}); {advice}")
+    except Exception as error:  # noqa: BLE001 -- a failed download or an unreadable dataset: the same advice
+        fail(f"Minari dataset {dataset_id} at {path} is incomplete (an interrupted write): {advice} --overwrite"
+             if path.exists() else f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} and "
+             f"could not be downloaded ({type(error).__name__}); {advice}")
     if not episodes:
-        fail(f"dataset {dataset_id} holds no episodes")
+        fail(f"Minari dataset {dataset_id} at {path} holds no episodes (an interrupted write?): {advice} --overwrite")
     data = {"observations": np.concatenate([e.observations[:-1] for e in episodes]),
             "actions": np.concatenate([e.actions for e in episodes]),
             "rewards": np.concatenate([e.rewards for e in episodes]),

@@ -404,7 +404,7 @@ def test_agent_initialisation_does_not_depend_on_n():
 @pytest.mark.parametrize("dataset, message", [
     ("hopper-mediocre-v2", "unknown dataset"),
     ("hopper-medium-v2", "could not be downloaded"),
-    ("mujoco/hopper/medium-v0", "could not be loaded from"),
+    ("mujoco/hopper/medium-v0", "could not be downloaded"),
     ("/nonexistent/hopper.hdf5", "does not exist"),
 ])
 def test_bad_dataset_gives_one_clear_sentence(run_script, dataset, message):
@@ -443,7 +443,7 @@ def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, t
         f["rewards"] = np.zeros(10, np.float32)
         f["terminals"] = np.zeros(10, bool)
     assert_refused_leaving(run_script, root / "b" / "checkpoint.pt",
-                           "the saved agents were made for Hopper-v5, not for the env of --env", "--env", cheetah,
+                           "the saved agents were made for Hopper-v5, not for HalfCheetah-v5 of --env", "--env", cheetah,
                            *TINY, "--save-dir", root / "b", "--resume", "--total-steps", "40",
                            "--run-dir", tmp_path / "run")
 

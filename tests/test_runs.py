@@ -437,6 +437,15 @@ def test_a_local_minari_id_that_is_not_on_disk_fails_at_once(run_script, script_
     assert time.perf_counter() - started < 20  # no download retries (they took ~27 s)
 
 
+def test_a_local_minari_dataset_cut_short_by_a_killed_write_is_one_sentence(run_script, script_env):
+    folder = Path(script_env["MINARI_DATASETS_PATH"]) / "local" / "hopper" / "cut-v0"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "metadata.json").write_text('{"dataset_id": "local/hopper/cut-v0", "total_episodes": 3')
+    result = run_script("cql_pretrain.py", "--env", "local/hopper/cut-v0", "--save-dir", "s", "--run-dir", "r")
+    assert_refused(result, f"Minari dataset local/hopper/cut-v0 at {folder} is incomplete (an interrupted write): "
+                           f"make one offline with python make_dataset.py --env Hopper-v5 --kind cut --overwrite")
+
+
 # --------------------------------------------------------------------------- the run folder, progress, wandb, video
 @pytest.fixture(scope="module")
 def tracked(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path_factory):

@@ -78,8 +78,8 @@ def sources() -> dict[str, str]:
 def test_every_shared_definition_is_the_same_in_every_script(sources):
     assert drifted(sources) == {}
     shared = top_level_definitions(shared_block(sources[UPQ]))
-    assert {"fail", "check_flags", "save_set", "finish_set", "read_set", "prepare_folders", "CsvLog", "load_checkpoint",
-            "load_offline_data", "cuda_graphed", "progress"} <= set(shared)
+    assert {"fail", "check_flags", "save_checkpoint", "load_checkpoint", "digest", "lock_folder", "prepare_folders",
+            "CsvLog", "load_offline_data", "cuda_graphed", "progress"} <= set(shared)
     for helper in ("fail", "check_flags", "FLAG_RANGES", "progress", "duration"):  # make_dataset.py's share too
         assert helper in top_level_definitions(sources[DATASET])
 
@@ -87,10 +87,10 @@ def test_every_shared_definition_is_the_same_in_every_script(sources):
 def test_the_shared_block_is_one_text_in_the_three_training_scripts(sources):
     blocks = {script: shared_block(sources[script]) for script in (CQL, OFF2ON, UPQ)}
     assert blocks[CQL] == blocks[OFF2ON] == blocks[UPQ]
-    assert len(blocks[UPQ].splitlines()) > 300
+    assert len(blocks[UPQ].splitlines()) > 200
 
 
-@pytest.mark.parametrize("script, name", [(CQL, "finish_set"), (OFF2ON, "fail"), (UPQ, "twin_min"),
+@pytest.mark.parametrize("script, name", [(CQL, "save_checkpoint"), (OFF2ON, "fail"), (UPQ, "twin_min"),
                                           (DATASET, "progress"), (UPQ, "ensemble_policy")])
 def test_a_one_character_change_to_one_copy_is_caught(sources, script, name):
     text = top_level_definitions(sources[script])[name]
