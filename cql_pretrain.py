@@ -83,7 +83,8 @@ class Algorithm:
     cql_temperature: float = 1.0
     """temperature of the logsumexp (official CQL)"""
     lagrange_threshold: float | None = None
-    """if set, tune the conservative weight by dual gradient so the gap stays at this value (official: off for MuJoCo)"""
+    """if set, tune the conservative weight by dual gradient so the gap stays at this value (official: off for
+    MuJoCo)"""
     bc_steps: int = 40_000
     """behaviour-cloning warm-up: gradient steps with the BC policy loss (official CQL "policy_eval_start")"""
     target_entropy: float | None = None
@@ -95,7 +96,8 @@ class Run:
     """The run: data, checkpoints, folders, device, logging"""
 
     env: str = "hopper-medium-v2"
-    """dataset: a D4RL name (hopper-medium-v2, walker2d-medium-replay-v2, ...), a Minari id (mujoco/hopper/medium-v0, local/hopper/medium-v0 from make_dataset.py) or a path to a D4RL-layout .hdf5 file"""
+    """dataset: a D4RL name (hopper-medium-v2, walker2d-medium-replay-v2, ...), a Minari id (mujoco/hopper/medium-v0,
+    local/hopper/medium-v0 from make_dataset.py) or a path to a D4RL-layout .hdf5 file"""
     gym_env: str | None = None
     """gymnasium env used for evaluation (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
     seed: int = 1
@@ -113,7 +115,8 @@ class Run:
     save_dir: str | None = None
     """where checkpoint.pt goes (default checkpoints/<env>__seed<seed>, where the fine-tuning scripts look)"""
     run_dir: str | None = None
-    """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>; with --resume, the saved run's)"""
+    """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>;
+    with --resume, the saved run's)"""
     resume: bool = False
     """continue the run saved in --save-dir (the same numbers as an uninterrupted run, on the same kind of device)"""
     overwrite: bool = False
@@ -121,11 +124,14 @@ class Run:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available"""
     compile: bool = False
-    """torch.compile the losses (fuses the elementwise work; on 2 CPU cores, N = 4: +30% updates/s after ~1 min of compilation)"""
+    """torch.compile the losses (fuses the elementwise work; on 2 CPU cores, N = 4: +30% updates/s after ~1 min of
+    compilation)"""
     cuda_graph: bool = True
-    """on cuda, record the whole update (sampling, noise, losses, Adam, target update) once per phase as a CUDA graph and replay it"""
+    """on cuda, record the whole update (sampling, noise, losses, Adam, target update) once per phase as a CUDA graph
+    and replay it"""
     capture_video: bool = False
-    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL); MuJoCo renders offscreen through MUJOCO_GL (egl unless set)"""
+    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL); MuJoCo
+    renders offscreen through MUJOCO_GL (egl unless set)"""
     video_every: int = 0
     """with --capture-video, also record every this many evaluations (0: only the last)"""
     torch_deterministic: bool = True
@@ -146,7 +152,7 @@ class Args:
 
 PROJECT_VERSION = "0.2.0"
 CQL_FORMAT = "upq-cql-v3"  # what this script writes and the fine-tuning scripts read
-CUDA_GRAPH_WARMUP = 3  # eager updates at the start of each phase (BC warm-up, CQL) before its step is recorded as a CUDA graph
+CUDA_GRAPH_WARMUP = 3  # eager updates at the start of each phase (BC warm-up, CQL) before it is recorded (CUDA graph)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,7 +303,8 @@ def cql_critic_loss(critic, target_critic, log_alpha_prime, obs, actions, reward
     """Eq. (1) for each agent's two critics: the TD loss to the deterministic backup plus the conservative term.
 
     sampled: (a_s [N, (1 + R) B, A], log pi(a_s) [N, (1 + R) B], a' likewise at s', uniform actions [N, R B, A]).
-    Returns (critic loss [N], the alpha' loss of the Lagrange variant (0 without it), Q(s, a_data) [N, 2, B], gap [N, 2]).
+    Returns (critic loss [N], the alpha' loss of the Lagrange variant (0 without it), Q(s, a_data) [N, 2, B],
+    gap [N, 2]).
     """
     num_agents, batch_size = rewards.shape
     a_s, logp_s, a_next, logp_next, uniform = sampled
@@ -390,7 +397,8 @@ def draw_noise(generators, batch_size, act_dim, num_random, device):
     """Each agent's action noise for one step, from its own generator: dict of [N, R*B, A]."""
     rep = 1 + num_random
     gaussian = torch.stack([torch.randn(2 * rep * batch_size, act_dim, generator=g, device=device) for g in generators])
-    uniform = torch.stack([torch.rand(num_random * batch_size, act_dim, generator=g, device=device) for g in generators])
+    uniform = torch.stack([torch.rand(num_random * batch_size, act_dim, generator=g, device=device)
+                           for g in generators])
     s_noise, next_noise = gaussian.split(rep * batch_size, dim=1)
     return {"s": s_noise, "next": next_noise, "uniform": 2.0 * uniform - 1.0}
 
@@ -517,7 +525,8 @@ def main(args: Args) -> None:
         cloning = step < alg.bc_steps
         phase_start = max(start_step, 0 if cloning else alg.bc_steps)
         if run.cuda_graph and device.type == "cuda" and step - phase_start == CUDA_GRAPH_WARMUP:
-            graphs[cloning] = cuda_graphed(functools.partial(train_step, step), generators)  # replayed to the phase's end
+            # recorded once, then replayed to the end of the phase
+            graphs[cloning] = cuda_graphed(functools.partial(train_step, step), generators)
         loss, metrics = graphs[cloning]() if cloning in graphs else train_step(step)
         done = step + 1
         if done % run.log_every == 0 or done == alg.total_steps or time.perf_counter() - last_line[0] > 60:

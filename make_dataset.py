@@ -58,7 +58,8 @@ class Args:
     dataset_id: Optional[str] = None
     """Minari id to write; default local/<body>/<kind>-v0, e.g. local/hopper/medium-v0"""
     num_steps: int = 1_000_000
-    """transitions to collect, at least 1 (D4RL: 1M; medium-expert takes this many from medium and from expert; ignored by medium-replay)"""
+    """transitions to collect, at least 1 (D4RL: 1M; medium-expert takes this many from medium and from expert;
+    ignored by medium-replay)"""
     seed: int = 0
     """seed of env resets, actions and SAC; same seed and flags give identical datasets"""
     overwrite: bool = False
@@ -66,7 +67,8 @@ class Args:
     max_episode_steps: Optional[int] = None
     """time limit of an episode; default the env's own (1000 for the MuJoCo locomotion envs)"""
     target_return: Optional[float] = None
-    """evaluation return at which SAC counts as 'medium'; default D4RL's medium-v2 mean return: hopper 1422, halfcheetah 4770, walker2d 3000 (required for other bodies)"""
+    """evaluation return at which SAC counts as 'medium'; default D4RL's medium-v2 mean return: hopper 1422,
+    halfcheetah 4770, walker2d 3000 (required for other bodies)"""
     total_timesteps: int = 1_000_000
     """SAC step budget: the cap for reaching the medium target, and the training length for expert (D4RL: 1M)"""
     eval_frequency: int = 10_000
@@ -86,7 +88,8 @@ class Args:
     policy_lr: float = 3e-4
     """actor learning rate (CleanRL)"""
     q_lr: float = 1e-3
-    """critic and temperature learning rate (CleanRL; with the SAC paper's 3e-4 a Hopper run stayed at return ~330 for 140k steps here)"""
+    """critic and temperature learning rate (CleanRL; with the SAC paper's 3e-4 a Hopper run stayed at return ~330
+    for 140k steps here)"""
     policy_frequency: int = 2
     """actor updated every this many steps, that many times (CleanRL's delayed update)"""
     target_network_frequency: int = 1

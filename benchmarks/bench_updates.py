@@ -42,7 +42,8 @@ class Args:
     warmup: int = 0
     """untimed updates first (0: 3 on CPU, 50 on GPU; torch.compile compiles here)"""
     min_seconds: float = 0
-    """time whole rounds of --steps updates until at least this long (0: 10 s on CPU, 2 s on GPU; a shared CPU's speed drifts)"""
+    """time whole rounds of --steps updates until at least this long (0: 10 s on CPU, 2 s on GPU; a shared CPU's
+    speed drifts)"""
     dataset_size: int = 1_000_000
     """transitions of the synthetic offline dataset held in memory"""
     hidden_sizes: tuple[int, ...] = (256, 256)
@@ -52,7 +53,8 @@ class Args:
     out: str = "benchmarks/results.csv"
     """CSV written here"""
     only: str | None = None
-    """internal: run one measurement (matmul, cql:N, cql_eager:N, cql_compiled:N, off2on:N, upq:N) here and print JSON"""
+    """internal: run one measurement (matmul, cql:N, cql_eager:N, cql_compiled:N, off2on:N, upq:N) here and print
+    JSON"""
 
 
 def mlp_macs(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> int:
@@ -140,7 +142,8 @@ def synthetic_dataset(size: int, device) -> dict[str, torch.Tensor]:
 
 
 def measure_cql(args, device, num_agents: int, compile_losses: bool = False, graph: bool = True):
-    """The CQL step as cql_pretrain.py runs it: on CUDA replayed as a CUDA graph unless graph=False (--no-cuda-graph)."""
+    """The CQL step as cql_pretrain.py runs it: on CUDA replayed as a CUDA graph unless graph=False
+    (--no-cuda-graph)."""
     import cql_pretrain as cql
 
     hidden = tuple(args.hidden_sizes)
@@ -268,7 +271,8 @@ def main(args: Args) -> None:
         result = json.loads(output.stdout.strip().splitlines()[-1])
         gflops = result["updates_per_s"] * result["gflop_per_update"]
         probe = gflops if name == "matmul" else probe
-        rows.append(dict(name=name, device=args.device, num_agents=agents, updates_per_s=round(result["updates_per_s"], 2),
+        rows.append(dict(name=name, device=args.device, num_agents=agents,
+                         updates_per_s=round(result["updates_per_s"], 2),
                          gflop_per_update=round(result["gflop_per_update"], 3), gflops_per_s=round(gflops, 1),
                          fraction_of_matmul=round(gflops / probe, 3), peak_mem_mib=round(result["peak_mem_mib"])))
         print(" ".join(f"{key}={value}" for key, value in rows[-1].items()), flush=True)

@@ -29,9 +29,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-import plot  # results/plot.py: the spec format, eval.csv reading, a seed's final score and early-drop minimum
 import tyro
 from rliable import library, metrics
+
+import plot  # results/plot.py: the spec format, eval.csv reading, a seed's final score and early-drop minimum
 
 
 @dataclass

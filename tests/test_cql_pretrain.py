@@ -16,8 +16,14 @@ import torch
 
 import cql_pretrain as cql
 import upq_finetune as upq
-from conftest import (assert_refused, assert_same_tensors, members, read_rows, rewrite_checkpoint,
-                      write_random_hopper_hdf5)
+from conftest import (
+    assert_refused,
+    assert_same_tensors,
+    members,
+    read_rows,
+    rewrite_checkpoint,
+    write_random_hopper_hdf5,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -443,7 +449,8 @@ def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, t
         f["rewards"] = np.zeros(10, np.float32)
         f["terminals"] = np.zeros(10, bool)
     assert_refused_leaving(run_script, root / "b" / "checkpoint.pt",
-                           "the saved agents were made for Hopper-v5, not for HalfCheetah-v5 of --env", "--env", cheetah,
+                           "the saved agents were made for Hopper-v5, not for HalfCheetah-v5 of --env",
+                           "--env", cheetah,
                            *TINY, "--save-dir", root / "b", "--resume", "--total-steps", "40",
                            "--run-dir", tmp_path / "run")
 

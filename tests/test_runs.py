@@ -147,7 +147,8 @@ def test_a_signal_before_training_ends_the_run_and_leaves_nothing_that_blocks_it
     code, stdout, stderr = interrupt("upq_finetune.py", [*args, "--eval-episodes", "300"], tmp_path / "run", None,
                                      signum, script_env, delay=1)
     assert code == 128 + signum and "Traceback" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1] == f"{signal.Signals(signum).name} before training started: nothing was saved"
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line == f"{signal.Signals(signum).name} before training started: nothing was saved"
     assert not (tmp_path / "save").exists() and not (tmp_path / "run").exists()
     again = run_script("upq_finetune.py", *args)  # the same command, no --overwrite needed
     assert again.returncode == 0, again.stderr
@@ -232,7 +233,8 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(run_script, cql_run, tiny_h
     with open(tmp_path / "run" / "eval.csv", "a") as f:
         f.write("12,0,1.0,1.0\n16,0,1.0,1.0\n2")  # and a row cut in the middle
     result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3",
-                        "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
+                        "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save",
+                        "--run-dir", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     rows = read_rows(tmp_path / "run" / "eval.csv")
     assert [(row["step"], row["agent"]) for row in rows] == [(s, a) for s in ("0", "4", "8", "12")
@@ -290,7 +292,8 @@ def test_a_full_disk_at_a_save_is_one_sentence_and_the_previous_checkpoint_stays
     (tmp_path / "save" / "checkpoint.pt.tmp").symlink_to("/dev/full")
     before = (tmp_path / "save" / "checkpoint.pt").read_bytes()
     result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3",
-                        "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
+                        "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save",
+                        "--run-dir", tmp_path / "run")
     assert_refused(result, f"cannot write {tmp_path / 'save' / 'checkpoint.pt'} (")
     assert "MB are free there); the previous checkpoint is unchanged" in result.stderr
     assert (tmp_path / "save" / "checkpoint.pt").read_bytes() == before
@@ -431,8 +434,10 @@ def test_a_broken_dataset_is_refused_in_one_sentence(tmp_path, case, message):
 
 def test_a_local_minari_id_that_is_not_on_disk_fails_at_once(run_script, script_env):
     started = time.perf_counter()
-    result = run_script("cql_pretrain.py", "--env", "local/hopper/medium-replay-v0", "--save-dir", "s", "--run-dir", "r")
-    assert_refused(result, f"Minari dataset local/hopper/medium-replay-v0 is not in {script_env['MINARI_DATASETS_PATH']}")
+    result = run_script("cql_pretrain.py", "--env", "local/hopper/medium-replay-v0", "--save-dir", "s",
+                        "--run-dir", "r")
+    assert_refused(result, "Minari dataset local/hopper/medium-replay-v0 is not in "
+                           f"{script_env['MINARI_DATASETS_PATH']}")
     assert "python make_dataset.py --env Hopper-v5 --kind medium-replay" in result.stderr
     assert time.perf_counter() - started < 20  # no download retries (they took ~27 s)
 
@@ -505,7 +510,8 @@ def test_track_with_resume_continues_the_same_wandb_run(tracked):
 
 
 def renders_offscreen() -> bool:
-    probe = "import gymnasium as gym; e = gym.make('InvertedPendulum-v5', render_mode='rgb_array'); e.reset(); e.render()"
+    probe = ("import gymnasium as gym; e = gym.make('InvertedPendulum-v5', render_mode='rgb_array'); e.reset(); "
+             "e.render()")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, env={"MUJOCO_GL": "egl", "PATH": ""})
     return result.returncode == 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import REPO, assert_refused
 
 sys.path.insert(0, str(REPO / "results"))
