@@ -47,5 +47,5 @@ def test_every_quickstart_command_parses(method):
     cql, finetune = parsed["cql_pretrain.py"], parsed[f"{method}_finetune.py"]
     assert cql.run.env == finetune.run.env == "local/" + parsed["make_dataset.py"].env.lower().replace("-v5", "") \
         + "/medium-replay-v0"
-    assert finetune.run.checkpoints == (cql.run.save_dir,)
+    assert finetune.run.checkpoints == cql.run.save_dir
     assert parsed["results/plot.py"].ensemble_level and parsed["results/plot.py"].diagnostics
