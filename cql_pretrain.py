@@ -519,15 +519,11 @@ def main(args: Args) -> None:
           + (f"; resumed at step {start_step:,}" if saved else ""))
     if first:
         scores = log_evaluation(0, *first)
-    graphs = {}  # behaviour cloning on/off -> the recorded update of that phase
+    update = graphed_phases(train_step, start_step, alg.bc_steps, run.cuda_graph and device.type == "cuda",
+                            generators)
     started, last_line = time.perf_counter(), (time.perf_counter(), start_step)
     for step in range(start_step, alg.total_steps):
-        cloning = step < alg.bc_steps
-        phase_start = max(start_step, 0 if cloning else alg.bc_steps)
-        if run.cuda_graph and device.type == "cuda" and step - phase_start == CUDA_GRAPH_WARMUP:
-            # recorded once, then replayed to the end of the phase
-            graphs[cloning] = cuda_graphed(functools.partial(train_step, step), generators)
-        loss, metrics = graphs[cloning]() if cloning in graphs else train_step(step)
+        loss, metrics = update(step)  # Eq. (1) for all N agents (behaviour cloning for the first --bc-steps)
         done = step + 1
         if done % run.log_every == 0 or done == alg.total_steps or time.perf_counter() - last_line[0] > 60:
             log_training(logs, wandb, loss, metrics, done, last_line, save_dir,
@@ -647,6 +643,20 @@ def build_agents(alg: Algorithm, run: Run, data: OfflineData, device, saved: dic
                 fail("the agents were saved on another kind of device: resume on that --device")
             generator.set_state(state)
     return nets, optimizers, generators
+
+
+def graphed_phases(train_step, start_step: int, bc_steps: int, cuda_graph: bool, generators):
+    """train_step(step) as the loop calls it. With cuda_graph each phase (behaviour cloning, then CQL) runs
+    CUDA_GRAPH_WARMUP eager steps, is then recorded once as a CUDA graph and replayed to its end."""
+    graphs = {}  # behaviour cloning on/off -> the recorded update of that phase
+
+    def update(step: int):
+        cloning = step < bc_steps
+        if cuda_graph and step - max(start_step, 0 if cloning else bc_steps) == CUDA_GRAPH_WARMUP:
+            graphs[cloning] = cuda_graphed(functools.partial(train_step, step), generators)
+        return graphs[cloning]() if cloning in graphs else train_step(step)
+
+    return update
 
 
 def log_training(logs: dict, wandb, loss, metrics: dict, done: int, last_line, save_dir: Path, where: str) -> None:
