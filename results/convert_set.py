@@ -75,10 +75,8 @@ def convert(old: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OL
     metas = [agent["meta"] for agent in agents]
     meta = {key: value for key, value in metas[0].items() if key not in PER_AGENT_META}
     meta.update(format=CQL_FORMAT, num_agents=len(agents), seeds=[m["seed"] for m in metas])
-    state = dict(meta=meta, **{name: concat([agent[name] for agent in agents])
-                               for name in ("actor", "critic", "target_critic", "log_alpha")},
-                 log_alpha_prime=concat([a["log_alpha_prime"] for a in agents]) if "log_alpha_prime" in agents[0]
-                 else None)
+    state = {"meta": meta, **{name: concat([agent[name] for agent in agents]) if name in agents[0] else None
+                              for name in ("actor", "critic", "target_critic", "log_alpha", "log_alpha_prime")}}
     full = not weights_only and all("optimizers" in agent for agent in agents)
     if full:
         state.update(optimizers=concat([agent["optimizers"] for agent in agents]),
