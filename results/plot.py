@@ -1,10 +1,10 @@
 """Learning curves (as the paper's Fig. 2) and a final-score table (as its Table 1) from eval.csv files.
 
     python results/plot.py \
-        --series "hopper-medium:CQL=results/runs/hopper-medium/cql/eval.csv" \
-                 "hopper-medium:Off2OnRL=results/runs/hopper-medium/off2on_seed*/eval.csv" \
-                 "hopper-medium:UPQ=results/runs/hopper-medium/upq_seed*/eval.csv" \
-        --figure results/fig2.png --table results/table1.md
+        --series "medium-replay:CQL=results/evidence/cql/eval.csv" \
+                 "medium-replay:Off2OnRL=results/evidence/off2on_seed*/eval.csv" \
+                 "medium-replay:UPQ=results/evidence/upq_beta0.001_seed*/eval.csv" \
+        --figure fig2.png --table table1.md
 
 Each --series is PANEL:LABEL=GLOB; every file the glob matches is one seed. A file with an `agent`
 column (cql_pretrain.py) counts the mean over its agents (not its `ensemble` rows) and is drawn as a

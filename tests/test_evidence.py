@@ -1,5 +1,5 @@
-"""results/evidence/: export_agents.py keeps the trained agents without what only resuming needs; final_eval.py scores
-fine-tuned sets as their runs evaluate them."""
+"""results/convert_set.py turns a CQL set of the older per-agent layout into the one checkpoint.pt; results/evidence/
+final_eval.py scores fine-tuned runs as they evaluate themselves."""
 
 import importlib.util
 import json
@@ -8,67 +8,110 @@ import sys
 import pytest
 import torch
 
+import cql_pretrain as cql
 from conftest import REPO, assert_refused, read_rows
 
 
-def load_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "results" / "evidence" / f"{name}.py")
+def load_module(name: str, folder: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     module = sys.modules[name] = importlib.util.module_from_spec(spec)  # (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 
 
-export_agents, final_eval = load_module("export_agents"), load_module("final_eval")
+convert_set, final_eval = load_module("convert_set", "results"), load_module("final_eval", "results/evidence")
+ROWS = {"actor": 1, "critic": 2, "target_critic": 2, "log_alpha": 1, "log_alpha_prime": 1,  # each agent's rows
+        "alpha": 1, "alpha_prime": 1}
 
 
-def test_export_keeps_every_weight_and_fine_tuning_from_it_is_the_same_run(run_script, tiny_hopper_hdf5,
-                                                                           tiny_cql_checkpoints, tmp_path):
-    exported = tmp_path / "exported"
-    export_agents.export(tiny_cql_checkpoints, exported)
-    manifest = json.loads((exported / "manifest.json").read_text())
-    source_manifest = json.loads((tiny_cql_checkpoints / "manifest.json").read_text())
-    assert manifest["weights_only"] is True
-    assert (manifest["run_id"], manifest["step"], manifest["files"]) == (source_manifest["run_id"],
-                                                                         source_manifest["step"],
-                                                                         source_manifest["files"])
-    for name in manifest["files"]:
-        full = torch.load(tiny_cql_checkpoints / name, weights_only=True)
-        kept = torch.load(exported / name, weights_only=True)
-        assert sorted(kept) == sorted(set(full) - {"optimizers", "generator_state"})
-        assert kept["meta"] == full["meta"]
-        for net in ("actor", "critic", "target_critic"):
-            assert kept[net].keys() == full[net].keys()
-            assert all(torch.equal(kept[net][key], full[net][key]) for key in full[net])
-        assert torch.equal(kept["log_alpha"], full["log_alpha"])
-        assert (exported / name).stat().st_size < 0.75 * (tiny_cql_checkpoints / name).stat().st_size
+def write_old_set(state: dict, folder, weights_only: bool = False) -> None:
+    """The older layout, as cql_pretrain.py saved it before d784d18: manifest.json and agent_k.pt, agent k holding its
+    rows of every network, temperature and Adam moment (step counts and param_groups whole), its generator state and
+    the meta with its own agent, seed and score."""
+    meta, n = state["meta"], state["meta"]["num_agents"]
 
-    # fine-tuning reads only weights: from the export it is the same run, evaluation for evaluation
-    flags = ["--env", tiny_hopper_hdf5, "--steps-per-epoch", "10", "--total-steps", "20", "--batch-size", "32",
-             "--eval-episodes", "1", "--density-ratio-hidden-sizes", "16", "16", "--beta", "0.1"]
-    for name, agents in (("full", tiny_cql_checkpoints), ("exported", exported)):
-        result = run_script("upq_finetune.py", *flags, "--checkpoints", agents, "--save-dir", tmp_path / f"ft_{name}",
-                            "--run-dir", tmp_path / f"run_{name}")
-        assert result.returncode == 0, result.stderr
-    assert read_rows(tmp_path / "run_full" / "eval.csv") == read_rows(tmp_path / "run_exported" / "eval.csv")
-    assert len(read_rows(tmp_path / "run_full" / "eval.csv")) == 3
-    # and its step-0 score is the one cql_pretrain.py logged for the agents' ensemble (same --seed, same episodes)
-    cql_rows = read_rows(tiny_cql_checkpoints.parent / "run" / "eval.csv")
-    ensemble = [row for row in cql_rows if row["agent"] == "ensemble" and int(row["step"]) == manifest["step"]]
-    assert read_rows(tmp_path / "run_full" / "eval.csv")[0]["return"] == ensemble[0]["return"]
+    def rows(value, k: int, name: str):
+        if isinstance(value, dict):
+            return {key: rows(entry, k, name) for key, entry in value.items()}
+        if isinstance(value, torch.Tensor) and value.dim():
+            return value[k * ROWS[name]: (k + 1) * ROWS[name]].clone()
+        return value
 
-    # CQL cannot continue an export (no Adam moments, no random streams), and says so; the export is untouched
-    before = {path.name: path.read_bytes() for path in exported.iterdir()}
-    assert_refused(run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "3", "--total-steps", "60",
-                              "--hidden-sizes", "32", "32", "--save-dir", exported, "--run-dir", tmp_path / "cql_run",
-                              "--resume"), "weights only")
-    assert {path.name: path.read_bytes() for path in exported.iterdir()} == before
+    folder.mkdir()
+    for k in range(n):
+        agent = {name: rows(state[name], k, name) for name in ROWS if state.get(name) is not None}
+        if not weights_only:
+            agent["optimizers"] = {name: rows(opt, k, name) for name, opt in state["optimizers"].items()}
+            agent["generator_state"] = state["generators"][k]
+        agent["meta"] = {**{key: value for key, value in meta.items() if key != "seeds"}, "format": "upq-cql-agent-v2",
+                         "agent": k, "seed": meta["seeds"][k], "grad_steps": meta["step"],
+                         "normalized_score": meta["normalized_scores"] and meta["normalized_scores"][k]}
+        torch.save(agent, folder / f"agent_{k}.pt")
+    (folder / "manifest.json").write_text(json.dumps(
+        {"format": "upq-checkpoint-set-v1", "script": "cql_pretrain", "run_id": meta["run_id"], "step": meta["step"],
+         "run_dir": meta["run_dir"], **({"weights_only": True} if weights_only else {}),
+         "files": [f"agent_{k}.pt" for k in range(n)]}))
 
 
-def test_export_refuses_a_folder_that_holds_a_set(tiny_cql_checkpoints):
-    before = {path.name: path.read_bytes() for path in tiny_cql_checkpoints.iterdir()}
-    with pytest.raises(SystemExit, match="already holds a checkpoint set"):
-        export_agents.export(tiny_cql_checkpoints, tiny_cql_checkpoints)
-    assert {path.name: path.read_bytes() for path in tiny_cql_checkpoints.iterdir()} == before
+@pytest.fixture
+def saved(tiny_cql_checkpoints) -> dict:
+    """The checkpoint of three tiny CQL agents as cql_pretrain.py wrote it, without its digest."""
+    state = torch.load(tiny_cql_checkpoints / cql.CHECKPOINT, weights_only=True)
+    del state["sha256"]
+    return state
+
+
+@pytest.mark.parametrize("lagrange", [False, True], ids=["fixed-alpha-prime", "lagrange"])
+def test_convert_joins_the_agents_back_into_the_checkpoint_they_were_cut_from(saved, tmp_path, lagrange):
+    if lagrange:  # the older set of a --lagrange-threshold run also held each agent's log alpha' and its Adam moments
+        saved["log_alpha_prime"] = torch.randn(3)
+        saved["optimizers"]["alpha_prime"] = {"state": {0: {"step": torch.tensor(50.0), "exp_avg": torch.randn(3),
+                                                            "exp_avg_sq": torch.rand(3)}},
+                                              "param_groups": saved["optimizers"]["alpha"]["param_groups"]}
+    write_old_set(saved, tmp_path / "old")
+    convert_set.convert(tmp_path / "old", tmp_path / "new")
+    converted = cql.load_checkpoint(tmp_path / "new", (cql.CQL_FORMAT,))  # (its digest checked)
+    assert converted["meta"] == saved["meta"]
+    assert torch.equal(converted["critic"]["net.0.weight"][3], saved["critic"]["net.0.weight"][3])  # agent 1's 2nd
+    assert cql.digest(converted) == cql.digest(saved)  # every key, value and tensor byte: the same checkpoint
+
+    # a full set without what only resuming needs, and an older weights-only set, give the same weights-only file
+    convert_set.convert(tmp_path / "old", tmp_path / "new_weights", weights_only=True)
+    write_old_set(saved, tmp_path / "old_weights", weights_only=True)
+    convert_set.convert(tmp_path / "old_weights", tmp_path / "new_from_weights")
+    weights = {key: value for key, value in saved.items() if key not in ("optimizers", "generators")}
+    for folder in ("new_weights", "new_from_weights"):
+        assert cql.digest(cql.load_checkpoint(tmp_path / folder, (cql.CQL_FORMAT,))) == cql.digest(weights)
+
+
+def test_converted_weights_only_checkpoint_cannot_be_resumed_and_convert_refuses(run_script, saved, tiny_hopper_hdf5,
+                                                                                 tmp_path):
+    write_old_set(saved, tmp_path / "old")
+    result = run_script("results/convert_set.py", tmp_path / "old", tmp_path / "new", "--weights-only")
+    assert result.returncode == 0 and "without Adam moments" in result.stdout, result.stderr
+    written = (tmp_path / "new" / cql.CHECKPOINT).read_bytes()
+    # CQL cannot continue it (no Adam moments, no random streams) and says so; the file is untouched
+    assert_refused(run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "3", "--total-steps",
+                              "60", "--hidden-sizes", "32", "32", "--save-dir", tmp_path / "new", "--run-dir",
+                              tmp_path / "cql_run", "--resume"), "weights only")
+    assert_refused(run_script("results/convert_set.py", tmp_path / "old", tmp_path / "new"), "already holds")
+    assert (tmp_path / "new" / cql.CHECKPOINT).read_bytes() == written
+
+    with pytest.raises(SystemExit, match="not a checkpoint set of the older layout"):
+        convert_set.convert(tmp_path / "new", tmp_path / "elsewhere")  # a checkpoint of the new layout
+    agent = torch.load(tmp_path / "old" / "agent_1.pt", weights_only=True)
+    torch.save({**agent, "meta": {**agent["meta"], "step": 40}}, tmp_path / "old" / "agent_1.pt")
+    with pytest.raises(SystemExit, match="not agents 0 to 2 of one run at one step"):
+        convert_set.convert(tmp_path / "old", tmp_path / "elsewhere")
+    fine_tuned = {**agent, "meta": {**agent["meta"], "format": "upq-finetuned-agent-v2"}}
+    torch.save(fine_tuned, tmp_path / "old" / "agent_1.pt")
+    with pytest.raises(SystemExit, match="only upq-cql-agent-v2 .CQL. agents convert"):
+        convert_set.convert(tmp_path / "old", tmp_path / "elsewhere")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({**manifest, "files": ["agent_0.pt", "run_state.pt"]}))
+    with pytest.raises(SystemExit, match="only CQL sets"):  # a fine-tuning set of the older layout
+        convert_set.convert(tmp_path / "old", tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_final_eval_reproduces_each_runs_last_evaluation_and_tabulates_by_method(run_script, tiny_hopper_hdf5,
@@ -97,9 +140,9 @@ def test_final_eval_reproduces_each_runs_last_evaluation_and_tabulates_by_method
         assert f"| {row['method']} | 20 | 4 | {float(row['normalized_mean']):.1f} ± 0.0 | {error:.1f} |" in table
 
     assert_refused(run_script("results/evidence/final_eval.py", "--sets", tiny_cql_checkpoints.parent / "run"),
-                   "holds no checkpoint set")
+                   "holds no checkpoint.pt")
     assert_refused(run_script("results/evidence/final_eval.py", "--sets", tiny_cql_checkpoints),
-                   "is not a upq-finetuned-agent-v2 checkpoint")
+                   "is not a upq-finetune-v3 checkpoint")
     assert_refused(run_script("results/evidence/final_eval.py", "--sets", tmp_path / "sets" / "*", "--episodes",
                               "0"), "--episodes must be >= 1")
 

@@ -3,12 +3,13 @@
     python results/evidence/final_eval.py --sets "runs/evidence/*" --episodes 100
 
 A fine-tuning run's eval.csv rows average 5 episodes each of the policy of that epoch. To tell how much of a row is
-the evaluation and how much the policy, and to compare runs on more than 5 episodes, this loads each checkpoint set
-(the --save-dir of off2on_finetune.py / upq_finetune.py), rebuilds the ensemble policy pi^E (Eq. 3) exactly as the run
-evaluates it (deterministic action tanh of pi^E's mean) and plays --episodes episodes of the run's env, episode e
-from env seed --eval-seed + e: the same start states for every set, so the methods are compared on equal terms.
-Writes one row per set to --csv and a table to --table: per method (Off2OnRL, UPQ beta = ...), the mean ± std over
-seeds of each run's mean normalised score, and the mean standard error of one run's score over its episodes.
+the evaluation and how much the policy, and to compare runs on more than 5 episodes, this loads each run's checkpoint
+(checkpoint.pt in the --save-dir of off2on_finetune.py / upq_finetune.py), rebuilds the ensemble policy pi^E (Eq. 3)
+exactly as the run evaluates it (deterministic action tanh of pi^E's mean) and plays --episodes episodes of the run's
+env, episode e from env seed --eval-seed + e: the same start states for every run, so the methods are compared on
+equal terms. Writes one row per run to --csv and a table to --table: per method (Off2OnRL, UPQ beta = ...), the
+mean ± std over seeds of each run's mean normalised score, and the mean standard error of one run's score over its
+episodes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import upq_finetune as ft  # noqa: E402  (off2on_finetune.py saves the same per-agent layout)
+import upq_finetune as ft  # noqa: E402  (off2on_finetune.py saves the same checkpoint layout)
 
 COLUMNS = ["set", "method", "seed", "env_steps", "episodes", "eval_seed", "return_mean", "normalized_mean",
            "normalized_std"]
@@ -37,7 +38,7 @@ COLUMNS = ["set", "method", "seed", "env_steps", "episodes", "eval_seed", "retur
 @dataclass
 class Args:
     sets: list[str] = field(default_factory=list)
-    """fine-tuning checkpoint sets (folders with manifest.json) or globs of them, e.g. "runs/evidence/*" """
+    """fine-tuning runs' --save-dir folders (each with its checkpoint.pt) or globs of them, e.g. "runs/evidence/*" """
     episodes: int = 100
     """evaluation episodes per set (the runs' own evaluations: 5)"""
     eval_seed: int = 100_000
@@ -54,15 +55,14 @@ def method_of(meta: dict) -> str:
 
 
 def load_policy(set_folder: Path) -> tuple[ft.Actor, dict]:
-    """pi^E's members as the set holds them (the actor of each agent_k.pt, in order) and agent 0's meta."""
-    if not ft.holds_a_set(set_folder):
-        ft.fail(f"{set_folder} holds no checkpoint set (no manifest.json): give the --save-dir of a fine-tuning run")
-    paths = ft.agent_paths((str(set_folder),), set_folder, None)  # agent_k.pt in order, as fine-tuning reads
-    agents = [ft.load_checkpoint(path, ft.FINETUNED_FORMAT) for path in paths]
-    ft.check_one_set(paths, agents)
-    meta = agents[0]["meta"]
-    actor = ft.Actor(meta["obs_dim"], meta["act_dim"], tuple(meta["hidden_sizes"]), len(agents), ft.LOG_STD_RANGE)
-    ft.stack_members(actor, agents, "actor")
+    """pi^E's members as the run saved them (its ensemble actor, member k = agent k) and the run's meta."""
+    if not (set_folder / ft.CHECKPOINT).exists() and not (set_folder / "manifest.json").exists():
+        ft.fail(f"{set_folder} holds no {ft.CHECKPOINT}: give the --save-dir of a fine-tuning run")
+    state = ft.load_checkpoint(set_folder, (ft.FINETUNED_FORMAT,))
+    meta = state["meta"]
+    actor = ft.Actor(meta["obs_dim"], meta["act_dim"], tuple(meta["hidden_sizes"]), meta["num_agents"],
+                     ft.LOG_STD_RANGE)
+    ft.load_members(actor, state["actor"], meta["num_agents"])
     return actor, meta
 
 

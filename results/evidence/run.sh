@@ -9,10 +9,10 @@
 #   STAGE=cql bash results/evidence/run.sh       # 4 CQL agents, the paper's 2x256 networks, $CQL_STEPS (default 40k)
 #                                                 # steps, 10k of them behaviour cloning: ~2 min on an H100; on a CPU
 #                                                 # add EXTRA=--compile, continue with EXTRA="--compile --resume".
-#                                                 # cql_agents/ is the step-40,000 set of such a run on this 2-core
-#                                                 # CPU (started with --total-steps 60000, stopped at 40,784: agents/)
-#   STAGE=export bash results/evidence/run.sh    # the trained agents without Adam moments and random streams
-#                                                 # (export_agents.py): cql_agents/, the set kept in git
+#                                                 # The cql_agents/checkpoint.pt in git: the agents of such a run on
+#                                                 # this 2-core CPU at step 40,000 (started with --total-steps 60000,
+#                                                 # stopped at 40,784), weights only, saved in the older per-agent
+#                                                 # layout and converted by results/convert_set.py
 #   STAGE=finetune bash results/evidence/run.sh  # from cql_agents/: Off2OnRL and UPQ beta 0.1 / 0.01 / 0.001, seeds
 #                                                 # 1-3, 20k env steps, $JOBS runs at a time (default 2: one per core);
 #                                                 # run again, it skips the runs done and resumes those
@@ -23,9 +23,9 @@
 #                                                 # the paper's online budget (200 epochs): runs in $OUT/budget200k/
 #                                                 # (PLOT_METHODS="off2on upq:0.001": the figure's and tables' methods)
 #
-# Everything lands in results/evidence/: the agents (agents/, the resumable set; cql_agents/, its export) and one
-# folder per run with its eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside
-# git ($CKPT, default runs/evidence).
+# Everything lands in results/evidence/: the agents (cql_agents/checkpoint.pt) and one folder per run with its
+# eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside git ($CKPT, default
+# runs/evidence).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=results/evidence
@@ -36,7 +36,7 @@ SUB=${SUB:-}            # a subfolder of $OUT and $CKPT for the runs (e.g. budge
 read -r -a extra <<< "${EXTRA:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-case ${STAGE:?STAGE=data, cql, export or finetune} in
+case ${STAGE:?STAGE=data, cql or finetune} in
 data)
   python make_dataset.py --env Hopper-v5 --kind medium-replay
   python - "$DATA" <<'EOF'
@@ -55,10 +55,7 @@ EOF
   ;;
 cql)
   python cql_pretrain.py --env "$DATA" --num-agents 4 --total-steps "${CQL_STEPS:-40000}" --bc-steps 10000 --eval-every 5000 \
-    --save-every 1000 --log-every 1000 --save-dir $OUT/agents --run-dir $OUT/cql "${extra[@]}"
-  ;;
-export)
-  python results/evidence/export_agents.py $OUT/agents $OUT/cql_agents
+    --save-every 1000 --log-every 1000 --save-dir $OUT/cql_agents --run-dir $OUT/cql "${extra[@]}"
   ;;
 finetune)
   jobs=()
@@ -70,7 +67,7 @@ finetune)
       grep -q "^$STEPS," "$OUT/$name/eval.csv" 2>/dev/null && continue  # done: its last evaluation is logged
       script=${method%%:*}_finetune.py
       flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
-      if [[ -f $CKPT/$name/manifest.json ]]; then flags+=(--resume)  # a run stopped or cut short continues
+      if [[ -f $CKPT/$name/checkpoint.pt ]]; then flags+=(--resume)  # a run stopped or cut short continues
       elif [[ -f $OUT/$name/eval.csv ]]; then flags+=(--overwrite); fi  # one killed before its first save restarts
       python "$script" --env "$DATA" --checkpoints $OUT/cql_agents --seed $seed --total-steps "$STEPS" "${flags[@]}" \
         --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" >> "$CKPT/$name.log" 2>&1 &
