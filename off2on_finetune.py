@@ -1415,6 +1415,7 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
         fail(f"cannot make gymnasium env {env_id} ({error})")
     shapes = {"observations": env.observation_space.shape, "actions": env.action_space.shape, "rewards": (),
               "next_observations": env.observation_space.shape, "terminals": ()}
+    low, high = env.action_space.low, env.action_space.high
     env.close()
     data = {key: np.asarray(data[key], dtype=np.float32) for key in TRANSITION_KEYS}  # checked after the cast
     if len(data["rewards"]) == 0:
@@ -1429,6 +1430,10 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
         if bad.any():
             fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values as float32 (the first is row "
                  f"{np.flatnonzero(bad)[0]:,})")
+    outside = ((data["actions"] < low - 1e-4) | (data["actions"] > high + 1e-4)).any(1)
+    if outside.any():  # the env would have clipped them: the data would not say what the env did
+        fail(f"dataset {name}: {outside.sum():,} actions lie outside {env_id}'s action space [{low.min():g}, "
+             f"{high.max():g}] (the first in row {np.flatnonzero(outside)[0]:,})")
     if ref_min is None and body_of(env_id) in D4RL_REF_SCORES:
         ref_min, ref_max = D4RL_REF_SCORES[body_of(env_id)]
     ref_source = "none (normalised score is NaN)" if ref_min is None else f"{ref_min:.3f} / {ref_max:.3f}"

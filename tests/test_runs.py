@@ -412,6 +412,10 @@ def broken_hdf5(path, case):
                 data = f[key][()]
                 del f[key]
                 f[key] = data[:0]
+        elif case == "action":
+            actions = f["actions"][()]
+            actions[[5, 6], 1] = 5.0
+            f["actions"][...] = actions
         elif case == "nan":
             observations = f["observations"][()]
             observations[[3, 7], 2] = np.nan
@@ -424,6 +428,7 @@ def broken_hdf5(path, case):
     ("rank", "rewards has shape (30, 2), but Hopper-v5 needs (30,), one row per transition"),
     ("empty", "holds no transitions"),
     ("nan", "observations has 3 rows with NaN or inf values as float32 (the first is row 3)"),
+    ("action", "2 actions lie outside Hopper-v5's action space [-1, 1] (the first in row 5)"),
 ])
 def test_a_broken_dataset_is_refused_in_one_sentence(tmp_path, case, message):
     broken_hdf5(tmp_path / "hopper_broken.hdf5", case)
