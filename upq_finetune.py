@@ -987,12 +987,12 @@ def pick_device(name: str, deterministic: bool) -> torch.device:
 
 def tensors_in(state, name: str = ""):
     """(dotted name, tensor) for every tensor in nested dicts and lists, in a fixed order."""
+    items = sorted(state.items(), key=lambda item: str(item[0])) if isinstance(state, dict) else \
+        enumerate(state) if isinstance(state, (list, tuple)) else ()
     if isinstance(state, torch.Tensor):
         yield name, state
-    elif isinstance(state, (dict, list, tuple)):
-        for key, value in sorted(state.items(), key=lambda item: str(item[0])) if isinstance(state, dict) else \
-                enumerate(state):
-            yield from tensors_in(value, f"{name}.{key}".lstrip("."))
+    for key, value in items:
+        yield from tensors_in(value, f"{name}.{key}".lstrip("."))
 
 
 def digest(state: dict) -> str:

@@ -136,6 +136,11 @@ def test_sigterm_in_the_middle_of_an_epoch_saves_and_the_resume_trains_the_rest(
     assert finish.returncode == 0, finish.stderr
     assert [row["step"] for row in read_rows(tmp_path / "run" / "eval.csv")] == ["0", "10", "20"]
     assert saved(tmp_path / "save")["meta"]["grad_steps"] == 3000 + 10
+    straight = run_script("upq_finetune.py", *args[:-4], "--save-dir", tmp_path / "straight", "--run-dir",
+                          tmp_path / "straight_run")  # the same run, never stopped: the resume repeats it exactly
+    assert straight.returncode == 0, straight.stderr
+    assert (tmp_path / "run" / "eval.csv").read_text() == (tmp_path / "straight_run" / "eval.csv").read_text()
+    assert_same_networks(tmp_path / "save", saved(tmp_path / "straight"))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
