@@ -1011,7 +1011,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
     """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used."""
-    if path.is_dir() and (path / "manifest.json").exists():
+    if path.is_dir() and (path / "manifest.json").exists() and not (path / CHECKPOINT).exists():
         fail(f"{path} holds checkpoints of the older per-agent layout; convert them with "
              f"python results/convert_set.py {path} <new folder>")
     path = path / CHECKPOINT if path.is_dir() else path

@@ -216,6 +216,9 @@ def test_overwrite_and_refusals_never_delete_what_the_run_did_not_write(run_scri
     assert {name: after[name] for name in ("agent_2.pt", "notes.txt")} == {"agent_2.pt": b"a user's own file",
                                                                            "notes.txt": b"mine"}
     assert after["checkpoint.pt"] != before["checkpoint.pt"] and saved(tmp_path / "save")["meta"]["num_agents"] == 2
+    (tmp_path / "save" / "manifest.json").write_text("{}")  # beside the checkpoint: no longer an old-layout folder
+    resumed = run_script("cql_pretrain.py", *common, "--total-steps", "8", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
 
 
 def test_a_folder_of_the_older_per_agent_layout_is_refused_naming_the_converter(run_script, tiny_hopper_hdf5,
