@@ -1022,7 +1022,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
         needed = sum(t.nbytes for _, t in tensors_in(state)) / 1e6
         fail(f"cannot write {path} ({getattr(error, 'strerror', None) or 'write failed'}; it needs about "
              f"{needed:,.0f} MB, {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB are free there); the previous "
-             f"checkpoint is unchanged")
+             f"checkpoint, if any, is unchanged")
 
 
 def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
@@ -1070,7 +1070,7 @@ def lock_folder(folder: Path, flag: str):
 
 
 def remove_if_unused(folder: Path, created: list[Path]) -> None:
-    if os.listdir(folder) == [".lock"]:
+    if folder.is_dir() and os.listdir(folder) == [".lock"]:
         (folder / ".lock").unlink()
         for path in created:  # the folder, then the parents made for it
             if not any(path.iterdir()):

@@ -303,7 +303,7 @@ def test_a_full_disk_at_a_save_is_one_sentence_and_the_previous_checkpoint_stays
                         "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save",
                         "--run-dir", tmp_path / "run")
     assert_refused(result, f"cannot write {tmp_path / 'save' / 'checkpoint.pt'} (")
-    assert "MB are free there); the previous checkpoint is unchanged" in result.stderr
+    assert "MB are free there); the previous checkpoint, if any, is unchanged" in result.stderr
     assert (tmp_path / "save" / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "save").iterdir()) == [".lock", "checkpoint.pt"]
 
