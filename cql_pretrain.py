@@ -474,6 +474,8 @@ def main(args: Args) -> None:
     data = load_offline_data(run.env, run.gym_env)
     obs_dim, act_dim, n = data.observations.shape[1], data.actions.shape[1], alg.num_agents
     alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
+    if saved:
+        check_resumed_flags(args, saved["meta"]["args"])
     nets, optimizers, generators = build_agents(alg, run, data, device, saved)
     meta = dict(format=CQL_FORMAT, version=PROJECT_VERSION, run_id=saved["meta"]["run_id"] if saved else
                 uuid.uuid4().hex[:16], run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
@@ -578,9 +580,6 @@ def check_cql_resumable(alg: Algorithm, saved: dict, save_dir: Path) -> bool:
     if meta["num_agents"] != alg.num_agents:
         fail(f"--resume: {save_dir} holds {meta['num_agents']} agents, not --num-agents {alg.num_agents}; all agents "
              f"of a run continue together")
-    if (tuple(meta["hidden_sizes"]), meta["args"]["lagrange_threshold"] is None) != \
-            (tuple(alg.hidden_sizes), alg.lagrange_threshold is None):
-        fail("--resume: --hidden-sizes and --lagrange-threshold (given or left out) must be those of the saved run")
     if alg.total_steps < meta["step"]:
         fail(f"--resume: the agents in {save_dir} are at step {meta['step']:,}, past --total-steps "
              f"{alg.total_steps:,}; pass a larger --total-steps to train on")
@@ -761,7 +760,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
         temporary.unlink(missing_ok=True)
         needed = sum(t.nbytes for _, t in tensors_in(state)) / 1e6
         fail(f"cannot write {path} ({getattr(error, 'strerror', None) or 'write failed'}; it needs about "
-             f"{needed:,.0f} MB, {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB are free there); the previous "
+             f"{needed:,.1f} MB, {shutil.disk_usage(path.parent).free / 1e6:,.1f} MB are free there); the previous "
              f"checkpoint, if any, is unchanged")
 
 
@@ -780,7 +779,11 @@ def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("meta"), dict) or \
             state["meta"].get("format") not in formats:
         fail(f"{path} is not a {' or '.join(formats)} checkpoint")
-    if state.pop("sha256", None) != digest(state):
+    try:
+        intact = state.pop("sha256", None) == digest(state)
+    except (TypeError, ValueError):  # a flipped byte in the pickle can turn a key or a value into another type
+        intact = False
+    if not intact:
         fail(f"checkpoint {path} is corrupted: its contents do not match the digest saved with them")
     return state
 
@@ -789,8 +792,8 @@ def lock_folder(folder: Path, flag: str):
     """Create `folder` and hold an OS lock on its .lock file while this process lives (the OS drops it when the
     process ends, however it ends): a second run on the folder is refused, naming the holder's pid. The folders it
     made are removed at exit if they hold nothing else."""
-    created = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
+        created = [path for path in (folder, *folder.parents) if not path.exists()]
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / ".lock", "a+")
     except OSError as error:
@@ -822,8 +825,9 @@ def prepare_folders(run, default_save_dir: str, default_run_dir: str, formats: t
     checkpoint or an eval.csv already there unless --overwrite (the checkpoint is replaced at the first save);
     --resume loads the checkpoint and defaults the run dir to the saved run's. Returns (save dir, run dir, the saved
     state or None, the locks to keep)."""
-    if re.search(r"[/\\]|^\.\.?$", run.exp_name):
-        fail(f"--exp-name {run.exp_name!r} must be a plain name (no path separator, not . or ..)")
+    if not re.fullmatch(r"[\w.+=,@-]{1,100}", run.exp_name, re.ASCII) or run.exp_name in (".", ".."):
+        fail(f"--exp-name {run.exp_name!r} must be a plain name: 1 to 100 letters, digits and ._+=,@- (no path "
+             f"separator, not . or ..)")
     if run.resume and run.overwrite:
         fail("--resume and --overwrite exclude each other")
     save_dir = Path(run.save_dir or default_save_dir)
@@ -921,6 +925,16 @@ def flat_args(args) -> dict:
     """Every flag's value, the algorithm's and the run's, as plain JSON types."""
     values = {**dataclasses.asdict(args.algorithm), **dataclasses.asdict(args.run)}
     return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+def check_resumed_flags(args, saved_args: dict) -> None:
+    """--resume: every flag that shapes the run's numbers (the algorithm's but --total-steps and --num-agents, and
+    the data, env, seed and evaluation episodes) is the saved run's; the first that differs is refused."""
+    now = flat_args(args)
+    for key in [*(f.name for f in dataclasses.fields(args.algorithm)), "env", "gym_env", "seed", "eval_episodes"]:
+        if key not in ("total_steps", "num_agents") and key in saved_args and now[key] != saved_args[key]:
+            fail(f"--resume: the saved run has --{key.replace('_', '-')} {saved_args[key]}, this command {now[key]}; "
+                 f"a resumed run keeps every flag that shapes its numbers (--total-steps may grow)")
 
 
 def start_wandb(run, meta: dict):
@@ -1120,6 +1134,7 @@ def read_minari(dataset_id: str):
     import minari
 
     kind = re.sub(r"-v\d+$", "", dataset_id.rsplit("/", 1)[-1])
+    kind = kind if kind in ("random", "medium", "medium-replay", "expert", "medium-expert") else "medium"
     advice = (f"make one offline with python make_dataset.py --env "
               f"{D4RL_GYM_ENVS.get(body_of(dataset_id), '<MuJoCo env id>')} --kind {kind}")
     path = minari.storage.get_dataset_path(dataset_id)
@@ -1157,11 +1172,11 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
         if not Path(name).is_file():
             fail(f"dataset file {name} does not exist")
         data, env_id = read_d4rl_hdf5(Path(name)), D4RL_GYM_ENVS.get(body_of(Path(name).name))
-    elif "/" in name:
+    elif "/" in name and not Path(name).exists():
         data, env_id, ref_min, ref_max = read_minari(name)
     else:
         fail(f"unknown dataset {name!r}: expected a D4RL name such as hopper-medium-v2, a Minari id such as "
-             f"local/hopper/medium-v0, or a path to a .hdf5 file")
+             f"local/hopper/medium-v0, or a path to a .hdf5 file (Minari datasets are named by id, not folder)")
     env_id = gym_env or env_id
     if env_id is None:
         fail(f"cannot tell the environment of dataset {name}: pass --gym-env (e.g. Hopper-v5)")
@@ -1173,7 +1188,10 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
               "next_observations": env.observation_space.shape, "terminals": ()}
     low, high = env.action_space.low, env.action_space.high
     env.close()
-    data = {key: np.asarray(data[key], dtype=np.float32) for key in TRANSITION_KEYS}  # checked after the cast
+    try:
+        data = {key: np.asarray(data[key], dtype=np.float32) for key in TRANSITION_KEYS}  # checked after the cast
+    except (TypeError, ValueError) as error:
+        fail(f"dataset {name} holds values that are not numbers ({error})")
     if len(data["rewards"]) == 0:
         fail(f"dataset {name} holds no transitions")
     for key, shape in shapes.items():
@@ -1186,6 +1204,10 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
         if bad.any():
             fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values as float32 (the first is row "
                  f"{np.flatnonzero(bad)[0]:,})")
+    bad = np.flatnonzero(~np.isin(data["terminals"], (0.0, 1.0)))
+    if len(bad):
+        fail(f"dataset {name}: terminals must be 0 or 1 (true termination), but {len(bad):,} are not (row "
+             f"{bad[0]:,} holds {data['terminals'][bad[0]]:g})")
     outside = ((data["actions"] < low - 1e-4) | (data["actions"] > high + 1e-4)).any(1)
     if outside.any():  # the env would have clipped them: the data would not say what the env did
         fail(f"dataset {name}: {outside.sum():,} actions lie outside {env_id}'s action space [{low.min():g}, "

@@ -49,10 +49,10 @@ class Args:
     """bootstrap resamples per interval (rliable's default)"""
     seed: int = 0
     """seed of numpy's global generator, set before every interval (rliable draws from it)"""
-    table: str = "results/evidence/stats.md"
-    """markdown tables"""
-    csv: str = "results/evidence/stats.csv"
-    """the same numbers, one estimate a row, 4 decimals"""
+    table: str | None = None
+    """write the markdown tables to this file (e.g. results/evidence/stats.md); they are printed either way"""
+    csv: str | None = None
+    """write the same numbers to this CSV file, one estimate a row, 4 decimals"""
 
 
 MEASURES = ("final", "early_min")  # a seed's final score, its early-drop minimum
@@ -141,11 +141,13 @@ def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.n
                 rows.append((measure, "P(X > baseline)", label, len(matrix), args.baseline, len(baseline), *estimate))
                 summary[label, measure, "poi"] = "{:.2f} [{:.2f}, {:.2f}]".format(*estimate)
 
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["measure", "statistic", "method", "n", "versus", "n_versus", "estimate", "ci_low", "ci_high"])
-        writer.writerows([*row[:6], *(f"{value:.4f}" for value in row[6:])] for row in rows)
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["measure", "statistic", "method", "n", "versus", "n_versus", "estimate", "ci_low",
+                             "ci_high"])
+            writer.writerows([*row[:6], *(f"{value:.4f}" for value in row[6:])] for row in rows)
 
     labels = list(scores["final"])
     n = {label: len(scores["final"][label]) for label in labels}
@@ -176,9 +178,10 @@ def main(args: Args) -> None:
                          f"{args.early_steps} and {args.reps}")
     tasks, scores = read_scores(args)
     markdown = write_outputs(args, tasks, scores)
-    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.table).write_text(markdown)
-    print(markdown + f"table: {args.table}; csv: {args.csv}")
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(markdown)
+    print(markdown + f"table: {args.table or '(not written)'}; csv: {args.csv or '(not written)'}")
 
 
 if __name__ == "__main__":

@@ -221,6 +221,36 @@ def test_overwrite_and_refusals_never_delete_what_the_run_did_not_write(run_scri
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--gamma", "0.5"], "--resume: the saved run has --gamma 0.99, this command 0.5; a resumed run keeps every flag"),
+    (["--hidden-sizes", "16", "16"], "the saved run has --hidden-sizes [8, 8], this command [16, 16]"),
+    (["--seed", "9"], "the saved run has --seed 1, this command 9"),
+    (["--env", "other"], "this command "),
+])
+def test_a_resume_with_flags_that_change_the_numbers_is_refused(run_script, cql_run, tiny_hopper_hdf5, tmp_path,
+                                                                  flags, message):
+    shutil.copytree(cql_run / "save", tmp_path / "save")
+    if flags[0] == "--env":  # the same data under another name: the dataset is a flag of the run too
+        flags = ["--env", shutil.copy(tiny_hopper_hdf5, tmp_path / "hopper_copy-v2.hdf5")]
+    before = files(tmp_path / "save")
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3",
+                        "--total-steps", "12", *flags, "--resume", "--save-dir", tmp_path / "save",
+                        "--run-dir", tmp_path / "run")
+    assert_refused(result, message)
+    assert files(tmp_path / "save") == before
+
+
+def test_a_finetuning_resume_with_another_beta_or_density_ratio_net_is_refused(run_script, tiny_hopper_hdf5,
+                                                                               tiny_cql_checkpoints, tmp_path):
+    args = ["--env", tiny_hopper_hdf5, *UPQ_TINY, "--checkpoints", tiny_cql_checkpoints, "--save-dir",
+            tmp_path / "save", "--run-dir", tmp_path / "run"]
+    assert run_script("upq_finetune.py", *args, "--total-steps", "10").returncode == 0
+    for flags, message in ((["--beta", "0.5"], "the saved run has --beta 0.1, this command 0.5"),
+                           (["--density-ratio-hidden-sizes", "16", "16"],
+                            "the saved run has --density-ratio-hidden-sizes [8, 8], this command [16, 16]")):
+        assert_refused(run_script("upq_finetune.py", *args, "--total-steps", "20", *flags, "--resume"), message)
+
+
 def test_a_folder_of_the_older_per_agent_layout_is_refused_naming_the_converter(run_script, tiny_hopper_hdf5,
                                                                                  tmp_path):
     (tmp_path / "old").mkdir()
@@ -283,7 +313,9 @@ def test_a_flipped_byte_is_refused_naming_the_file(run_script, cql_run, tiny_hop
 
 @pytest.mark.parametrize("content, message", [({}, "is not a upq-cql-v3 checkpoint"),
                                               ([1, 2], "is not a upq-cql-v3 checkpoint"),
-                                              ({"meta": {"format": "upq-cql-v3"}}, "do not match the digest")])
+                                              ({"meta": {"format": "upq-cql-v3"}}, "do not match the digest"),
+                                              ({"meta": {"format": "upq-cql-v3"}, "x": {1: 0, "a": 0}, "sha256": ""},
+                                               "do not match the digest")])
 def test_a_checkpoint_with_the_wrong_content_is_refused(run_script, tiny_hopper_hdf5, tmp_path, content, message):
     (tmp_path / "cql").mkdir()
     torch.save(content, tmp_path / "cql" / "checkpoint.pt")
@@ -343,14 +375,21 @@ def test_values_that_overflow_float32_are_refused(tmp_path):
     assert "rewards has 2 rows with NaN or inf values as float32 (the first is row 4)" in str(refused.value)
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "../up", "x\\y"])
+def test_a_folder_given_as_the_dataset_is_refused_as_unknown(tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        cql.load_offline_data(str(tmp_path))
+    assert "Minari datasets are named by id, not folder" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../up", "x\\y", "", "a b", "x\ny", "a" * 300])
 def test_an_exp_name_that_is_a_path_is_refused(run_script, tiny_hopper_hdf5, script_env, name):
     def tree():
         return sorted(str(p) for p in Path(script_env["CWD"]).parent.rglob("*"))
 
     before = tree()
     result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, "--exp-name", name)
-    assert_refused(result, f"--exp-name {name!r} must be a plain name (no path separator, not . or ..)")
+    assert_refused(result, f"--exp-name {name!r} must be a plain name: 1 to 100 letters, digits and ._+=,@- (no "
+                           f"path separator, not . or ..)")
     assert tree() == before
 
 
@@ -424,6 +463,9 @@ def broken_hdf5(path, case):
             actions = f["actions"][()]
             actions[[5, 6], 1] = 5.0
             f["actions"][...] = actions
+        elif case == "terminals":
+            del f["terminals"]
+            f["terminals"] = np.where(np.arange(30) == 7, 0.5, 0.0)
         elif case == "nan":
             observations = f["observations"][()]
             observations[[3, 7], 2] = np.nan
@@ -437,6 +479,7 @@ def broken_hdf5(path, case):
     ("empty", "holds no transitions"),
     ("nan", "observations has 3 rows with NaN or inf values as float32 (the first is row 3)"),
     ("action", "2 actions lie outside Hopper-v5's action space [-1, 1] (the first in row 5)"),
+    ("terminals", "terminals must be 0 or 1 (true termination), but 1 are not (row 7 holds 0.5)"),
 ])
 def test_a_broken_dataset_is_refused_in_one_sentence(tmp_path, case, message):
     broken_hdf5(tmp_path / "hopper_broken.hdf5", case)

@@ -241,6 +241,14 @@ class MemberMinimum(nn.Module):
         return self.critic(obs, actions).view(N, 2, -1).min(1).values
 
 
+class MetaSkeletonStacked(DictStacked):
+    """The same, with the tutorial's meta-device copy kept as a submodule: only its (meta) parameters register."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__(members)
+        self.base = self.template[0]
+
+
 @pytest.mark.parametrize("script", ["upq_finetune.py", "off2on_finetune.py"])
 @pytest.mark.parametrize("case, message", [
     ("noise [B, A]", "noise (rows :B for a~ at s, rows B: for a' at s') must be [2B, A] = [14, 2], not [7, 2]"),
@@ -252,6 +260,7 @@ class MemberMinimum(nn.Module):
     ("actor averaged [B, A]", "the actor's mean must be [N, B, A] = [3, 7, 2], not [7, 2]"),
     ("num_agents 0", "needs num_agents >= 1"),
     ("critic weights in a plain dict", "the critic must be an nn.Module whose weights are registered parameters"),
+    ("a meta skeleton registered", "the critic must be an nn.Module whose weights are registered parameters"),
 ])
 def test_a_wrong_layout_raises_one_clear_sentence(script, case, message):
     block, nets = copied(script), foreign_setup()
@@ -266,6 +275,7 @@ def test_a_wrong_layout_raises_one_clear_sentence(script, case, message):
         "actor averaged [B, A]": dict(actor=lambda obs: tuple(x.mean(0) for x in nets["actor"](obs))),
         "num_agents 0": dict(num_agents=0),
         "critic weights in a plain dict": dict(critic=DictStacked(nets["critics"])),
+        "a meta skeleton registered": dict(critic=MetaSkeletonStacked(nets["critics"])),
     }[case]
     with pytest.raises(ValueError) as error:
         block_losses(block, nets, 0.3, False, **changed)
