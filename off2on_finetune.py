@@ -1172,7 +1172,7 @@ def check_resumed_flags(args, saved_args: dict) -> None:
     """--resume: every flag that shapes the run's numbers (the algorithm's but --total-steps and --num-agents, and
     the data, env, seed and evaluation episodes) is the saved run's; the first that differs is refused."""
     now = flat_args(args)
-    for key in [*(f.name for f in dataclasses.fields(args.algorithm)), "env", "gym_env", "seed", "eval_episodes"]:
+    for key in ["env", "gym_env", "seed", "eval_episodes", *(f.name for f in dataclasses.fields(args.algorithm))]:
         if key not in ("total_steps", "num_agents") and key in saved_args and now[key] != saved_args[key]:
             fail(f"--resume: the saved run has --{key.replace('_', '-')} {saved_args[key]}, this command {now[key]}; "
                  f"a resumed run keeps every flag that shapes its numbers (--total-steps may grow)")

@@ -439,7 +439,7 @@ def test_occupied_save_dir_and_corrupted_resume_are_refused(run_script, tiny_hop
     assert not (tmp_path / "run").exists()
 
 
-def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, tmp_path):
+def test_another_dataset_is_refused_on_resume(run_script, trained, tmp_path):
     root, _ = trained
     cheetah = tmp_path / "halfcheetah_small.hdf5"
     with h5py.File(cheetah, "w") as f:
@@ -449,7 +449,7 @@ def test_checkpoint_from_another_env_is_refused_on_resume(run_script, trained, t
         f["rewards"] = np.zeros(10, np.float32)
         f["terminals"] = np.zeros(10, bool)
     assert_refused_leaving(run_script, root / "b" / "checkpoint.pt",
-                           "the saved agents were made for Hopper-v5, not for HalfCheetah-v5 of --env",
+                           f"this command {cheetah}; a resumed run keeps every flag that shapes its numbers",
                            "--env", cheetah,
                            *TINY, "--save-dir", root / "b", "--resume", "--total-steps", "40",
                            "--run-dir", tmp_path / "run")

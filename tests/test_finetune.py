@@ -401,8 +401,8 @@ def test_resume_on_another_kind_of_device_is_refused(run_script, finetuned, tiny
     rewrite_checkpoint(root / "upq" / "checkpoint.pt", moved / "checkpoint.pt",
                        lambda checkpoint: checkpoint.update(generator=torch.zeros(16, dtype=torch.uint8)))
     before = saved_files(moved)
-    result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "30", "--resume",
-                        "--save-dir", moved, "--run-dir", tmp_path / "run")
+    result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--beta", "0.1", "--total-steps", "30",
+                        "--resume", "--save-dir", moved, "--run-dir", tmp_path / "run")
     assert_refused(result, "saved on another kind of device")
     assert saved_files(moved) == before
 

@@ -504,7 +504,7 @@ def test_a_local_minari_dataset_cut_short_by_a_killed_write_is_one_sentence(run_
     (folder / "data" / "metadata.json").write_text('{"dataset_id": "local/hopper/cut-v0", "total_episodes": 3')
     result = run_script("cql_pretrain.py", "--env", "local/hopper/cut-v0", "--save-dir", "s", "--run-dir", "r")
     assert_refused(result, f"Minari dataset local/hopper/cut-v0 at {folder} is incomplete (an interrupted write): "
-                           f"make one offline with python make_dataset.py --env Hopper-v5 --kind cut --overwrite")
+                           f"make one offline with python make_dataset.py --env Hopper-v5 --kind medium --overwrite")
 
 
 # --------------------------------------------------------------------------- the run folder, progress, wandb, video
