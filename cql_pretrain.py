@@ -150,7 +150,7 @@ class Args:
     run: Run = field(default_factory=Run)
 
 
-PROJECT_VERSION = "0.2.0"
+PROJECT_VERSION = "0.3.0"
 CQL_FORMAT = "upq-cql-v3"  # what this script writes and the fine-tuning scripts read
 CUDA_GRAPH_WARMUP = 3  # eager updates at the start of each phase (BC warm-up, CQL) before it is recorded (CUDA graph)
 
