@@ -3,7 +3,8 @@
 #
 #   STAGE=data bash results/evidence/run.sh      # Hopper medium-replay from make_dataset.py (15 min on one core here:
 #                                                 # SAC to its first evaluation >= 1,422, 90,761 steps at ~100 steps/s),
-#                                                 # written in D4RL layout to results/evidence/hopper_medium_replay-v2.hdf5
+#                                                 # written in D4RL layout to
+#                                                 # results/evidence/hopper_medium_replay-v2.hdf5
 #                                                 # (17 MB, git-ignored: made again in 15 min, the same 90,761
 #                                                 # transitions, 727 episodes and mean return 329 on 2026-11-26 and -27)
 #   STAGE=cql bash results/evidence/run.sh       # 4 CQL agents, the paper's 2x256 networks, $CQL_STEPS (default 40k)
@@ -18,6 +19,7 @@
 #                                                 # run again, it skips the runs done and resumes those
 #                                                 # whose checkpoints are in $CKPT; then fig2.png, table.md
 #                                                 # and final_eval.csv / .md (each run's last pi^E, 100 episodes)
+#                                                 # and stats.md / .csv (rliable: IQM, mean, P(UPQ > Off2OnRL))
 #                                                 # (SEEDS="4 5" METHODS="off2on upq:0.1": more seeds of some)
 #   STEPS=200000 SUB=budget200k/ SEEDS="1 2 3" METHODS="off2on upq:0.001" STAGE=finetune bash results/evidence/run.sh
 #                                                 # the paper's online budget (200 epochs): runs in $OUT/budget200k/
@@ -54,7 +56,8 @@ print(f"wrote {sys.argv[1]}: {len(data['rewards']):,} transitions")
 EOF
   ;;
 cql)
-  python cql_pretrain.py --env "$DATA" --num-agents 4 --total-steps "${CQL_STEPS:-40000}" --bc-steps 10000 --eval-every 5000 \
+  python cql_pretrain.py --env "$DATA" --num-agents 4 --total-steps "${CQL_STEPS:-40000}" --bc-steps 10000 \
+    --eval-every 5000 \
     --save-every 1000 --log-every 1000 --save-dir $OUT/cql_agents --run-dir $OUT/cql "${extra[@]}"
   ;;
 finetune)
@@ -86,5 +89,6 @@ finetune)
     --final-evals 5 --early-steps 5000 --series "${series[@]}"
   python results/evidence/final_eval.py --episodes 100 --csv "${RUNS}final_eval.csv" --table "${RUNS}final_eval.md" \
     --sets "${sets[@]}"
+  python results/stats.py --table "${RUNS}stats.md" --csv "${RUNS}stats.csv" --series "${series[@]:1}"  # rliable
   ;;
 esac
