@@ -480,7 +480,7 @@ def main(args: Args) -> None:
     meta = dict(format=CQL_FORMAT, version=PROJECT_VERSION, run_id=saved["meta"]["run_id"] if saved else
                 uuid.uuid4().hex[:16], run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
                 obs_dim=obs_dim, act_dim=act_dim, hidden_sizes=list(alg.hidden_sizes), num_agents=n,
-                seeds=[run.seed + k for k in range(n)], args=flat_args(args))
+                seeds=[run.seed + k for k in range(n)], save_dir=str(save_dir.resolve()), args=flat_args(args))
     tensors = {key: torch.as_tensor(getattr(data, key), device=device) for key in TRANSITION_KEYS}
     losses, loss_args = torch.compile(cql_losses) if run.compile else cql_losses, cql_hyperparameters(alg)
     scores = saved["meta"]["normalized_scores"] if saved else None
@@ -839,6 +839,9 @@ def prepare_folders(run, default_save_dir: str, default_run_dir: str, formats: t
         fail(f"{save_dir} already holds a checkpoint: pass --resume to continue it, --overwrite to replace it, "
              f"or another --save-dir")
     saved = load_checkpoint(save_dir, formats) if run.resume else None
+    if saved and not run.run_dir and saved["meta"].get("save_dir", str(save_dir.resolve())) != str(save_dir.resolve()):
+        fail(f"--resume: {save_dir} holds a copy of the run saved in {saved['meta']['save_dir']}, whose logs are in "
+             f"{saved['meta']['run_dir']}: pass --run-dir (that folder to continue them there, or a new one)")
     run_dir = Path(run.run_dir or (saved["meta"]["run_dir"] if saved else default_run_dir))
     if run_dir.resolve() != save_dir.resolve():
         locks.append(lock_folder(run_dir, "--run-dir"))

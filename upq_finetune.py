@@ -702,7 +702,7 @@ def main(args: Args) -> None:
     if saved:
         check_resumed_flags(args, saved["meta"]["args"])
     nets, optimizers, replay, generator = build_run(alg, run, pretrained, saved, data, device)
-    meta = run_meta(args, data, pretrained, source, run_dir, saved)
+    meta = {**run_meta(args, data, pretrained, source, run_dir, saved), "save_dir": str(save_dir.resolve())}
     env_steps, grad_steps = (meta["env_steps"], meta["grad_steps"]) if saved else (0, 0)
     n, act_dim = meta["num_agents"], data.actions.shape[1]
     loss_args = loss_hyperparameters(alg)
@@ -1096,6 +1096,9 @@ def prepare_folders(run, default_save_dir: str, default_run_dir: str, formats: t
         fail(f"{save_dir} already holds a checkpoint: pass --resume to continue it, --overwrite to replace it, "
              f"or another --save-dir")
     saved = load_checkpoint(save_dir, formats) if run.resume else None
+    if saved and not run.run_dir and saved["meta"].get("save_dir", str(save_dir.resolve())) != str(save_dir.resolve()):
+        fail(f"--resume: {save_dir} holds a copy of the run saved in {saved['meta']['save_dir']}, whose logs are in "
+             f"{saved['meta']['run_dir']}: pass --run-dir (that folder to continue them there, or a new one)")
     run_dir = Path(run.run_dir or (saved["meta"]["run_dir"] if saved else default_run_dir))
     if run_dir.resolve() != save_dir.resolve():
         locks.append(lock_folder(run_dir, "--run-dir"))

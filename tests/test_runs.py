@@ -251,6 +251,20 @@ def test_a_finetuning_resume_with_another_beta_or_density_ratio_net_is_refused(r
         assert_refused(run_script("upq_finetune.py", *args, "--total-steps", "20", *flags, "--resume"), message)
 
 
+def test_a_copied_save_dir_does_not_resume_into_the_original_runs_logs(run_script, cql_run, tiny_hopper_hdf5,
+                                                                          tmp_path):
+    shutil.copytree(cql_run / "save", tmp_path / "copy")
+    logs = files(cql_run / "run")
+    common = ["--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3", "--total-steps", "12", "--resume",
+              "--save-dir", tmp_path / "copy"]
+    assert_refused(run_script("cql_pretrain.py", *common), f"--resume: {tmp_path / 'copy'} holds a copy of the run "
+                                                           f"saved in {(cql_run / 'save').resolve()}")
+    assert files(cql_run / "run") == logs
+    result = run_script("cql_pretrain.py", *common, "--run-dir", tmp_path / "copy_run")
+    assert result.returncode == 0, result.stderr
+    assert files(cql_run / "run") == logs and saved(tmp_path / "copy")["meta"]["save_dir"] == str(tmp_path / "copy")
+
+
 def test_a_folder_of_the_older_per_agent_layout_is_refused_naming_the_converter(run_script, tiny_hopper_hdf5,
                                                                                  tmp_path):
     (tmp_path / "old").mkdir()
