@@ -605,8 +605,8 @@ def make_agents(obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_agents:
 
 def build_agents(alg: Algorithm, run: Run, data: OfflineData, device, saved: dict | None):
     """The N agents' networks, temperatures, optimisers and generators: fresh, or as the resumed run saved them."""
-    n, hidden, obs_dim, act_dim = alg.num_agents, tuple(alg.hidden_sizes), *data.observations.shape[1:], \
-        data.actions.shape[1]
+    n, hidden = alg.num_agents, tuple(alg.hidden_sizes)
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     actor, critic = make_agents(obs_dim, act_dim, hidden, n, run.seed)
     target_critic = Critic(obs_dim, act_dim, hidden, 2 * n)
     target_critic.load_state_dict(critic.state_dict())
@@ -676,10 +676,10 @@ def log_training(logs: dict, wandb, loss, metrics: dict, done: int, last_line, s
 def save_agents(save_dir: Path, nets: dict, optimizers: dict, generators, meta: dict) -> None:
     """All N agents as one file: networks (agent k = actor member k, critics 2k and 2k + 1), temperatures, Adam
     moments and each agent's generator; meta["normalized_scores"] holds their last evaluation."""
+    weights = {name: net.state_dict() if isinstance(net, nn.Module) else None if net is None else net.detach()
+               for name, net in nets.items()}  # log_alpha_prime: None without the Lagrange variant
     save_checkpoint(save_dir / CHECKPOINT, dict(
-        meta=meta, **{name: net.state_dict() if isinstance(net, nn.Module) else net if net is None else net.detach()
-                      for name, net in nets.items()},
-        optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
+        meta=meta, **weights, optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
         generators=[generator.get_state() for generator in generators]))
 
 
