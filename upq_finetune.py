@@ -238,6 +238,39 @@ def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_tanh: 
     return (gaussian - tanh_correction).sum(-1)
 
 
+def check_layout(name: str, tensor: torch.Tensor, layout: str, shape: tuple) -> None:
+    """One sentence (ValueError) unless `tensor` has `shape` and a floating-point dtype; no host-device sync."""
+    if tensor.shape != shape:
+        raise ValueError(f"finetune_losses: {name} must be {layout} = {list(shape)}, not {list(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"finetune_losses: {name} must be floating point, not {tensor.dtype}")
+
+
+def check_batch_layout(obs, actions, rewards, next_obs, terminals, noise, log_alpha, num_agents: int) -> None:
+    """finetune_losses' inputs against its contract: shapes and dtypes only."""
+    if num_agents < 1 or obs.dim() != 2 or actions.dim() != 2:
+        raise ValueError(f"finetune_losses: needs num_agents >= 1, obs [B, obs_dim] and actions [B, A], not "
+                         f"{num_agents}, {list(obs.shape)} and {list(actions.shape)}")
+    batch_size, obs_dim, act_dim = obs.shape[0], obs.shape[1], actions.shape[1]
+    check_layout("obs", obs, "[B, obs_dim]", (batch_size, obs_dim))
+    check_layout("actions", actions, "[B, A]", (batch_size, act_dim))
+    check_layout("rewards", rewards, "[B]", (batch_size,))
+    check_layout("next_obs", next_obs, "[B, obs_dim]", (batch_size, obs_dim))
+    check_layout("terminals", terminals, "[B]", (batch_size,))
+    check_layout("noise (rows :B for a~ at s, rows B: for a' at s')", noise, "[2B, A]", (2 * batch_size, act_dim))
+    check_layout("log_alpha", log_alpha, "[1]", (1,))
+
+
+def frozen_parameters(critic) -> dict:
+    """The critic's registered parameters, detached: evaluated with them (torch.func.functional_call) the critics
+    pass gradients to their inputs only. A critic without real registered weights cannot be frozen this way."""
+    frozen = {name: p.detach() for name, p in critic.named_parameters()} if isinstance(critic, torch.nn.Module) else {}
+    if all(p.is_meta for p in frozen.values()):  # none, or only the skeleton of stack_module_state's tutorial
+        raise ValueError("finetune_losses: the critic must be an nn.Module whose weights are registered parameters "
+                         "(weights in a plain dict are not, and the actor loss would reach them)")
+    return frozen
+
+
 def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewards, next_obs, terminals, noise,
                     num_agents: int, gamma: float, beta: float, target_entropy: float,
                     ensemble_mean_target: bool = False):
@@ -288,29 +321,9 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
     actor outputs not [N, B, A], critic outputs not [2N, B], a critic with no registered parameters. The member
     order cannot be seen: getting 2i + j right is the caller's part.
     """
-    # cheap checks of the layout: shapes and dtypes only, no host-device sync
-    if num_agents < 1 or obs.dim() != 2 or actions.dim() != 2:
-        raise ValueError(f"finetune_losses: needs num_agents >= 1, obs [B, obs_dim] and actions [B, A], not "
-                         f"{num_agents}, {list(obs.shape)} and {list(actions.shape)}")
-    n, batch_size, obs_dim, act_dim = num_agents, obs.shape[0], obs.shape[1], actions.shape[1]
-
-    def check(name: str, tensor: torch.Tensor, layout: str, shape: tuple) -> None:
-        if tensor.shape != shape:
-            raise ValueError(f"finetune_losses: {name} must be {layout} = {list(shape)}, not {list(tensor.shape)}")
-        if not tensor.is_floating_point():
-            raise ValueError(f"finetune_losses: {name} must be floating point, not {tensor.dtype}")
-
-    check("obs", obs, "[B, obs_dim]", (batch_size, obs_dim))
-    check("actions", actions, "[B, A]", (batch_size, act_dim))
-    check("rewards", rewards, "[B]", (batch_size,))
-    check("next_obs", next_obs, "[B, obs_dim]", (batch_size, obs_dim))
-    check("terminals", terminals, "[B]", (batch_size,))
-    check("noise (rows :B for a~ at s, rows B: for a' at s')", noise, "[2B, A]", (2 * batch_size, act_dim))
-    check("log_alpha", log_alpha, "[1]", (1,))
-    frozen = {name: p.detach() for name, p in critic.named_parameters()} if isinstance(critic, torch.nn.Module) else {}
-    if all(p.is_meta for p in frozen.values()):  # none, or only the skeleton of stack_module_state's tutorial
-        raise ValueError("finetune_losses: the critic must be an nn.Module whose weights are registered parameters "
-                         "(weights in a plain dict are not, and the actor loss would reach them)")
+    check_batch_layout(obs, actions, rewards, next_obs, terminals, noise, log_alpha, num_agents)
+    n, batch_size, act_dim = num_agents, obs.shape[0], actions.shape[1]
+    frozen = frozen_parameters(critic)
     alpha = log_alpha.exp().detach()
 
     def every_actor(x):  # [B, D] -> [N, B, D]
@@ -321,8 +334,8 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
 
     # Eq. (3): pi^E at s (trained through the actor loss) and at s' (for the target only: no graph), a sample each
     mean, log_std = actor(every_actor(obs))  # [N, B, A] each
-    check("the actor's mean", mean, "[N, B, A]", (n, batch_size, act_dim))
-    check("the actor's log_std", log_std, "[N, B, A]", (n, batch_size, act_dim))
+    check_layout("the actor's mean", mean, "[N, B, A]", (n, batch_size, act_dim))
+    check_layout("the actor's log_std", log_std, "[N, B, A]", (n, batch_size, act_dim))
     new_actions, new_log_prob = tanh_gaussian_sample(*ensemble_policy(mean, log_std), noise[:batch_size])  # [B, A], [B]
     with torch.no_grad():
         next_actions, next_log_prob = tanh_gaussian_sample(*ensemble_policy(*actor(every_actor(next_obs))),
@@ -331,7 +344,7 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
     # Eqs. (4)-(6): every member regresses to its own penalised target at the shared a' ~ pi^E(.|s')
     with torch.no_grad():
         next_q = target_critic(every_critic(next_obs), every_critic(next_actions))  # [2N, B]
-        check("target_critic(next_obs, next_actions)", next_q, "[2N, B]", (2 * n, batch_size))
+        check_layout("target_critic(next_obs, next_actions)", next_q, "[2N, B]", (2 * n, batch_size))
         next_q_members = twin_min(next_q)  # [N, B]
         uncertainty = uncertainty_std(next_q_members)  # [B]
         next_values = next_q_members  # [N, B]: each member's own, or (as Eq. 5 is printed) Q^E for every member
@@ -340,7 +353,7 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
         targets = penalized_target(rewards, terminals, next_values, next_log_prob, alpha, gamma, beta,
                                    uncertainty)  # [N, B]
     q_data = critic(every_critic(obs), every_critic(actions))  # [2N, B]
-    check("critic(obs, actions)", q_data, "[2N, B]", (2 * n, batch_size))
+    check_layout("critic(obs, actions)", q_data, "[2N, B]", (2 * n, batch_size))
     q_members = twin_min(q_data.detach())  # [N, B]
     critic_loss = critic_td_loss(q_data, targets)
 

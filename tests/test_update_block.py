@@ -23,7 +23,8 @@ GAMMA, TARGET_ENTROPY = 0.97, -1.5
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 BLOCK = re.compile(r"^# >>> (\w+) update: copy from here.*?^# <<< \1 update: to here$", re.MULTILINE | re.DOTALL)
 EQUATIONS = ["twin_min", "ensemble_q_mean", "ensemble_policy", "uncertainty_std", "critic_td_loss",
-             "ensemble_actor_loss", "temperature_loss", "tanh_gaussian_sample", "tanh_gaussian_log_prob"]
+             "ensemble_actor_loss", "temperature_loss", "tanh_gaussian_sample", "tanh_gaussian_log_prob",
+             "check_layout", "check_batch_layout", "frozen_parameters"]  # and the contract's checks
 TARGET_OF = {"upq_finetune.py": "penalized_target", "off2on_finetune.py": "soft_target"}  # Eq. (5), beta > 0 or 0
 
 
