@@ -23,6 +23,8 @@ Example:
     python -c "import minari; print(minari.load_dataset('local/hopper/medium-v0'))"
 """
 
+import atexit
+import fcntl
 import json
 import math
 import os
@@ -608,6 +610,8 @@ def main(args: Args) -> None:
         namespace, _, version = parse_dataset_id(dataset_id)
     except ValueError as error:
         fail(str(error))
+    # one run at a time on a namespace: its datasets, their temporaries and the SAC run the kinds share
+    _lock = lock_folder(get_dataset_path(dataset_id).parent, "--dataset-id namespace")
     if existing_dataset(dataset_id, args.overwrite) and not args.overwrite:
         fail(f"dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; pass --overwrite to replace it")
     # medium-expert is made of the medium and expert datasets: each reused if whole, else made
@@ -673,6 +677,38 @@ def check_flags(args, ranges: dict[str, str]) -> None:
             shown = " ".join(map(str, values)) or "(nothing)"
             each = " each, at least one value" if isinstance(value, tuple) else ""
             fail(f"--{name.replace('_', '-')} must be {allowed}{each}, not {shown}")
+
+
+def lock_folder(folder: Path, flag: str):
+    """Create `folder` and hold an OS lock on its .lock file while this process lives (the OS drops it when the
+    process ends, however it ends): a second run on the folder is refused, naming the holder's pid. The folders it
+    made are removed at exit if they hold nothing else."""
+    try:
+        created = [path for path in (folder, *folder.parents) if not path.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a+")
+    except OSError as error:
+        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        fail(f"{flag} {folder} is in use by another run (process {handle.read().strip() or '?'}): wait for it to end "
+             f"or choose another {flag}")
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    if created:
+        atexit.register(remove_if_unused, folder, created)
+    return handle
+
+
+def remove_if_unused(folder: Path, created: list[Path]) -> None:
+    if folder.is_dir() and os.listdir(folder) == [".lock"]:
+        (folder / ".lock").unlink()
+        for path in created:  # the folder, then the parents made for it
+            if not any(path.iterdir()):
+                path.rmdir()
 
 
 def duration(seconds: float) -> str:

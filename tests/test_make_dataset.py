@@ -1,5 +1,7 @@
 """make_dataset.py: Minari datasets that load as is, with gymnasium's episode ends, seeded, and refusals."""
 
+import fcntl
+import os
 import re
 import shutil
 import signal
@@ -170,6 +172,25 @@ def test_existing_dataset_is_refused_without_overwrite_and_replaced_with_it(rand
     assert minari.load_dataset("test/hopper/replaced-v0").total_steps == 60
 
 
+def test_a_second_run_on_a_namespace_in_use_is_refused_and_leaves_the_first_runs_files(tmp_path, run_script):
+    """While a run writes in local/hopper (here: this test holds its lock, as a running make_dataset.py does), another
+    run there would delete the first one's writing folder as left by a kill; it is refused instead."""
+    namespace = tmp_path / "held" / "hopper"
+    writing = namespace / ".random-v0.writing"
+    writing.mkdir(parents=True)
+    (writing / "episode").write_bytes(b"the first run's")
+    with open(namespace / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        result = run_script("make_dataset.py", "--env", "Hopper-v5", "--kind", "random", "--num-steps", "20",
+                            "--dataset-id", "held/hopper/random-v0", "--overwrite",
+                            env={"MINARI_DATASETS_PATH": str(tmp_path)})
+    assert_refused(result, f"--dataset-id namespace {namespace} is in use by another run (process {os.getpid()})")
+    assert files_of(namespace) == {".lock": f"{os.getpid()}\n".encode(),
+                                   ".random-v0.writing/episode": b"the first run's"}
+
+
 @pytest.fixture(scope="module")
 def old_and_new(tmp_path_factory, script_env):
     """A Minari root holding an old dataset at KILLED_ID (30 steps, seed 1), and the dataset that a run with
@@ -215,7 +236,8 @@ def test_overwrite_killed_at_each_step_leaves_the_old_dataset_or_the_new_one(ste
     with pytest.raises(SystemExit, match="already exists"):  # the next run recovers, then refuses to replace it
         md.main(tyro.cli(md.Args, args=list(NEW_FLAGS)))
     assert_old_or_new()
-    assert sorted(p.name for p in folder.parent.iterdir()) == sorted(["namespace_metadata.json", "random-v0", *others])
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted([".lock", "namespace_metadata.json", "random-v0",
+                                                                      *others])
     assert all((folder.parent / name / "file").read_bytes() == content for name, content in others.items())
     assert list(minari.list_local_datasets()) == [KILLED_ID]
 
@@ -266,7 +288,7 @@ def test_incomplete_dataset_or_part_is_refused_and_left_as_it_is(damage, kind, o
         md.main(md.Args(env="Hopper-v5", kind=kind, num_steps=20, dataset_id=f"damaged/hopper/{kind}-v0"))
     assert exit_info.value.code == (f"error: dataset {dataset_id} at {folder} is incomplete (an interrupted write): "
                                     f"pass --overwrite to make it again")
-    assert files_of(tmp_path) == before
+    assert files_of(tmp_path) == {**before, "damaged/hopper/.lock": f"{os.getpid()}\n".encode()}  # (the run's lock)
 
 
 def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path, run_script):
