@@ -10,19 +10,21 @@
 #      30,000 env steps, seeds 1 and 2, the two methods side by side (one process per core)
 #   4. results/plot.py   the figure: the pre-trained ensemble's level, both methods' curves, U, Q^E, beta U / |y|
 #
-# Output: runs/quickstart/ (logs, eval.csv and metrics.csv of every run, fig.png, table.md) and
-# checkpoints/quickstart/. Run it again and it starts over (--overwrite); the SAC run is reused.
+# Output: runs/quickstart/ (logs, eval.csv and metrics.csv of every run, fig.png, table.md), checkpoints/quickstart/
+# and the Minari dataset quickstart/inverteddoublependulum/medium-replay-v0 (its own id: --overwrite replaces no
+# dataset of yours). Run it again and it starts over (--overwrite); the SAC run is reused.
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1  # one thread per process: two fine-tuning runs share the 2 cores
 OUT=runs/quickstart
 CKPT=checkpoints/quickstart
-DATA=local/inverteddoublependulum/medium-replay-v0
+DATA=quickstart/inverteddoublependulum/medium-replay-v0
 mkdir -p $OUT
 started=$(date +%s)
 
 python make_dataset.py --env InvertedDoublePendulum-v5 --kind medium-replay --target-return 2000 \
-  --learning-starts 1000 --eval-frequency 1000 --total-timesteps 20000 --overwrite | tee $OUT/make_dataset.log
+  --learning-starts 1000 --eval-frequency 1000 --total-timesteps 20000 --dataset-id $DATA --overwrite \
+  | tee $OUT/make_dataset.log
 
 python cql_pretrain.py --env $DATA --num-agents 4 --hidden-sizes 64 64 --total-steps 2000 --bc-steps 1000 \
   --eval-every 500 --log-every 500 --save-dir $CKPT/cql --run-dir $OUT/cql --overwrite | tee $OUT/cql.log
