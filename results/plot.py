@@ -114,7 +114,7 @@ def parse_series(spec: str) -> tuple[str, str, list[str]]:
 
 
 def markdown_table(panels: list[str], rows: list[tuple[str, str, np.ndarray]]) -> str:
-    """One line per panel, one column per label: mean ± std (n seeds) of each row's numbers."""
+    """One line per panel, one column per label: mean ± std (n seeds) of each row's numbers (one seed: no std)."""
     labels = list(dict.fromkeys(label for _, label, _ in rows))
     cells = {(panel, label): values for panel, label, values in rows}
     lines = ["| dataset | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
@@ -122,7 +122,8 @@ def markdown_table(panels: list[str], rows: list[tuple[str, str, np.ndarray]]) -
         entries = []
         for label in labels:
             values = cells.get((panel, label))
-            entries.append("" if values is None else f"{values.mean():.1f} ± {values.std():.1f} (n={len(values)})")
+            spread = f" ± {values.std():.1f}" if values is not None and len(values) > 1 else ""  # none with one seed
+            entries.append("" if values is None else f"{values.mean():.1f}{spread} (n={len(values)})")
         lines.append(f"| {panel} | " + " | ".join(entries) + " |")
     return "\n".join(lines) + "\n"
 
