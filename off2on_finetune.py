@@ -126,7 +126,8 @@ class Run:
     """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>;
     with --resume, the saved run's)"""
     resume: bool = False
-    """continue the run saved in --save-dir (its agents, replay, priorities and RNG; the training episode restarts)"""
+    """continue the run saved in --save-dir (its agents, replay, priorities and random stream: the same numbers as an
+    uninterrupted run, on the same kind of device)"""
     overwrite: bool = False
     """start anew although --save-dir holds a run (replaced at this run's first save) or --run-dir holds logs"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -690,8 +691,9 @@ def main(args: Args) -> None:
     device = pick_device(run.device, run.torch_deterministic)
     stop = catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
-    save_dir, run_dir, saved, _locks = prepare_folders(run, f"checkpoints/{run.exp_name}__{slug}__seed{run.seed}",
-                                                       f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
+    name = run_name(alg, run, slug)
+    save_dir, run_dir, saved, _locks = prepare_folders(run, f"checkpoints/{name}__seed{run.seed}",
+                                                       f"runs/{name}__{run.seed}__{int(time.time())}",
                                                        (FINETUNED_FORMAT,))
     pretrained, source = pretrained_agents(run, alg.num_agents, slug) if saved is None else (saved, None)
     check_video(run)
@@ -805,6 +807,11 @@ def check_finetune_flags(alg: Algorithm, run: Run) -> None:
 def loss_hyperparameters(alg: Algorithm) -> dict:
     """finetune_losses' keyword arguments."""
     return dict(gamma=alg.gamma, target_entropy=alg.target_entropy)
+
+
+def run_name(alg: Algorithm, run: Run, slug: str) -> str:
+    """The runs' name: --exp-name and the dataset (slug)."""
+    return f"{run.exp_name}__{slug}"
 
 
 def updates_due(env_steps: int, alg: Algorithm) -> int:

@@ -20,10 +20,11 @@ Where each equation of the paper lives in this file:
     one gradient step: Eqs. (2)-(7) on plain batch tensors                finetune_losses, finetune_update
     Algorithm 1: collect, train, evaluate, save                           main
 
-<run-dir> (default runs/<exp-name>__<env>__<seed>__<time>) holds eval.csv (the score before fine-tuning, step 0,
-and after every epoch), metrics.csv (the training metrics of every epoch), train.log and config.json.
---save-dir holds checkpoint.pt: the fine-tuned agents in cql_pretrain.py's layout, with the replay, the optimisers and
-the random stream that --resume continues. SPEC.md sections 2-3 give every default and its source.
+<run-dir> (default runs/<exp-name>__<env>__beta<beta>__<seed>__<time>) holds eval.csv (the score before fine-tuning,
+step 0, and after every epoch), metrics.csv (the training metrics of every epoch), train.log and config.json.
+--save-dir (default checkpoints/<exp-name>__<env>__beta<beta>__seed<seed>) holds checkpoint.pt: the fine-tuned agents
+in cql_pretrain.py's layout, with the replay, the optimisers and the random stream that --resume continues. SPEC.md
+sections 2-3 give every default and its source.
 """
 
 from __future__ import annotations
@@ -124,16 +125,17 @@ class Run:
     save_every: int = 10
     """save the fine-tuned agents every this many epochs (and at the end, and on Ctrl-C)"""
     exp_name: str = "upq"
-    """prefix of the run's name: runs/<exp-name>__<env>__<seed>__<time> and checkpoints/<exp-name>__<env>__seed<seed>
-    (CleanRL)"""
+    """prefix of the run's name: runs/<exp-name>__<env>__beta<beta>__<seed>__<time> and
+    checkpoints/<exp-name>__<env>__beta<beta>__seed<seed> (CleanRL; beta in it, so a beta sweep's runs never meet)"""
     save_dir: str | None = None
     """where checkpoint.pt goes: the fine-tuned agents and all --resume needs (default
-    checkpoints/<exp-name>__<env>__seed<seed>)"""
+    checkpoints/<exp-name>__<env>__beta<beta>__seed<seed>)"""
     run_dir: str | None = None
-    """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>;
-    with --resume, the saved run's)"""
+    """where eval.csv, metrics.csv, train.log and config.json go (default
+    runs/<exp-name>__<env>__beta<beta>__<seed>__<time>; with --resume, the saved run's)"""
     resume: bool = False
-    """continue the run saved in --save-dir (its agents, replay, priorities and RNG; the training episode restarts)"""
+    """continue the run saved in --save-dir (its agents, replay, priorities and random stream: the same numbers as an
+    uninterrupted run, on the same kind of device)"""
     overwrite: bool = False
     """start anew although --save-dir holds a run (replaced at this run's first save) or --run-dir holds logs"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -705,8 +707,9 @@ def main(args: Args) -> None:
     device = pick_device(run.device, run.torch_deterministic)
     stop = catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
-    save_dir, run_dir, saved, _locks = prepare_folders(run, f"checkpoints/{run.exp_name}__{slug}__seed{run.seed}",
-                                                       f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
+    name = run_name(alg, run, slug)
+    save_dir, run_dir, saved, _locks = prepare_folders(run, f"checkpoints/{name}__seed{run.seed}",
+                                                       f"runs/{name}__{run.seed}__{int(time.time())}",
                                                        (FINETUNED_FORMAT,))
     pretrained, source = pretrained_agents(run, alg.num_agents, slug) if saved is None else (saved, None)
     check_video(run)
@@ -821,6 +824,11 @@ def loss_hyperparameters(alg: Algorithm) -> dict:
     """finetune_losses' keyword arguments."""
     return dict(gamma=alg.gamma, beta=alg.beta, target_entropy=alg.target_entropy,
                 ensemble_mean_target=alg.ensemble_mean_target)
+
+
+def run_name(alg: Algorithm, run: Run, slug: str) -> str:
+    """The runs' name: --exp-name, the dataset (slug) and beta, so runs of another beta keep their own folders."""
+    return f"{run.exp_name}__{slug}__beta{alg.beta:g}"
 
 
 def updates_due(env_steps: int, alg: Algorithm) -> int:

@@ -251,6 +251,21 @@ def test_a_finetuning_resume_with_another_beta_or_density_ratio_net_is_refused(r
         assert_refused(run_script("upq_finetune.py", *args, "--total-steps", "20", *flags, "--resume"), message)
 
 
+def test_upq_runs_of_another_beta_get_default_folders_of_their_own(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints,
+                                                                   script_env):
+    """A beta sweep (sweeps/table2_beta.yaml) passes no folders: each beta's run saves and logs beside the others."""
+    base = Path(script_env["CWD"])
+    for beta in ("0.1", "0.01"):
+        result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *UPQ_TINY, "--beta", beta, "--checkpoints",
+                            tiny_cql_checkpoints, "--total-steps", "10", "--exp-name", "beta-sweep")
+        assert result.returncode == 0, result.stderr
+    for beta in ("0.1", "0.01"):
+        saves = list(base.glob(f"checkpoints/beta-sweep__*__beta{beta}__seed1/checkpoint.pt"))
+        logs = list(base.glob(f"runs/beta-sweep__*__beta{beta}__1__*/eval.csv"))
+        assert len(saves) == len(logs) == 1
+        assert torch.load(saves[0], weights_only=True)["meta"]["args"]["beta"] == float(beta)
+
+
 def test_a_copied_save_dir_does_not_resume_into_the_original_runs_logs(run_script, cql_run, tiny_hopper_hdf5,
                                                                           tmp_path):
     shutil.copytree(cql_run / "save", tmp_path / "copy")

@@ -23,6 +23,7 @@ PURPOSELY_DIFFERENT = {
     "ALGORITHM": [{OFF2ON}, {UPQ}],
     "finetune_losses": [{OFF2ON}, {UPQ}],  # the UPQ change: Eqs. (4)-(5)
     "loss_hyperparameters": [{OFF2ON}, {UPQ}],  # ... its beta
+    "run_name": [{OFF2ON}, {UPQ}],  # ... in the default folders' names
     "epoch_line": [{OFF2ON}, {UPQ}],  # ... and its log column U
     "tanh_gaussian_log_prob": [{CQL}, {OFF2ON, UPQ}],  # the official CQL code's epsilon form, Off2OnRL's exact form
     "Actor": [{CQL, OFF2ON, UPQ}, {DATASET}],  # make_dataset.py's SAC behaviour agent (CleanRL)

@@ -40,10 +40,12 @@ def test_every_generated_command_parses(path):
     commands = sweep_commands(spec)
     assert len(commands) >= 9  # at least the paper's nine tasks
     parse = functools.partial(tyro.cli, tyro.conf.OmitArgPrefixes[module.Args])  # as the scripts parse
-    for argv in commands:
-        args = parse(args=argv)
+    parsed = [parse(args=argv) for argv in commands]
+    for args in parsed:
         assert module.D4RL_NAME.match(args.run.env), args.run.env
         assert args.run.track
     if path.stem == "table2_beta":
-        betas = {parse(args=argv).algorithm.beta for argv in commands}
-        assert betas == {0.1, 0.01, 0.001, 0.0001}
+        assert {args.algorithm.beta for args in parsed} == {0.1, 0.01, 0.001, 0.0001}
+    if hasattr(module, "run_name"):  # fine-tuning: every run of the sweep gets folders of its own by default
+        names = {(module.run_name(args.algorithm, args.run, args.run.env), args.run.seed) for args in parsed}
+        assert len(names) == len(commands)
