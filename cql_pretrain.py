@@ -575,8 +575,9 @@ def check_cql_resumable(alg: Algorithm, saved: dict, save_dir: Path) -> bool:
     """Refuse a resume that does not fit the saved run; True when it has nothing left to do."""
     meta = saved["meta"]
     if "optimizers" not in saved:
-        fail(f"--resume: {save_dir} holds agents exported without the Adam moments and random streams a resume "
-             f"needs (weights only); resume from the checkpoint the run itself saved")
+        fail(f"--resume: {save_dir} holds weights only (as results/convert_set.py --weights-only writes them), "
+             f"without the Adam moments and random streams a resume needs; resume from the checkpoint the run "
+             f"itself saved, or fine-tune from these agents")
     if meta["num_agents"] != alg.num_agents:
         fail(f"--resume: {save_dir} holds {meta['num_agents']} agents, not --num-agents {alg.num_agents}; all agents "
              f"of a run continue together")
@@ -767,8 +768,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
     """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used."""
     if path.is_dir() and (path / "manifest.json").exists() and not (path / CHECKPOINT).exists():
-        fail(f"{path} holds checkpoints of the older per-agent layout; convert them with "
-             f"python results/convert_set.py {path} <new folder>")
+        fail(f"{path} holds checkpoints of the older per-agent layout: convert a CQL set with python "
+             f"results/convert_set.py {path} <new folder>; a fine-tuned one continues with the code of commit 53ee51c")
     path = path / CHECKPOINT if path.is_dir() else path
     if not path.is_file():
         fail(f"checkpoint {path} does not exist")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole method on a laptop CPU in about 11 minutes (2 cores): the same scripts as the paper's protocol, with
+# The whole method on a laptop CPU in about 10-11 minutes (2 cores): the same scripts as the paper's protocol, with
 # small flags. InvertedDoublePendulum-v5 instead of Hopper: its SAC behaviour agent learns in about a minute, its
 # return is graded (not all-or-nothing), and its medium-replay data (everything SAC saw until its evaluation return
 # first passed 2,000) is poor, so the CQL agents are weak and fine-tuning has room to lift them.

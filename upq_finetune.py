@@ -1045,8 +1045,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
     """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used."""
     if path.is_dir() and (path / "manifest.json").exists() and not (path / CHECKPOINT).exists():
-        fail(f"{path} holds checkpoints of the older per-agent layout; convert them with "
-             f"python results/convert_set.py {path} <new folder>")
+        fail(f"{path} holds checkpoints of the older per-agent layout: convert a CQL set with python "
+             f"results/convert_set.py {path} <new folder>; a fine-tuned one continues with the code of commit 53ee51c")
     path = path / CHECKPOINT if path.is_dir() else path
     if not path.is_file():
         fail(f"checkpoint {path} does not exist")

@@ -288,8 +288,9 @@ def test_a_folder_of_the_older_per_agent_layout_is_refused_naming_the_converter(
     before = files(tmp_path / "old")
     result = run_script("off2on_finetune.py", "--env", tiny_hopper_hdf5, "--checkpoints", tmp_path / "old",
                         "--save-dir", tmp_path / "save")
-    assert_refused(result, f"{tmp_path / 'old'} holds checkpoints of the older per-agent layout; convert them with "
-                           f"python results/convert_set.py {tmp_path / 'old'}")
+    assert_refused(result, f"{tmp_path / 'old'} holds checkpoints of the older per-agent layout: convert a CQL set "
+                           f"with python results/convert_set.py {tmp_path / 'old'} <new folder>; a fine-tuned one "
+                           f"continues with the code of commit 53ee51c")
     assert files(tmp_path / "old") == before and not (tmp_path / "save").exists()
 
 
