@@ -86,8 +86,8 @@ def evaluate_set(set_folder: Path, episodes: int, eval_seed: int) -> dict:
 
 
 def method_table(rows: list[dict]) -> str:
-    """Markdown: per method, in order of appearance, mean ± std over seeds (ddof 0, as results/plot.py) and the runs'
-    mean standard error over episodes."""
+    """Markdown: per method, in order of appearance, mean ± std over seeds (ddof 0, as results/plot.py; one seed: no
+    std) and the runs' mean standard error over episodes."""
     by_method = defaultdict(list)
     for row in rows:
         by_method[row["method"]].append(row)
@@ -100,8 +100,9 @@ def method_table(rows: list[dict]) -> str:
                     f"a time")
         means = np.array([float(run["normalized_mean"]) for run in runs])
         errors = [float(run["normalized_std"]) / np.sqrt(int(run["episodes"])) for run in runs]
+        spread = f" ± {means.std():.1f}" if len(means) > 1 else ""  # none with one seed
         lines.append(f"| {method} | {steps[0]:,} | {', '.join(str(run['seed']) for run in runs)} | "
-                     f"{means.mean():.1f} ± {means.std():.1f} | {np.mean(errors):.1f} |")
+                     f"{means.mean():.1f}{spread} | {np.mean(errors):.1f} |")
     episodes = sorted({int(row["episodes"]) for row in rows})
     return "\n".join(lines) + (f"\n\nEach run's pi^E as it ended, {'/'.join(map(str, episodes))} episodes from the "
                                f"same start states (results/evidence/final_eval.py); std over seeds with ddof 0, as in "
