@@ -23,7 +23,6 @@ Example:
     python -c "import minari; print(minari.load_dataset('local/hopper/medium-v0'))"
 """
 
-import atexit
 import fcntl
 import json
 import math
@@ -483,6 +482,23 @@ def recover_interrupted_write(dataset_id: str) -> Path:
     return path
 
 
+def lock_dataset_files(dataset_ids: list[str], run_path: Optional[Path]) -> list:
+    """One run at a time on each dataset id (its folder and temporaries) and on the SAC run file: runs on other ids
+    and seeds of the same body go side by side. The locks are hidden files beside them: .<name>.lock."""
+    folder, locks = get_dataset_path(dataset_ids[0]).parent, []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for dataset_id in dataset_ids:
+            path = get_dataset_path(dataset_id)
+            locks.append(hold_lock(path.with_name(f".{path.name}.lock"), f"dataset {dataset_id}",
+                                   "wait for it to end or choose another --dataset-id"))
+        if run_path is not None:
+            locks.append(hold_lock(run_path.with_name(f".{run_path.name}.lock"), f"the SAC run {run_path}",
+                                   "wait for it to end or pass another --seed"))
+    except OSError as error:
+        fail(f"cannot write in {folder} ({error.strerror or error}): set MINARI_DATASETS_PATH to a writable folder")
+    return locks
+
 def is_complete(path: Path) -> bool:
     """Whether a dataset folder holds a whole dataset of this script: Minari's metadata with its episode count, which
     Minari writes after the episodes, and the 'kind' that write_dataset adds last."""
@@ -610,18 +626,17 @@ def main(args: Args) -> None:
         namespace, _, version = parse_dataset_id(dataset_id)
     except ValueError as error:
         fail(str(error))
-    # one run at a time on a namespace: its datasets, their temporaries and the SAC run the kinds share
-    _lock = lock_folder(get_dataset_path(dataset_id).parent, "--dataset-id namespace")
-    if existing_dataset(dataset_id, args.overwrite) and not args.overwrite:
-        fail(f"dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; pass --overwrite to replace it")
-    # medium-expert is made of the medium and expert datasets: each reused if whole, else made
-    parts = ({part: gen_dataset_id(namespace, part, version) for part in ("medium", "expert")}
-             if args.kind == "medium-expert" else {})
-    reused = {part: existing_dataset(part_id, args.overwrite) for part, part_id in parts.items()}
     target_return = args.target_return if args.target_return is not None else D4RL_MEDIUM_RETURN.get(body)
     if target_return is None and args.kind != "random" and args.kind != "expert":
         fail(f"D4RL has no medium level for {args.env}; pass --target-return")
+    # medium-expert is made of the medium and expert datasets: each reused if whole, else made
+    parts = ({part: gen_dataset_id(namespace, part, version) for part in ("medium", "expert")}
+             if args.kind == "medium-expert" else {})
     run_path = get_dataset_path(dataset_id).parent / f"sac-seed{args.seed}.pt"
+    _locks = lock_dataset_files([dataset_id, *parts.values()], run_path if args.kind != "random" else None)
+    if existing_dataset(dataset_id, args.overwrite) and not args.overwrite:
+        fail(f"dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; pass --overwrite to replace it")
+    reused = {part: existing_dataset(part_id, args.overwrite) for part, part_id in parts.items()}
 
     if args.kind == "medium-expert":
         episodes, metadata = [], {}
@@ -679,36 +694,20 @@ def check_flags(args, ranges: dict[str, str]) -> None:
             fail(f"--{name.replace('_', '-')} must be {allowed}{each}, not {shown}")
 
 
-def lock_folder(folder: Path, flag: str):
-    """Create `folder` and hold an OS lock on its .lock file while this process lives (the OS drops it when the
-    process ends, however it ends): a second run on the folder is refused, naming the holder's pid. The folders it
-    made are removed at exit if they hold nothing else."""
-    try:
-        created = [path for path in (folder, *folder.parents) if not path.exists()]
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / ".lock", "a+")
-    except OSError as error:
-        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
+def hold_lock(path: Path, what: str, advice: str):
+    """Hold an OS lock (flock) on the file `path`, this process's pid inside, while the process lives; the OS drops it
+    when the process ends, however it ends. If another process holds it: "<what> is in use by another run (process
+    PID): <advice>". Returns the open file, to keep."""
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        fail(f"{flag} {folder} is in use by another run (process {handle.read().strip() or '?'}): wait for it to end "
-             f"or choose another {flag}")
+        fail(f"{what} is in use by another run (process {handle.read().strip() or '?'}): {advice}")
     handle.truncate(0)
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    if created:
-        atexit.register(remove_if_unused, folder, created)
     return handle
-
-
-def remove_if_unused(folder: Path, created: list[Path]) -> None:
-    if folder.is_dir() and os.listdir(folder) == [".lock"]:
-        (folder / ".lock").unlink()
-        for path in created:  # the folder, then the parents made for it
-            if not any(path.iterdir()):
-                path.rmdir()
 
 
 def duration(seconds: float) -> str:

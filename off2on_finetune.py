@@ -1049,25 +1049,31 @@ def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
     return state
 
 
-def lock_folder(folder: Path, flag: str):
-    """Create `folder` and hold an OS lock on its .lock file while this process lives (the OS drops it when the
-    process ends, however it ends): a second run on the folder is refused, naming the holder's pid. The folders it
-    made are removed at exit if they hold nothing else."""
-    try:
-        created = [path for path in (folder, *folder.parents) if not path.exists()]
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / ".lock", "a+")
-    except OSError as error:
-        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
+def hold_lock(path: Path, what: str, advice: str):
+    """Hold an OS lock (flock) on the file `path`, this process's pid inside, while the process lives; the OS drops it
+    when the process ends, however it ends. If another process holds it: "<what> is in use by another run (process
+    PID): <advice>". Returns the open file, to keep."""
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        fail(f"{flag} {folder} is in use by another run (process {handle.read().strip() or '?'}): wait for it to end "
-             f"or choose another {flag}")
+        fail(f"{what} is in use by another run (process {handle.read().strip() or '?'}): {advice}")
     handle.truncate(0)
     handle.write(f"{os.getpid()}\n")
     handle.flush()
+    return handle
+
+
+def lock_folder(folder: Path, flag: str):
+    """Create `folder` and hold the lock of its .lock file: a second run on the folder is refused, naming the holder's
+    pid. The folders it made are removed at exit if they hold nothing else."""
+    try:
+        created = [path for path in (folder, *folder.parents) if not path.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = hold_lock(folder / ".lock", f"{flag} {folder}", f"wait for it to end or choose another {flag}")
+    except OSError as error:
+        fail(f"{flag} {folder} is not a writable folder ({error.strerror or error})")
     if created:
         atexit.register(remove_if_unused, folder, created)
     return handle

@@ -172,23 +172,36 @@ def test_existing_dataset_is_refused_without_overwrite_and_replaced_with_it(rand
     assert minari.load_dataset("test/hopper/replaced-v0").total_steps == 60
 
 
-def test_a_second_run_on_a_namespace_in_use_is_refused_and_leaves_the_first_runs_files(tmp_path, run_script):
-    """While a run writes in local/hopper (here: this test holds its lock, as a running make_dataset.py does), another
-    run there would delete the first one's writing folder as left by a kill; it is refused instead."""
-    namespace = tmp_path / "held" / "hopper"
+def test_one_run_at_a_time_per_dataset_and_per_sac_run_while_others_go_side_by_side(tmp_path, monkeypatch):
+    """While a run writes held/hopper/random-v0 and another trains the seed-1 SAC run (here: this test holds their
+    locks, as running make_dataset.py processes do), a run on that id would delete the first one's writing folder as
+    if a kill had left it, and one on that SAC run would train it twice: both are refused. Other ids and seeds of
+    the same body go ahead (the README's medium and seed-1 expert side by side)."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    namespace, pid = tmp_path / "held" / "hopper", os.getpid()
     writing = namespace / ".random-v0.writing"
     writing.mkdir(parents=True)
     (writing / "episode").write_bytes(b"the first run's")
-    with open(namespace / ".lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        result = run_script("make_dataset.py", "--env", "Hopper-v5", "--kind", "random", "--num-steps", "20",
-                            "--dataset-id", "held/hopper/random-v0", "--overwrite",
-                            env={"MINARI_DATASETS_PATH": str(tmp_path)})
-    assert_refused(result, f"--dataset-id namespace {namespace} is in use by another run (process {os.getpid()})")
-    assert files_of(namespace) == {".lock": f"{os.getpid()}\n".encode(),
-                                   ".random-v0.writing/episode": b"the first run's"}
+    with open(namespace / ".random-v0.lock", "a+") as dataset_lock, open(namespace / ".sac-seed1.pt.lock", "a+") as sac:
+        for lock in (dataset_lock, sac):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.write(f"{pid}\n")
+            lock.flush()
+        with pytest.raises(SystemExit) as refused:
+            md.main(md.Args(env="Hopper-v5", kind="random", num_steps=20, dataset_id="held/hopper/random-v0",
+                            overwrite=True))
+        assert refused.value.code == (f"error: dataset held/hopper/random-v0 is in use by another run (process "
+                                      f"{pid}): wait for it to end or choose another --dataset-id")
+        assert (writing / "episode").read_bytes() == b"the first run's"
+        md.main(md.Args(env="Hopper-v5", kind="random", num_steps=20, dataset_id="held/hopper/other-v0"))
+        md.main(tiny_sac_args(kind="medium", seed=2, dataset_id="held/hopper/medium-v0"))
+        with pytest.raises(SystemExit) as refused:
+            md.main(tiny_sac_args(kind="medium", seed=1, dataset_id="held/hopper/medium-v0", overwrite=True))
+        assert refused.value.code == (f"error: the SAC run {namespace / 'sac-seed1.pt'} is in use by another run "
+                                      f"(process {pid}): wait for it to end or pass another --seed")
+        assert not (namespace / "sac-seed1.pt").exists()
+    assert minari.load_dataset("held/hopper/other-v0").total_steps == 20
+    assert minari.load_dataset("held/hopper/medium-v0").total_steps == 150
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +249,8 @@ def test_overwrite_killed_at_each_step_leaves_the_old_dataset_or_the_new_one(ste
     with pytest.raises(SystemExit, match="already exists"):  # the next run recovers, then refuses to replace it
         md.main(tyro.cli(md.Args, args=list(NEW_FLAGS)))
     assert_old_or_new()
-    assert sorted(p.name for p in folder.parent.iterdir()) == sorted([".lock", "namespace_metadata.json", "random-v0",
-                                                                      *others])
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted([".random-v0.lock", "namespace_metadata.json",
+                                                                      "random-v0", *others])  # (the runs' lock)
     assert all((folder.parent / name / "file").read_bytes() == content for name, content in others.items())
     assert list(minari.list_local_datasets()) == [KILLED_ID]
 
@@ -288,7 +301,7 @@ def test_incomplete_dataset_or_part_is_refused_and_left_as_it_is(damage, kind, o
         md.main(md.Args(env="Hopper-v5", kind=kind, num_steps=20, dataset_id=f"damaged/hopper/{kind}-v0"))
     assert exit_info.value.code == (f"error: dataset {dataset_id} at {folder} is incomplete (an interrupted write): "
                                     f"pass --overwrite to make it again")
-    assert files_of(tmp_path) == {**before, "damaged/hopper/.lock": f"{os.getpid()}\n".encode()}  # (the run's lock)
+    assert {name: data for name, data in files_of(tmp_path).items() if not name.endswith(".lock")} == before
 
 
 def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path, run_script):
