@@ -126,8 +126,7 @@ class Run:
     """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>;
     with --resume, the saved run's)"""
     resume: bool = False
-    """continue the run saved in --save-dir (its agents, replay, priorities and random stream: the same numbers as an
-    uninterrupted run, on the same kind of device)"""
+    """continue the run saved in --save-dir (same numbers as an uninterrupted run, on the same kind of device)"""
     overwrite: bool = False
     """start anew although --save-dir holds a run (replaced at this run's first save) or --run-dir holds logs"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
