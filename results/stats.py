@@ -82,9 +82,11 @@ def improvement(scores_x: np.ndarray, scores_y: np.ndarray, reps: int, seed: int
     return float(point), float(interval[0, 0]), float(interval[1, 0])
 
 
-def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]]:
-    """The tasks in order and, per measure and label, its score matrix [num_seeds, num_tasks]; bad input refused."""
+def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]], dict[tuple[str, str], list[str]]]:
+    """The tasks in order; per measure and label, its score matrix [num_seeds, num_tasks]; per (label, task), its
+    runs' folder names in the matrix's order. Bad input refused."""
     values = {}  # (measure, label, task) -> one number per seed
+    runs = {}  # (label, task) -> the folder of each seed's eval.csv
     ends = defaultdict(set)  # task -> the env steps its runs end at
     tasks, labels = [], []
     for spec in args.series:
@@ -107,6 +109,7 @@ def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]
         values["final", label, task] = [plot.final_score(scores, False, args.final_evals) for _, scores in curves]
         values["early_min", label, task] = [plot.early_minimum(*curve, args.early_steps) for curve in curves]
         ends[task].update(int(steps[-1]) for steps, _ in curves)
+        runs[label, task] = [Path(path).parent.name for path in files]
         tasks += [task] if task not in tasks else []
         labels += [label] if label not in labels else []
     for task, steps in ends.items():
@@ -119,12 +122,14 @@ def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]
             raise SystemExit(f"error: {label!r} needs the same number of seeds on every task, not {sorted(counts)}")
     if args.baseline not in labels:
         raise SystemExit(f"error: --baseline {args.baseline!r} is none of the labels {labels}")
-    return tasks, {measure: {label: np.array([values[measure, label, task] for task in tasks]).T  # [num_seeds, tasks]
-                             for label in labels} for measure in MEASURES}
+    scores = {measure: {label: np.array([values[measure, label, task] for task in tasks]).T  # [num_seeds, tasks]
+                        for label in labels} for measure in MEASURES}
+    return tasks, scores, runs
 
 
-def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.ndarray]]) -> str:
-    """Compute every estimate, write the CSV and return the markdown."""
+def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.ndarray]],
+                  runs: dict[tuple[str, str], list[str]]) -> str:
+    """Compute every estimate, write the CSV and return the markdown (ending with every seed's two numbers)."""
     rows = []  # measure, statistic, method, n, versus, n_versus, estimate, ci_low, ci_high
     summary = {}  # (label, measure) -> "mean [lo, hi]" and "IQM [lo, hi]" cells
     for measure, by_label in scores.items():
@@ -167,6 +172,11 @@ def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.n
         lines += ["", poi, "", "| method | n vs n | final score | early-drop minimum |", "| --- | --- | --- | --- |"]
         lines += [f"| {label} | {n[label]} vs {n[args.baseline]} | {summary[label, 'final', 'poi']} | "
                   f"{summary[label, 'early_min', 'poi']} |" for label in others]
+    lines += ["", "Per seed, the numbers the estimates above come from (each run named by its folder):", "",
+              "| method | task | run | final score | early-drop minimum |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {label} | {task} | {run} | {scores['final'][label][seed, t]:.1f} | "
+              f"{scores['early_min'][label][seed, t]:.1f} |" for label in labels for t, task in enumerate(tasks)
+              for seed, run in enumerate(runs[label, task])]
     return "\n".join(lines) + "\n"
 
 
@@ -176,8 +186,7 @@ def main(args: Args) -> None:
     if args.final_evals < 1 or args.early_steps < 1 or args.reps < 1:
         raise SystemExit(f"error: --final-evals, --early-steps and --reps must be >= 1, not {args.final_evals}, "
                          f"{args.early_steps} and {args.reps}")
-    tasks, scores = read_scores(args)
-    markdown = write_outputs(args, tasks, scores)
+    markdown = write_outputs(args, *read_scores(args))
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         Path(args.table).write_text(markdown)

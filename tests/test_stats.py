@@ -82,6 +82,10 @@ def test_table_from_eval_csv_files(tmp_path):
     assert lines[13].startswith("| flat | 4 vs 4 | 0.75 [") and lines[13].endswith("| 1.00 [1.00, 1.00] |")
     assert "final,P(X > baseline),UPQ,4,Off2OnRL,4,1.0000,1.0000,1.0000\n" in rows
     assert "early_min,IQM,flat,4,,,20.0000,20.0000,20.0000\n" in rows
+    assert lines[15] == "Per seed, the numbers the estimates above come from (each run named by its folder):"
+    assert lines[19:23] == [f"| Off2OnRL | hopper | off2on_seed{seed} | {final:.1f} | {early:.1f} |"
+                            for seed, final, early in zip(range(4), (25, 35, 45, 65), (10, 12, 14, 16))]
+    assert lines[23] == "| UPQ | hopper | upq_seed0 | 75.0 | 4.0 |" and len(lines) == 19 + 12
     stats.main(args)  # the same seed: the same bytes
     assert Path(args.table).read_text() == table and Path(args.csv).read_text() == rows
 
