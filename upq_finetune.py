@@ -67,8 +67,8 @@ class Algorithm:
     """uncertainty penalty in the target, Eq. (5) (paper's best; Table 2 sweeps 0.1, 0.01, 0.001, 0.0001); 0 =
     Off2OnRL"""
     ensemble_mean_target: bool = False
-    """build every member's target from Q^E, as Eq. (5) is printed, instead of from the member's own min(Q1_i, Q2_i)
-    (Off2OnRL official, SPEC); every critic still regresses to the target of its agent, Eq. (6)"""
+    """build every member's target from Q^E, as Eq. (5) is printed, instead of from the member's own
+    min(Q1_i, Q2_i) (Off2OnRL official, SPEC); every critic still regresses to the target of its agent, Eq. (6)"""
     num_agents: int | None = None
     """N: fine-tune the first N agents of the checkpoint (default: all of them; paper: 4)"""
     total_steps: int = 200_000
@@ -90,8 +90,8 @@ class Algorithm:
     target_entropy: float | None = None
     """SAC target entropy (default -|A|, Off2OnRL official); log alpha starts at 0, not at the CQL value (SPEC)"""
     balanced_replay: bool = True
-    """sample by density-ratio priorities (Off2OnRL official); --no-balanced-replay: uniform over offline + online
-    (paper's Algorithm 1)"""
+    """sample by density-ratio priorities (Off2OnRL official); --no-balanced-replay: uniform over offline and
+    online data (paper's Algorithm 1)"""
     online_buffer_size: int = 250_000
     """online transitions kept, the oldest overwritten beyond it (Off2OnRL official)"""
     init_online_fraction: float = 0.5
@@ -110,8 +110,8 @@ class Run:
     """The run: data, checkpoints, folders, device, logging"""
 
     env: str = "hopper-medium-v2"
-    """offline dataset replayed beside the online data: a D4RL name, a Minari id or a D4RL-layout .hdf5 file (paper:
-    D4RL v2)"""
+    """offline dataset replayed beside the online data: a D4RL name, a Minari id or a D4RL-layout .hdf5
+    file (paper: D4RL v2)"""
     gym_env: str | None = None
     """gymnasium env to fine-tune and evaluate on (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
     checkpoints: Annotated[str | None, tyro.conf.arg(
@@ -120,8 +120,8 @@ class Run:
     seed: int = 1
     """seed of the density-ratio net, the batches, the action noise and the envs"""
     eval_episodes: int = 5
-    """deterministic episodes of tanh(mean of pi^E) before fine-tuning and after every epoch (Off2OnRL official:
-    5,000 steps)"""
+    """deterministic episodes of tanh(mean of pi^E) before fine-tuning and after every epoch (Off2OnRL
+    official: 5,000 steps)"""
     save_every: int = 10
     """save the fine-tuned agents every this many epochs (and at the end, and on Ctrl-C)"""
     exp_name: str = "upq"
