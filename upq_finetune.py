@@ -68,7 +68,8 @@ class Algorithm:
     Off2OnRL"""
     ensemble_mean_target: bool = False
     """build every member's target from Q^E, as Eq. (5) is printed, instead of from the member's own
-    min(Q1_i, Q2_i) (Off2OnRL official, SPEC); every critic still regresses to the target of its agent, Eq. (6)"""
+    min(Q1_i, Q2_i) (Off2OnRL official, SPEC); each critic still regresses to it on its own, not Q^E as Eq. (6) is
+    printed"""
     num_agents: int | None = None
     """N: fine-tune the first N agents of the checkpoint (default: all of them; paper: 4)"""
     total_steps: int = 200_000
