@@ -139,12 +139,16 @@ def test_final_eval_reproduces_each_runs_last_evaluation_and_tabulates_by_method
         error = float(row["normalized_std"]) / 3 ** 0.5
         assert f"| {row['method']} | 20 | 4 | {float(row['normalized_mean']):.1f} | {error:.1f} |" in table
 
-    assert_refused(run_script("results/evidence/final_eval.py", "--sets", tiny_cql_checkpoints.parent / "run"),
-                   "holds no checkpoint.pt")
-    assert_refused(run_script("results/evidence/final_eval.py", "--sets", tiny_cql_checkpoints),
+    outputs = ["--csv", tmp_path / "other.csv", "--table", tmp_path / "other.md"]
+    assert_refused(run_script("results/evidence/final_eval.py", "--sets", tiny_cql_checkpoints.parent / "run",
+                              *outputs), "holds no checkpoint.pt")
+    assert_refused(run_script("results/evidence/final_eval.py", "--sets", tiny_cql_checkpoints, *outputs),
                    "is not a upq-finetune-v3 checkpoint")
     assert_refused(run_script("results/evidence/final_eval.py", "--sets", tmp_path / "sets" / "*", "--episodes",
-                              "0"), "--episodes must be >= 1")
+                              "0", *outputs), "--episodes must be >= 1")
+    assert_refused(run_script("results/evidence/final_eval.py", "--sets", tmp_path / "sets" / "*", "--csv",
+                              tmp_path / "other.csv"), "give --csv and --table")
+    assert not (tmp_path / "other.csv").exists() and not (tmp_path / "other.md").exists()
 
 
 def test_final_eval_table_is_mean_and_std_over_seeds_and_refuses_mixed_steps():

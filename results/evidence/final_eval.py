@@ -1,6 +1,7 @@
 """Score fine-tuned ensembles as their runs ended, with many evaluation episodes on the same start states.
 
-    python results/evidence/final_eval.py --sets "runs/evidence/*" --episodes 100
+    python results/evidence/final_eval.py --sets "runs/evidence/*" --episodes 100 \
+        --csv results/evidence/final_eval.csv --table results/evidence/final_eval.md
 
 A fine-tuning run's eval.csv rows average 5 episodes each of the policy of that epoch. To tell how much of a row is
 the evaluation and how much the policy, and to compare runs on more than 5 episodes, this loads each run's checkpoint
@@ -43,10 +44,12 @@ class Args:
     """evaluation episodes per set (the runs' own evaluations: 5)"""
     eval_seed: int = 100_000
     """episode e starts from env seed eval_seed + e, for every set (a run's own evaluations use --seed + 10,000 + e)"""
-    csv: str = "results/evidence/final_eval.csv"
-    """one row per set: its method, seed, env steps, and the mean and std of the normalised score over episodes"""
-    table: str = "results/evidence/final_eval.md"
-    """per method: mean ± std over seeds of the runs' scores, and the runs' mean standard error over episodes"""
+    csv: str | None = None
+    """write one row per set here: its method, seed, env steps, and the mean and std of the normalised score over
+    episodes (required: no default, so that no run writes over the study's results/evidence/final_eval.csv)"""
+    table: str | None = None
+    """write here, per method, the mean ± std over seeds of the runs' scores and the runs' mean standard error over
+    episodes (required, as --csv)"""
 
 
 def method_of(meta: dict) -> str:
@@ -119,6 +122,9 @@ def write_atomically(path: Path, text: str) -> None:
 def main(args: Args) -> None:
     if args.episodes < 1:
         ft.fail(f"--episodes must be >= 1, not {args.episodes}")
+    if not args.csv or not args.table:
+        ft.fail("give --csv and --table, the files to write (the study's own are results/evidence/final_eval.csv "
+                "and .md)")
     folders = [Path(path) for pattern in args.sets for path in sorted(glob.glob(pattern)) if Path(path).is_dir()]
     if not folders:
         ft.fail("no set to score: give --sets with folders (or globs of them) that fine-tuning runs saved")
