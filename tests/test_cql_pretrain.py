@@ -213,6 +213,24 @@ def test_one_backward_gives_each_network_its_own_gradient():
     assert all(g[2:].abs().max() == 0 for g in grads) and any(g[:2].abs().max() > 0 for g in grads)
 
 
+def test_update_steps_each_network_on_its_own_gradient_then_moves_the_targets_tau_towards_the_critics():
+    actor, critic, target_critic, log_alpha, batch, noise, args = small_problem()
+    total, _ = cql.cql_losses(actor, critic, target_critic, log_alpha, None, *batch, noise, False, **args)
+    groups = {"actor": (list(actor.parameters()), 0.1), "critic": (list(critic.parameters()), 0.2),
+              "alpha": ([log_alpha], 0.3)}
+    params = [(p, lr) for group, lr in groups.values() for p in group]
+    grads = torch.autograd.grad(total, [p for p, _ in params])  # at the weights before the step
+    before = [p.detach().clone() for p, _ in params]
+    targets_before = [p.detach().clone() for p in target_critic.parameters()]
+    optimizers = {name: torch.optim.SGD(group, lr=lr) for name, (group, lr) in groups.items()}
+    cql.cql_update(actor, critic, target_critic, log_alpha, None, optimizers, batch, noise, False, 0.25, args)
+    for (p, lr), p0, grad in zip(params, before, grads):
+        assert torch.allclose(p, p0 - lr * grad, rtol=0, atol=1e-12)
+    for target, target0, stepped in zip(target_critic.parameters(), targets_before, critic.parameters()):
+        assert torch.allclose(target, target0 + 0.25 * (stepped - target0), rtol=0, atol=1e-12)
+    assert not torch.allclose(targets_before[0], list(critic.parameters())[0])  # the check above can fail
+
+
 def test_lagrange_term_pushes_alpha_prime_towards_threshold():
     actor, critic, target_critic, log_alpha, batch, noise, args = small_problem()
     args["lagrange_threshold"] = -1e3  # far below any gap: alpha' must grow

@@ -210,6 +210,32 @@ def test_one_backward_gives_every_member_the_gradient_of_its_own_loss(script, be
     assert (w_means["w_offline"], w_means["w_online"]) == (w_offline.mean(), w_online.mean())
 
 
+@BOTH
+def test_update_moves_the_target_critics_tau_of_the_way_to_the_stepped_critics(script):
+    torch.manual_seed(0)
+    n, batch_size = 2, 4
+    nets = dict(actor=script.Actor(OBS, ACT, HIDDEN, n).double(),
+                critic=script.Critic(OBS, ACT, HIDDEN, 2 * n).double(),
+                target_critic=script.Critic(OBS, ACT, HIDDEN, 2 * n).double(),
+                density_ratio=script.DensityRatio(OBS + ACT, HIDDEN).double(),
+                log_alpha=torch.zeros(1, dtype=F64, requires_grad=True))
+    optimizers = {name: torch.optim.SGD([nets["log_alpha"]] if name == "log_alpha" else nets[name].parameters(),
+                                        lr=0.1) for name in ("actor", "critic", "density_ratio", "log_alpha")}
+    rows = torch.randn(12, 2 * OBS + ACT + 2, dtype=F64)
+    rows[:, OBS: OBS + ACT], rows[:, -1] = rows[:, OBS: OBS + ACT].tanh(), 0.0
+    replay = script.BalancedReplay(rows[:8], 10, balanced=True, p_max=1.0)
+    replay.add(rows[8:])
+    critic_before = [p.detach().clone() for p in nets["critic"].parameters()]
+    target_before = [p.detach().clone() for p in nets["target_critic"].parameters()]
+    loss_args = dict(gamma=0.99, target_entropy=-3.0, **(dict(beta=0.1) if script is upq else {}))
+    script.finetune_update(nets, optimizers, replay, torch.Generator().manual_seed(1), batch_size, 0.25, 5.0,
+                           loss_args, n, ACT)
+    for target, target0, stepped, critic0 in zip(nets["target_critic"].parameters(), target_before,
+                                                 nets["critic"].parameters(), critic_before):
+        assert torch.allclose(target, target0 + 0.25 * (stepped - target0), rtol=0, atol=1e-12)
+        assert not torch.equal(stepped, critic0)  # the critics stepped first: the targets follow the new weights
+
+
 # --------------------------------------------------------------------------- balanced replay's sampler
 @BOTH
 def test_stratified_draws_are_exact_for_two_priorities(script):
