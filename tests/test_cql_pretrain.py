@@ -392,6 +392,32 @@ def test_an_ensemble_of_identical_agents_acts_as_each_of_them():
     assert cql.evaluate_ensemble(actor, "Hopper-v5", 2, seed=7, device="cpu").tolist() == single[0].tolist()
 
 
+@pytest.mark.parametrize("script", [cql, upq], ids=["cql", "finetune"])
+def test_evaluation_acts_with_tanh_of_the_members_mean_and_each_agent_with_its_own(script, monkeypatch):
+    torch.manual_seed(0)
+    actor = script.Actor(11, 3, (16, 16), 3)  # three different members, weights large enough for tanh to bend
+    with torch.no_grad():
+        for param in actor.parameters():
+            param.normal_()
+    acted = {}
+    monkeypatch.setattr(script, "lockstep_returns", lambda env_id, seeds, act, video_dir=None:
+                        acted.setdefault("act", act) and np.zeros(len(seeds)))
+    script.evaluate_ensemble(actor, "Hopper-v5", 2, seed=7, device="cpu")
+    obs = np.random.default_rng(0).normal(size=(2, 11)).astype(np.float32)
+    with torch.no_grad():  # as during the evaluation, which runs under no_grad
+        means = actor(torch.as_tensor(obs).expand(3, -1, -1))[0]  # [3 members, 2 episodes, 3]
+        got = acted.pop("act")(obs)
+    assert np.allclose(got, torch.tanh(means.mean(0)).numpy(), atol=1e-6)  # Eq. (3)'s mean
+    assert not np.allclose(torch.tanh(means.mean(0)).numpy(), torch.tanh(means).mean(0).numpy(), atol=1e-6)
+    if script is cql:  # each agent alone: agent k on its own rows, with its own member
+        cql.evaluate_agents(actor, "Hopper-v5", 3, 1, seed=7, device="cpu")
+        rows = np.random.default_rng(1).normal(size=(3, 11)).astype(np.float32)
+        with torch.no_grad():
+            own = torch.tanh(actor(torch.as_tensor(rows)[:, None])[0][:, 0]).numpy()  # member k at row k
+            got = acted["act"](rows)
+        assert np.allclose(got, own, atol=1e-6)
+
+
 def test_agents_are_independent_and_runs_deterministic(trained):
     root, _ = trained
     a, a0 = params_of(root / "a", 0)
