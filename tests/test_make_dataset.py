@@ -1,6 +1,7 @@
 """make_dataset.py: Minari datasets that load as is, with gymnasium's episode ends, seeded, and refusals."""
 
 import fcntl
+import math
 import os
 import re
 import shutil
@@ -425,9 +426,32 @@ def test_critic_update_reduces_the_loss_on_a_fixed_batch():
     batch = {"observations": torch.randn(64, obs_dim), "next_observations": torch.randn(64, obs_dim),
              "actions": torch.rand(64, act_dim) * 2 - 1, "rewards": torch.randn(64, 1),
              "terminations": (torch.rand(64, 1) < 0.1).float()}
+    # the first loss by hand: both critics against y from the target critics at a' ~ pi(.|s'), the same draw
+    torch.manual_seed(5)
+    with torch.no_grad():
+        next_action, next_log_prob, _ = actor.sample(batch["next_observations"])
+        nxt = batch["next_observations"]
+        y = batch["rewards"] + 0.99 * (1 - batch["terminations"]) * (
+            torch.min(qf1_target(nxt, next_action), qf2_target(nxt, next_action)) - 0.2 * next_log_prob)
+        expected = sum(((q(batch["observations"], batch["actions"]) - y) ** 2).mean() for q in (qf1, qf2)).item()
+    torch.manual_seed(5)
     losses = [md.update_critics(batch, actor, qf1, qf2, qf1_target, qf2_target, q_optimizer, 0.2, 0.99)
               for _ in range(100)]
+    assert losses[0] == pytest.approx(expected, rel=1e-6)
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("target_entropy, step", [(-100.0, -0.1), (100.0, 0.1)])
+def test_temperature_moves_log_alpha_towards_the_target_entropy(target_entropy, step):
+    # alpha's loss -alpha (log pi + target entropy): far above the target entropy (-100) alpha falls, far below it
+    # (+100) it rises; Adam's first step moves log alpha by exactly its learning rate
+    torch.manual_seed(0)
+    actor = md.Actor(5, -np.ones(2, np.float32), np.ones(2, np.float32))
+    qf1, qf2 = md.SoftQNetwork(5, 2), md.SoftQNetwork(5, 2)
+    log_alpha = torch.zeros(1, requires_grad=True)
+    alpha = md.update_actor_and_alpha(torch.randn(16, 5), actor, qf1, qf2, torch.optim.Adam(actor.parameters()),
+                                      log_alpha, torch.optim.Adam([log_alpha], lr=0.1), target_entropy, 1.0)
+    assert log_alpha.item() == pytest.approx(step, abs=1e-6) and alpha == pytest.approx(math.exp(step), rel=1e-6)
 
 
 def test_actor_update_raises_q_of_its_actions():
