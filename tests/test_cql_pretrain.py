@@ -601,12 +601,16 @@ def test_lagrange_term_is_the_official_cql_codes_form():
     try:
         cql.conservative_gap = lambda logsumexp, q_data: gaps + 0 * logsumexp.mean(-1)
         zeros = torch.zeros(1, 9, 3, dtype=torch.float64)
-        _, alpha_prime_loss, _, _ = cql.cql_critic_loss(
-            critic, target_critic, log_alpha_prime, *batch,
-            (*cql.tanh_gaussian_sample(zeros, zeros, noise["s"]),
-             *cql.tanh_gaussian_sample(zeros, zeros, noise["next"]), noise["uniform"]), 0.99, 5.0, 2, 1.0, 10.0)
+        sampled = (*cql.tanh_gaussian_sample(zeros, zeros, noise["s"]),
+                   *cql.tanh_gaussian_sample(zeros, zeros, noise["next"]), noise["uniform"])
+        critic_loss, alpha_prime_loss, _, _ = cql.cql_critic_loss(critic, target_critic, log_alpha_prime, *batch,
+                                                                  sampled, 0.99, 5.0, 2, 1.0, 10.0)
+        plain_loss = cql.cql_critic_loss(critic, target_critic, None, *batch, sampled, 0.99, 5.0, 2, 1.0, None)[0]
     finally:
         cql.conservative_gap = original
+    # the critics' conservative terms: alpha' (5 * 3 - 10) + alpha' (5 * 2 - 10) = 5 with the Lagrange variant,
+    # 5 * (3 + 2) = 25 without it; the TD terms are the same
+    assert (critic_loss - plain_loss).item() == pytest.approx(5.0 - 25.0)
     assert alpha_prime_loss.item() == pytest.approx(-2.5)
     (grad,) = torch.autograd.grad(alpha_prime_loss, [log_alpha_prime])
     assert grad.item() == pytest.approx(-2.5)
