@@ -549,6 +549,25 @@ class CountingEnv:
 
 
 @BOTH
+def test_collected_actions_are_samples_of_the_ensemble_policy(script):
+    torch.manual_seed(0)
+    actor = script.Actor(11, 3, (8,), 2)
+    with torch.no_grad():  # two clearly different members
+        for param in actor.parameters():
+            param.normal_()
+    transitions = script.collect(CountingEnv(300), actor, 2, 2, seed=7, generator=torch.Generator().manual_seed(0),
+                                 device="cpu")
+    draws = torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(0))  # one draw per step, in order
+    with torch.no_grad():
+        for step, obs in enumerate((np.zeros(11), np.ones(11))):  # CountingEnv: s_0 = 0, s_1 = 1
+            mu, log_std = actor(torch.as_tensor(obs, dtype=torch.float32).expand(2, 1, -1))  # [2 members, 1, 3]
+            mean = mu.mean(0)  # Eq. (3) as printed: the mixture's mean and standard deviation
+            std = ((log_std.exp() ** 2 + mu**2).mean(0) - mean**2).sqrt().clamp(math.exp(-20), math.exp(2))
+            expected = torch.tanh(mean + std * draws[step])[0].numpy()
+            assert np.allclose(transitions[step, 11:14], expected, atol=1e-5), step
+
+
+@BOTH
 def test_every_epoch_collects_from_a_fresh_episode_as_off2onrl(script):
     env, actor = CountingEnv(300), script.Actor(11, 3, (8,), 2)
     transitions = script.collect(env, actor, 2, 1000, seed=7, generator=torch.Generator().manual_seed(0), device="cpu")
