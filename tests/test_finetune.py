@@ -403,6 +403,7 @@ def test_uniform_replay_samples_offline_and_online_alike(finetuned):
     fractions = [float(line.split("online fraction ")[1].split()[0]) for line in stdout["uniform"].splitlines()
                  if "online fraction" in line]
     assert fractions[0] == pytest.approx(10 / 1510, abs=0.01) and fractions[1] == pytest.approx(20 / 1520, abs=0.02)
+    assert 0 < fractions[0] and 0 < fractions[1]  # few draws (640 an epoch), some online (0.002, 0.009 here)
 
 
 def test_occupied_save_dir_is_refused(run_script, finetuned, tiny_hopper_hdf5, tiny_cql_checkpoints):
@@ -546,6 +547,23 @@ class CountingEnv:
     def step(self, action):
         self.t += 1
         return np.full(11, self.t, np.float32), 1.0, self.t == self.length, False, {}
+
+
+@BOTH
+def test_an_epochs_logged_metrics_are_the_means_over_its_updates(script):
+    calls, stop = [], {"signal": None}
+
+    def update():  # step k = 1, 2, ... returns k and k^2; a stop signal arrives during the third
+        calls.append(len(calls) + 1)
+        if len(calls) == 3 and stop.get("after_three"):
+            stop["signal"] = 15
+        return {"k": torch.tensor(float(len(calls))), "k2": torch.tensor(float(len(calls) ** 2))}
+
+    assert script.train_epoch(update, 4, False, stop, print) == ({"k": 2.5, "k2": 7.5}, 4)  # (1+2+3+4)/4, 30/4
+    calls.clear()
+    stop["after_three"] = True  # the signal ends the epoch after the update that was running: 3 done, not 4
+    means, done = script.train_epoch(update, 4, False, stop, print)
+    assert done == 3 and means == pytest.approx({"k": 2.0, "k2": 14 / 3}, rel=1e-6)  # (1+4+9)/3 in float32
 
 
 @BOTH
