@@ -115,7 +115,8 @@ def test_converted_weights_only_checkpoint_cannot_be_resumed_and_convert_refuses
 
 
 def test_final_eval_reproduces_each_runs_last_evaluation_and_tabulates_by_method(run_script, tiny_hopper_hdf5,
-                                                                                  tiny_cql_checkpoints, tmp_path):
+                                                                                  tiny_cql_checkpoints, tmp_path,
+                                                                                  monkeypatch):
     flags = ["--env", tiny_hopper_hdf5, "--checkpoints", tiny_cql_checkpoints, "--steps-per-epoch", "10",
              "--total-steps", "20", "--batch-size", "32", "--eval-episodes", "3", "--seed", "4",
              "--density-ratio-hidden-sizes", "16", "16"]
@@ -134,6 +135,13 @@ def test_final_eval_reproduces_each_runs_last_evaluation_and_tabulates_by_method
     for row, name in zip(rows, ("off2on", "upq")):
         last = read_rows(tmp_path / f"run_{name}" / "eval.csv")[-1]
         assert (row["return_mean"], row["normalized_mean"]) == (last["return"], last["normalized_score"])
+    # a row's spread: the sample std (ddof 1) of the episodes' normalised scores, here 10, 20 and 60 by construction
+    low, high = 0.0, 100.0
+    monkeypatch.setattr(final_eval, "env_and_references", lambda dataset_id, gym_env: ("Hopper-v5", low, high))
+    monkeypatch.setattr(final_eval.ft, "evaluate_ensemble", lambda actor, env_id, episodes, seed, device:
+                        torch.tensor([10.0, 20.0, 60.0]).numpy())
+    row = final_eval.evaluate_set(tmp_path / "sets" / "upq", 3, 7)
+    assert (row["normalized_mean"], row["normalized_std"]) == ("30.000", f"{700 ** 0.5:.3f}")  # sqrt(1400 / 2)
     table = (tmp_path / "final.md").read_text()
     for row in rows:  # one seed each: no spread; standard error = std over the 3 episodes / sqrt(3)
         error = float(row["normalized_std"]) / 3 ** 0.5
