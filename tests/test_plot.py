@@ -66,7 +66,8 @@ def test_a_series_that_matches_nothing_is_refused(tmp_path):
 def test_diagnostics_draw_u_q_and_the_penalty_from_metrics_csv(tmp_path, monkeypatch):
     for method, seed, penalty in (("off2on", 1, None), ("upq", 1, 0.001), ("upq", 2, 0.003)):
         folder = tmp_path / method / f"s{seed}"
-        write_csv(folder / "eval.csv", "step,return,normalized_score", ["0,1,10.0", "1000,2,20.0", "2000,3,30.0"])
+        start = 16.0 if seed == 2 else 10.0  # the step-0 scores of the three runs: 10, 10, 16
+        write_csv(folder / "eval.csv", "step,return,normalized_score", [f"0,1,{start}", "1000,2,20.0", "2000,3,30.0"])
         columns = "step,q_ensemble,uncertainty" + (",penalty_fraction" if penalty else "")
         rows = [f"{step},{100 * seed},{seed}" + (f",{penalty}" if penalty else "") for step in (1000, 2000)]
         write_csv(folder / "metrics.csv", columns, rows)
@@ -78,6 +79,10 @@ def test_diagnostics_draw_u_q_and_the_penalty_from_metrics_csv(tmp_path, monkeyp
         original(axis, runs, label, color)
 
     monkeypatch.setattr(plot, "draw_band", recording)
+    levels = []
+    original_level = plot.plt.Axes.axhline
+    monkeypatch.setattr(plot.plt.Axes, "axhline", lambda axis, y, **style: levels.append((y, style["label"])) or
+                        original_level(axis, y, **style))
     figure = tmp_path / "fig.png"
     plot.main(plot.Args(series=[f"hopper:Off2OnRL={tmp_path}/off2on/s*/eval.csv",
                                 f"hopper:UPQ={tmp_path}/upq/s*/eval.csv"], figure=str(figure),
@@ -85,9 +90,11 @@ def test_diagnostics_draw_u_q_and_the_penalty_from_metrics_csv(tmp_path, monkeyp
     assert figure.read_bytes()[:4] == b"\x89PNG"
     assert drawn == [  # scores, then U, Q^E and (UPQ only) beta U / |y| per seed, against env steps
         ("Off2OnRL", [[10.0, 20.0, 30.0]]), ("Off2OnRL", [[1.0, 1.0]]), ("Off2OnRL", [[100.0, 100.0]]),
-        ("UPQ", [[10.0, 20.0, 30.0]] * 2), ("UPQ", [[1.0, 1.0], [2.0, 2.0]]), ("UPQ", [[100.0, 100.0], [200.0, 200.0]]),
+        ("UPQ", [[10.0, 20.0, 30.0], [16.0, 20.0, 30.0]]), ("UPQ", [[1.0, 1.0], [2.0, 2.0]]),
+        ("UPQ", [[100.0, 100.0], [200.0, 200.0]]),
         ("UPQ", [[0.001, 0.001], [0.003, 0.003]]),
     ]
+    assert levels == [(12.0, "pre-trained ensemble, step 0 (12.0)")]  # --ensemble-level: the mean of 10, 10, 16
     metrics = plot.read_metrics(str(tmp_path / "upq" / "s2" / "eval.csv"))
     assert metrics["penalty_fraction"].tolist() == [0.003, 0.003] and metrics["step"].tolist() == [1000, 2000]
     assert plot.read_metrics(str(tmp_path / "none" / "eval.csv")) is None
