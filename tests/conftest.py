@@ -15,6 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("cql_pretrain.py", "off2on_finetune.py", "upq_finetune.py", "make_dataset.py")  # the top-level scripts
 sys.path.insert(0, str(REPO))
 
 

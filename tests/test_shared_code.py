@@ -5,12 +5,11 @@ training scripts."""
 
 import ast
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("cql_pretrain.py", "off2on_finetune.py", "upq_finetune.py", "make_dataset.py")
+from conftest import REPO, SCRIPTS
+
 CQL, OFF2ON, UPQ, DATASET = SCRIPTS
 SHARED_BLOCK = "# Shared machinery: "
 # name -> the groups of scripts whose definitions may differ from each other (within a group they must not)

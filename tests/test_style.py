@@ -7,9 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
-
-SCRIPTS = ["cql_pretrain.py", "off2on_finetune.py", "upq_finetune.py", "make_dataset.py"]
+from conftest import REPO, SCRIPTS
 
 
 def test_ruff_finds_nothing():
