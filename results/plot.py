@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,13 +102,18 @@ def draw_band(axis, runs: list[tuple[np.ndarray, np.ndarray]], label: str, color
     axis.fill_between(runs[0][0][:length], mean - std, mean + std, alpha=0.2, color=color)
 
 
+def natural_order(path: str) -> list:
+    """Sort key: runs of digits compare as numbers, so ".../off2on_seed2/..." comes before ".../off2on_seed10/..."."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
 def parse_series(spec: str) -> tuple[str, str, list[str]]:
     try:
         panel_label, pattern = spec.split("=", 1)
         panel, label = panel_label.split(":", 1)
     except ValueError:
         raise SystemExit(f"error: --series {spec!r} is not PANEL:LABEL=GLOB")
-    files = sorted(glob.glob(pattern))
+    files = sorted(glob.glob(pattern), key=natural_order)  # seed2 before seed10
     if not files:
         raise SystemExit(f"error: --series {spec!r} matches no file")
     return panel, label, files

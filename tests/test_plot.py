@@ -63,6 +63,14 @@ def test_a_series_that_matches_nothing_is_refused(tmp_path):
                             table=str(tmp_path / "t.md")))
 
 
+def test_a_series_lists_its_seeds_in_numeric_order(tmp_path):
+    for seed in (10, 2, 1):
+        write_csv(tmp_path / f"run_seed{seed}" / "eval.csv", "step,normalized_score", ["0,1.0"])
+    panel, label, files = plot.parse_series(f"P:L={tmp_path}/run_seed*/eval.csv")
+    assert (panel, label) == ("P", "L")
+    assert [Path(f).parent.name for f in files] == ["run_seed1", "run_seed2", "run_seed10"]
+
+
 def test_diagnostics_draw_u_q_and_the_penalty_from_metrics_csv(tmp_path, monkeypatch):
     for method, seed, penalty in (("off2on", 1, None), ("upq", 1, 0.001), ("upq", 2, 0.003)):
         folder = tmp_path / method / f"s{seed}"
