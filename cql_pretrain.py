@@ -83,8 +83,8 @@ class Algorithm:
     cql_temperature: float = 1.0
     """temperature of the logsumexp (official CQL)"""
     lagrange_threshold: float | None = None
-    """if set, tune the conservative weight by dual gradient so the gap stays at this value (official: off for
-    MuJoCo)"""
+    """if set, tune the conservative weight by dual gradient so the gap stays at this value;
+    official: off for MuJoCo"""
     bc_steps: int = 40_000
     """behaviour-cloning warm-up: gradient steps with the BC policy loss (official CQL "policy_eval_start")"""
     target_entropy: float | None = None
@@ -124,14 +124,14 @@ class Run:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available"""
     compile: bool = False
-    """torch.compile the losses (fuses the elementwise work; on 2 CPU cores, N = 4: +30% updates/s after ~1 min of
-    compilation)"""
+    """torch.compile the losses (fuses the elementwise work);
+    on 2 CPU cores, N = 4: +30% updates/s after ~1 min of compilation"""
     cuda_graph: bool = True
-    """on cuda, record the whole update (sampling, noise, losses, Adam, target update) once per phase as a CUDA graph
-    and replay it"""
+    """on cuda, record the whole update (sampling, noise, losses, Adam, target update),
+    once per phase, as a CUDA graph and replay it"""
     capture_video: bool = False
-    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL); MuJoCo
-    renders offscreen through MUJOCO_GL (egl unless set)"""
+    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL);
+    MuJoCo renders offscreen through MUJOCO_GL (egl unless set)"""
     video_every: int = 0
     """with --capture-video, also record every this many evaluations (0: only the last)"""
     torch_deterministic: bool = True

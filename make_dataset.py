@@ -89,8 +89,8 @@ class Args:
     policy_lr: float = 3e-4
     """actor learning rate (CleanRL)"""
     q_lr: float = 1e-3
-    """critic and temperature learning rate (CleanRL; with the SAC paper's 3e-4 a Hopper run stayed at return ~330
-    for 140k steps here)"""
+    """critic and temperature learning rate (CleanRL);
+    with the SAC paper's 3e-4 a Hopper run stayed at return ~330 for 140k steps here"""
     policy_frequency: int = 2
     """actor updated every this many steps, that many times (CleanRL's delayed update)"""
     target_network_frequency: int = 1

@@ -82,13 +82,13 @@ class Algorithm:
     target_entropy: float | None = None
     """SAC target entropy (default -|A|, Off2OnRL official); log alpha starts at 0, not at the CQL value (SPEC)"""
     balanced_replay: bool = True
-    """sample by density-ratio priorities (Off2OnRL official); --no-balanced-replay: uniform over offline and
-    online data (paper's Algorithm 1)"""
+    """sample by density-ratio priorities (Off2OnRL official);
+    --no-balanced-replay: uniform over offline and online data (paper's Algorithm 1)"""
     online_buffer_size: int = 250_000
     """online transitions kept, the oldest overwritten beyond it (Off2OnRL official)"""
     init_online_fraction: float = 0.5
-    """f, the online share of the batches right after epoch 0's data arrives; sets the first P_max (Off2OnRL
-    official)"""
+    """f, the online share of the batches right after epoch 0's data arrives;
+    sets the first P_max (Off2OnRL official)"""
     priority_temperature: float = 5.0
     """T: a transition's priority is w^(1/T) over the offline mean of w^(1/T) (Off2OnRL official)"""
     density_ratio_lr: float = 3e-4
@@ -102,8 +102,8 @@ class Run:
     """The run: data, checkpoints, folders, device, logging"""
 
     env: str = "hopper-medium-v2"
-    """offline dataset replayed beside the online data: a D4RL name, a Minari id or a D4RL-layout .hdf5
-    file (paper: D4RL v2)"""
+    """offline dataset replayed beside the online data:
+    a D4RL name, a Minari id or a D4RL-layout .hdf5 file (paper: D4RL v2)"""
     gym_env: str | None = None
     """gymnasium env to fine-tune and evaluate on (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
     checkpoints: Annotated[str | None, tyro.conf.arg(
@@ -112,16 +112,16 @@ class Run:
     seed: int = 1
     """seed of the density-ratio net, the batches, the action noise and the envs"""
     eval_episodes: int = 5
-    """deterministic episodes of tanh(mean of pi^E) before fine-tuning and after every epoch (Off2OnRL
-    official: 5,000 steps)"""
+    """deterministic episodes of tanh(mean of pi^E) before fine-tuning and after every epoch;
+    Off2OnRL official: 5,000 steps"""
     save_every: int = 10
     """save the fine-tuned agents every this many epochs (and at the end, and on Ctrl-C)"""
     exp_name: str = "off2on"
-    """prefix of the run's name: runs/<exp-name>__<env>__<seed>__<time> and
-    checkpoints/<exp-name>__<env>__seed<seed> (CleanRL)"""
+    """prefix of the run's name (CleanRL):
+    runs/<exp-name>__<env>__<seed>__<time> and checkpoints/<exp-name>__<env>__seed<seed>"""
     save_dir: str | None = None
-    """where checkpoint.pt goes: the fine-tuned agents and all --resume needs (default
-    checkpoints/<exp-name>__<env>__seed<seed>)"""
+    """where checkpoint.pt goes: the fine-tuned agents and all --resume needs;
+    default checkpoints/<exp-name>__<env>__seed<seed>"""
     run_dir: str | None = None
     """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>;
     with --resume, the saved run's)"""
@@ -134,8 +134,8 @@ class Run:
     cuda_graph: bool = True
     """on cuda, record each epoch's update step once as a CUDA graph and replay it (the same kernels, less overhead)"""
     capture_video: bool = False
-    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL); MuJoCo
-    renders offscreen through MUJOCO_GL (egl unless set)"""
+    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL);
+    MuJoCo renders offscreen through MUJOCO_GL (egl unless set)"""
     video_every: int = 0
     """with --capture-video, also record every this many evaluations (0: only the last)"""
     torch_deterministic: bool = True

@@ -42,8 +42,8 @@ class Args:
     warmup: int = 0
     """untimed updates first (0: 3 on CPU, 50 on GPU; torch.compile compiles here)"""
     min_seconds: float = 0
-    """time whole rounds of --steps updates until at least this long (0: 10 s on CPU, 2 s on GPU; a shared CPU's
-    speed drifts)"""
+    """time whole rounds of --steps updates until at least this long;
+    0: 10 s on CPU, 2 s on GPU (a shared CPU's speed drifts)"""
     dataset_size: int = 1_000_000
     """transitions of the synthetic offline dataset held in memory"""
     hidden_sizes: tuple[int, ...] = (256, 256)
@@ -53,8 +53,8 @@ class Args:
     out: str = "benchmarks/results.csv"
     """CSV written here"""
     only: str | None = None
-    """internal: run one measurement (matmul, cql:N, cql_eager:N, cql_compiled:N, off2on:N, upq:N) here and print
-    JSON"""
+    """internal: run one measurement here and print JSON;
+    one of matmul, cql:N, cql_eager:N, cql_compiled:N, off2on:N, upq:N"""
 
 
 def mlp_macs(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> int:

@@ -48,11 +48,12 @@ class Args:
     diagnostics: bool = False
     """add rows for U, Q^E and beta U / |y| (metrics.csv of the fine-tuning runs) below the score curves"""
     final_evals: int = 1
-    """a fine-tuning seed's final score: the mean of its last this many evaluations (1: the last one; more averages
-    over the policy's changes from epoch to epoch); a pre-training file always gives its last"""
+    """a fine-tuning seed's final score: the mean of its last this many evaluations;
+    1: the last one, more: an average over the policy's changes from epoch to epoch;
+    a pre-training file always gives its last"""
     early_steps: int = 0
-    """if > 0, a second table: each fine-tuning series' lowest score at env steps 1 .. early_steps (the early drop
-    the paper reports for Off2OnRL), mean ± std over seeds"""
+    """if > 0, a second table (the early drop the paper reports for Off2OnRL):
+    each fine-tuning series' lowest score at env steps 1 .. early_steps, mean ± std over seeds"""
 
 
 DIAGNOSTICS = {"uncertainty": "U(s', a'), mean", "q_ensemble": "Q^E(s, a)", "penalty_fraction": "beta U / |y|"}

@@ -16,13 +16,19 @@ def test_ruff_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_every_flag_help_reads_as_one_paragraph(script):
-    # tyro joins a flag docstring's lines with spaces, but keeps the break before a line that does not start with a
-    # letter ("(paper: 4)", "5,000 steps"): the --help would show a line cut in the middle of a sentence
+TOOLS = ("results/plot.py", "results/stats.py", "results/convert_set.py", "results/evidence/final_eval.py",
+         "benchmarks/bench_updates.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS + TOOLS)
+def test_every_flag_help_breaks_lines_between_clauses(script):
+    # tyro (1.0.16) keeps every line break of a flag's docstring in --help: it joins lines only where a line starts
+    # with a letter, and looks before removing the class body's indentation. So each line but the last ends a clause
+    # (",", ";", ":" or "."), and --help shows "... as Eq. (5) is printed," / "instead of ...", never "... Eq. (6)
+    # is" / "printed".
     tree = ast.parse((REPO / script).read_text())
     for cls in (node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)):
         for field, doc in zip(cls.body, cls.body[1:]):
             if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
-                for line in doc.value.value.splitlines()[1:]:
-                    assert line.strip()[:1].isalpha(), f"{script}, --{field.target.id}: {line.strip()!r}"
+                for line in doc.value.value.splitlines()[:-1]:
+                    assert line.rstrip().endswith((",", ";", ":", ".")), f"{script}, --{field.target.id}: {line!r}"

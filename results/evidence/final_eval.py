@@ -45,11 +45,11 @@ class Args:
     eval_seed: int = 100_000
     """episode e starts from env seed eval_seed + e, for every set (a run's own evaluations use --seed + 10,000 + e)"""
     csv: str | None = None
-    """write one row per set here: its method, seed, env steps, and the mean and std of the normalised score over
-    episodes (required: no default, so that no run writes over the study's results/evidence/final_eval.csv)"""
+    """write one row per set here: its method, seed, env steps, and the mean and std of the normalised score;
+    required: no default, so that no run writes over the study's results/evidence/final_eval.csv"""
     table: str | None = None
-    """write here, per method, the mean ± std over seeds of the runs' scores and the runs' mean standard error over
-    episodes (required, as --csv)"""
+    """write here, per method, the mean ± std over seeds of the runs' scores,
+    and the runs' mean standard error over episodes (required, as --csv)"""
 
 
 def method_of(meta: dict) -> str:
