@@ -1,5 +1,5 @@
-# The script that ran seeds 6-10 of the 20k study on an H200 on 2026-11-29 (the body as run, this header added), from the repository root,
-# with the image's missing wheels and the dataset in .devcarry/ (git-ignored):
+# The script that ran seeds 6-10 of the 20k study on an H200 on 2026-11-29 (the body as run, this header added),
+# from the repository root, with the image's missing wheels and the dataset in .devcarry/ (git-ignored):
 #   MPS=1 STEPS=20000 SEEDS="6 7 8 9 10" METHODS="off2on upq:0.1 upq:0.01 upq:0.001" RUN_S=380 EVAL_S=70 \
 #     bash finetune_20_runs.sh
 # All runs at once under CUDA MPS, then each run's final pi^E over 100 episodes; logs and run folders into runs.tgz.
