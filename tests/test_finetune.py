@@ -484,21 +484,28 @@ def test_nan_loss_stops_the_run_before_anything_is_saved(run_script, tiny_hopper
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_run_end_to_end_with_and_without_cuda_graphs(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path):
-    """The recorded update (from the 4th step of every epoch on) does what the eager one does, with the same draws."""
+    """The recorded update (from the 4th step of every epoch on) does what the eager one does, with the same draws,
+    and a graphed run stopped after its first epoch resumes to the uninterrupted one, bit for bit."""
     saved = {}
-    for name, flag in (("graph", "--cuda-graph"), ("eager", "--no-cuda-graph")):
-        result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "20", "--device",
-                            "cuda", flag, "--checkpoints", tiny_cql_checkpoints, "--save-dir", tmp_path / name,
-                            "--run-dir", tmp_path / f"run_{name}")
+    runs = {"graph": ["--total-steps", "20"], "eager": ["--no-cuda-graph", "--total-steps", "20"],
+            "first_half": ["--total-steps", "10"], "resumed": ["--total-steps", "20", "--resume"]}
+    for name, flags in runs.items():
+        folder = "resumed" if name == "first_half" else name
+        result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, *flags, "--device", "cuda",
+                            "--checkpoints", tiny_cql_checkpoints, "--save-dir", tmp_path / folder,
+                            "--run-dir", tmp_path / f"run_{folder}")
         assert result.returncode == 0, result.stderr
-        assert [r["step"] for r in read_rows(tmp_path / f"run_{name}" / "eval.csv")] == ["0", "10", "20"]
         assert "on cuda" in result.stdout
-        saved[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        saved[folder] = torch.load(tmp_path / folder / "checkpoint.pt", weights_only=True)
+    for name in ("graph", "eager", "resumed"):
+        assert [r["step"] for r in read_rows(tmp_path / f"run_{name}" / "eval.csv")] == ["0", "10", "20"]
     graph, eager = saved["graph"], saved["eager"]
     assert torch.equal(graph["generator"], eager["generator"])
     for net in ("actor", "critic", "target_critic"):
         for key in eager[net]:
             assert torch.allclose(graph[net][key], eager[net][key], rtol=1e-4, atol=1e-6)
+    assert_same_tensors(saved["resumed"], graph)  # networks, temperature, Adam moments, replay, random stream
+    assert read_rows(tmp_path / "run_resumed" / "eval.csv") == read_rows(tmp_path / "run_graph" / "eval.csv")
 
 
 # --------------------------------------------------------------------------- the official code's last details
