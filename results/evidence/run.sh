@@ -20,7 +20,9 @@
 #                                                 # whose checkpoints are in $CKPT; then fig2.png, table.md
 #                                                 # and final_eval.csv / .md (each run's last pi^E, 100 episodes)
 #                                                 # and stats.md / .csv (rliable: IQM, mean, P(UPQ > Off2OnRL))
-#                                                 # (SEEDS="4 5" METHODS="off2on upq:0.1": more seeds of some)
+#                                                 # (SEEDS="4 5" METHODS="off2on upq:0.1": more seeds of some;
+#                                                 # JOBS=20 SEEDS="6 7 8 9 10" EXTRA="--device cuda": 20 runs at once
+#                                                 # on one GPU, best under CUDA MPS, nvidia-cuda-mps-control -d)
 #   STEPS=200000 SUB=budget200k/ SEEDS="1 2 3" METHODS="off2on upq:0.001" STAGE=finetune bash results/evidence/run.sh
 #                                                 # the paper's online budget (200 epochs): runs in $OUT/budget200k/
 #                                                 # (PLOT_METHODS="off2on upq:0.001": the figure's and tables' methods)
