@@ -47,7 +47,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -87,8 +87,9 @@ class Algorithm:
     official: off for MuJoCo"""
     bc_steps: int = 40_000
     """behaviour-cloning warm-up: gradient steps with the BC policy loss (official CQL "policy_eval_start")"""
-    target_entropy: float | None = None
-    """SAC target entropy (default -|A|, official CQL)"""
+    target_entropy: Annotated[float | None, tyro.conf.arg(
+        help_behavior_hint="(default: -|A|, official CQL)")] = None
+    """SAC target entropy"""
 
 
 @dataclass
@@ -98,8 +99,9 @@ class Run:
     env: str = "hopper-medium-v2"
     """dataset: a D4RL name (hopper-medium-v2, walker2d-medium-replay-v2, ...), a Minari id (mujoco/hopper/medium-v0,
     local/hopper/medium-v0 from make_dataset.py) or a path to a D4RL-layout .hdf5 file"""
-    gym_env: str | None = None
-    """gymnasium env used for evaluation (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
+    gym_env: Annotated[str | None, tyro.conf.arg(
+        help_behavior_hint="(default: the dataset's own; Hopper-v5 etc. for D4RL names)")] = None
+    """gymnasium env used for evaluation"""
     seed: int = 1
     """base seed: agent k uses seed + k"""
     eval_every: int = 10_000
@@ -112,11 +114,12 @@ class Run:
     """a training line (and a metrics.csv row) every this many gradient steps, and at least every minute"""
     exp_name: str = "cql_pretrain"
     """prefix of the run folder's name, runs/<exp-name>__<env>__<seed>__<time> (CleanRL)"""
-    save_dir: str | None = None
-    """where checkpoint.pt goes (default checkpoints/<env>__seed<seed>, where the fine-tuning scripts look)"""
-    run_dir: str | None = None
-    """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>;
-    with --resume, the saved run's)"""
+    save_dir: Annotated[str | None, tyro.conf.arg(
+        help_behavior_hint="(default: checkpoints/<env>__seed<seed>, where the fine-tuning scripts look)")] = None
+    """where checkpoint.pt goes"""
+    run_dir: Annotated[str | None, tyro.conf.arg(
+        help_behavior_hint="(default: runs/<exp-name>__<env>__<seed>__<time>; with --resume, the saved run's)")] = None
+    """where eval.csv, metrics.csv, train.log and config.json go"""
     resume: bool = False
     """continue the run saved in --save-dir (the same numbers as an uninterrupted run, on the same kind of device)"""
     overwrite: bool = False

@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, NoReturn, Optional
+from typing import Annotated, Callable, Literal, NoReturn, Optional
 from unittest import mock
 
 import gymnasium as gym
@@ -56,8 +56,9 @@ class Args:
     """gymnasium MuJoCo env id with Box spaces (its spec is recorded, so dataset.recover_environment() works)"""
     kind: Literal["random", "medium", "medium-replay", "expert", "medium-expert"] = "medium"
     """which D4RL-style dataset to write (see the module docstring)"""
-    dataset_id: Optional[str] = None
-    """Minari id to write; default local/<body>/<kind>-v0, e.g. local/hopper/medium-v0"""
+    dataset_id: Annotated[Optional[str], tyro.conf.arg(
+        help_behavior_hint="(default: local/<body>/<kind>-v0, e.g. local/hopper/medium-v0)")] = None
+    """Minari id to write"""
     num_steps: int = 1_000_000
     """transitions to collect, at least 1 (D4RL: 1M; medium-expert takes this many from medium and from expert;
     ignored by medium-replay)"""
@@ -65,11 +66,13 @@ class Args:
     """seed of env resets, actions and SAC; same seed and flags give identical datasets"""
     overwrite: bool = False
     """replace a dataset with this id (else refuse), kept until the new one is whole; never retrains a saved SAC run"""
-    max_episode_steps: Optional[int] = None
-    """time limit of an episode; default the env's own (1000 for the MuJoCo locomotion envs)"""
-    target_return: Optional[float] = None
-    """evaluation return at which SAC counts as 'medium'; default D4RL's medium-v2 mean return: hopper 1422,
-    halfcheetah 4770, walker2d 3000 (required for other bodies)"""
+    max_episode_steps: Annotated[Optional[int], tyro.conf.arg(
+        help_behavior_hint="(default: the env's own, 1000 for the MuJoCo locomotion envs)")] = None
+    """time limit of an episode"""
+    target_return: Annotated[Optional[float], tyro.conf.arg(
+        help_behavior_hint="(default: D4RL's medium-v2 mean return: hopper 1422, halfcheetah 4770, walker2d 3000; "
+                           "required for other bodies)")] = None
+    """evaluation return at which SAC counts as 'medium'"""
     total_timesteps: int = 1_000_000
     """SAC step budget: the cap for reaching the medium target, and the training length for expert (D4RL: 1M)"""
     eval_frequency: int = 10_000

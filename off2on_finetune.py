@@ -61,8 +61,9 @@ import tyro
 class Algorithm:
     """The method (defaults: the official Off2OnRL code; SPEC.md section 2)"""
 
-    num_agents: int | None = None
-    """N: fine-tune the first N agents of the checkpoint (default: all of them; paper: 4)"""
+    num_agents: Annotated[int | None, tyro.conf.arg(
+        help_behavior_hint="(default: all of them; paper: 4)")] = None
+    """N: fine-tune the first N agents of the checkpoint"""
     total_steps: int = 200_000
     """online env steps (paper: 200 epochs x 1,000 steps)"""
     steps_per_epoch: int = 1_000
@@ -79,8 +80,9 @@ class Algorithm:
     """Adam learning rate of the N actors (trained jointly through pi^E) and of the temperature (Off2OnRL official)"""
     critic_lr: float = 3e-4
     """Adam learning rate of the 2N critics (Off2OnRL official)"""
-    target_entropy: float | None = None
-    """SAC target entropy (default -|A|, Off2OnRL official); log alpha starts at 0, not at the CQL value (SPEC)"""
+    target_entropy: Annotated[float | None, tyro.conf.arg(
+        help_behavior_hint="(default: -|A|, Off2OnRL official)")] = None
+    """SAC target entropy; log alpha starts at 0, not at the CQL value (SPEC)"""
     balanced_replay: bool = True
     """sample by density-ratio priorities (Off2OnRL official);
     --no-balanced-replay: uniform over offline and online data (paper's Algorithm 1)"""
@@ -104,8 +106,9 @@ class Run:
     env: str = "hopper-medium-v2"
     """offline dataset replayed beside the online data:
     a D4RL name, a Minari id or a D4RL-layout .hdf5 file (paper: D4RL v2)"""
-    gym_env: str | None = None
-    """gymnasium env to fine-tune and evaluate on (default: the dataset's own; Hopper-v5 etc. for D4RL names)"""
+    gym_env: Annotated[str | None, tyro.conf.arg(
+        help_behavior_hint="(default: the dataset's own; Hopper-v5 etc. for D4RL names)")] = None
+    """gymnasium env to fine-tune and evaluate on"""
     checkpoints: Annotated[str | None, tyro.conf.arg(
         help_behavior_hint="(default: checkpoints/<env>__seed1, cql_pretrain.py's default --save-dir)")] = None
     """cql_pretrain.py's agents: its --save-dir or the checkpoint.pt in it, e.g. checkpoints/hopper-medium-v2__seed1"""
@@ -119,12 +122,12 @@ class Run:
     exp_name: str = "off2on"
     """prefix of the run's name (CleanRL):
     runs/<exp-name>__<env>__<seed>__<time> and checkpoints/<exp-name>__<env>__seed<seed>"""
-    save_dir: str | None = None
-    """where checkpoint.pt goes: the fine-tuned agents and all --resume needs;
-    default checkpoints/<exp-name>__<env>__seed<seed>"""
-    run_dir: str | None = None
-    """where eval.csv, metrics.csv, train.log and config.json go (default runs/<exp-name>__<env>__<seed>__<time>;
-    with --resume, the saved run's)"""
+    save_dir: Annotated[str | None, tyro.conf.arg(
+        help_behavior_hint="(default: checkpoints/<exp-name>__<env>__seed<seed>)")] = None
+    """where checkpoint.pt goes: the fine-tuned agents and all --resume needs"""
+    run_dir: Annotated[str | None, tyro.conf.arg(
+        help_behavior_hint="(default: runs/<exp-name>__<env>__<seed>__<time>; with --resume, the saved run's)")] = None
+    """where eval.csv, metrics.csv, train.log and config.json go"""
     resume: bool = False
     """continue the run saved in --save-dir (same numbers as an uninterrupted run, on the same kind of device)"""
     overwrite: bool = False

@@ -24,6 +24,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -44,12 +45,14 @@ class Args:
     """evaluation episodes per set (the runs' own evaluations: 5)"""
     eval_seed: int = 100_000
     """episode e starts from env seed eval_seed + e, for every set (a run's own evaluations use --seed + 10,000 + e)"""
-    csv: str | None = None
+    csv: Annotated[str | None, tyro.conf.arg(
+        help_behavior_hint="(required)")] = None
     """write one row per set here: its method, seed, env steps, and the mean and std of the normalised score;
-    required: no default, so that no run writes over the study's results/evidence/final_eval.csv"""
-    table: str | None = None
+    no default, so that no run writes over the study's results/evidence/final_eval.csv"""
+    table: Annotated[str | None, tyro.conf.arg(
+        help_behavior_hint="(required)")] = None
     """write here, per method, the mean ± std over seeds of the runs' scores,
-    and the runs' mean standard error over episodes (required, as --csv)"""
+    and the runs' mean standard error over episodes"""
 
 
 def method_of(meta: dict) -> str:
