@@ -172,3 +172,11 @@ def test_final_eval_table_is_mean_and_std_over_seeds_and_refuses_mixed_steps():
     assert table.index("Off2OnRL") < table.index("UPQ")
     with pytest.raises(SystemExit, match="different env steps"):
         final_eval.method_table([row("Off2OnRL", 1, 10.0, 4.0), row("Off2OnRL", 2, 20.0, 6.0, steps=2000)])
+
+
+def test_final_eval_takes_each_globs_folders_in_numeric_order(tmp_path):
+    for name in ("off2on_seed10", "off2on_seed2", "off2on_seed1"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "off2on_seed3.log").write_text("")  # a file beside the folders is not a set
+    folders = final_eval.set_folders([str(tmp_path / "off2on_seed*")])
+    assert [folder.name for folder in folders] == ["off2on_seed1", "off2on_seed2", "off2on_seed10"]

@@ -31,7 +31,9 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import upq_finetune as ft  # noqa: E402  (off2on_finetune.py saves the same checkpoint layout)
+from plot import natural_order  # noqa: E402  (results/plot.py: seed2 before seed10, as in the figure and tables)
 
 COLUMNS = ["set", "method", "seed", "env_steps", "episodes", "eval_seed", "return_mean", "normalized_mean",
            "normalized_std"]
@@ -122,13 +124,19 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def set_folders(patterns: list[str]) -> list[Path]:
+    """The folders that --sets names, each glob's matches in natural order (seed2 before seed10)."""
+    return [Path(path) for pattern in patterns for path in sorted(glob.glob(pattern), key=natural_order)
+            if Path(path).is_dir()]
+
+
 def main(args: Args) -> None:
     if args.episodes < 1:
         ft.fail(f"--episodes must be >= 1, not {args.episodes}")
     if not args.csv or not args.table:
         ft.fail("give --csv and --table, the files to write (the study's own are results/evidence/final_eval.csv "
                 "and .md)")
-    folders = [Path(path) for pattern in args.sets for path in sorted(glob.glob(pattern)) if Path(path).is_dir()]
+    folders = set_folders(args.sets)
     if not folders:
         ft.fail("no set to score: give --sets with folders (or globs of them) that fine-tuning runs saved")
     rows = []
