@@ -9,7 +9,8 @@ DEVICE=${DEVICE:-cuda}
 if [ "${MPS:-0}" = 1 ]; then export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
   mkdir -p /tmp/mps /tmp/mpslog; nvidia-cuda-mps-control -d; fi
 mkdir -p /tmp/logs /tmp/ckpt
-(while sleep 15; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done) > /tmp/logs/gpu_util.txt 2>&1 &
+(while sleep 15; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done) \
+  > /tmp/logs/gpu_util.txt 2>&1 &
 names=(); pids=()
 for seed in $SEEDS; do for method in $METHODS; do
   name=${method/:/_beta}_seed$seed; names+=("$name")
