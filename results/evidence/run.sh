@@ -27,14 +27,20 @@
 #                                                 # the paper's online budget (200 epochs): runs in $OUT/budget200k/
 #                                                 # (PLOT_METHODS="off2on upq:0.001": the figure's and tables' methods)
 #
-# Everything lands in results/evidence/: the agents (cql_agents/checkpoint.pt) and one folder per run with its
+# KIND=medium-expert OUT=results/medium_expert runs the same stages on Hopper medium-expert (issue "Test the paper
+# where it claims most"): STAGE=data makes D4RL's medium and expert halves side by side (SAC seed 0 to the medium
+# level; SAC seed 1 for 150k steps, its best evaluation rolled out), 1M transitions each, then their union.
+#
+# Everything lands in $OUT (default results/evidence/): the agents (cql_agents/checkpoint.pt) and one folder per run with its
 # eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside git ($CKPT, default
 # runs/evidence).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=results/evidence
-DATA=$OUT/hopper_medium_replay-v2.hdf5
-CKPT=${CKPT:-runs/evidence}
+KIND=${KIND:-medium-replay}   # the D4RL-style dataset: medium-replay or medium-expert
+OUT=${OUT:-results/evidence}
+DATA=$OUT/hopper_${KIND//-/_}-v2.hdf5
+TASK="Hopper $KIND"
+CKPT=${CKPT:-runs/$(basename "$OUT")}
 STEPS=${STEPS:-20000}   # env steps of fine-tuning (the paper: 200,000)
 SUB=${SUB:-}            # a subfolder of $OUT and $CKPT for the runs (e.g. budget200k/)
 read -r -a extra <<< "${EXTRA:-}"
@@ -42,20 +48,27 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 case ${STAGE:?STAGE=data, cql or finetune} in
 data)
-  python make_dataset.py --env Hopper-v5 --kind medium-replay
-  python - "$DATA" <<'EOF'
+  if [[ $KIND == medium-expert ]]; then  # the two halves in parallel, one core each, then their union
+    python make_dataset.py --env Hopper-v5 --kind medium --seed 0 &
+    medium=$!
+    python make_dataset.py --env Hopper-v5 --kind expert --seed 1 --total-timesteps 150000
+    wait $medium
+  fi
+  python make_dataset.py --env Hopper-v5 --kind "$KIND"
+  python - "$DATA" "$KIND" <<'EOF'
 import sys
 
 import h5py
 
 from cql_pretrain import read_minari  # the transitions exactly as the training scripts read a Minari dataset
 
-data = read_minari("local/hopper/medium-replay-v0")[0]
+data = read_minari(f"local/hopper/{sys.argv[2]}-v0")[0]
 with h5py.File(sys.argv[1], "w") as f:
     for key, array in data.items():
         f.create_dataset(key, data=array, compression="gzip", compression_opts=9)
 print(f"wrote {sys.argv[1]}: {len(data['rewards']):,} transitions")
 EOF
+  md5sum "$DATA"
   ;;
 cql)
   python cql_pretrain.py --env "$DATA" --num-agents 4 --total-steps "${CQL_STEPS:-40000}" --bc-steps 10000 \
@@ -81,10 +94,10 @@ finetune)
     done
   done
   for job in "${jobs[@]}"; do wait "$job"; done
-  series=("Hopper medium-replay:CQL agents=$OUT/cql/eval.csv"); sets=()
+  series=("$TASK:CQL agents=$OUT/cql/eval.csv"); sets=()
   for method in ${PLOT_METHODS:-off2on upq:0.1 upq:0.01 upq:0.001}; do  # the methods of the figure and tables
     label=Off2OnRL; [[ $method == upq:* ]] && label="UPQ beta ${method#upq:}"
-    series+=("Hopper medium-replay:$label=${RUNS}${method/:/_beta}_seed*/eval.csv")
+    series+=("$TASK:$label=${RUNS}${method/:/_beta}_seed*/eval.csv")
     sets+=("$CKPT/$SUB${method/:/_beta}_seed*")
   done
   python results/plot.py --figure "${RUNS}fig2.png" --table "${RUNS}table.md" --ensemble-level --diagnostics \
