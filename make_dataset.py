@@ -23,7 +23,6 @@ Example:
     python -c "import minari; print(minari.load_dataset('local/hopper/medium-v0'))"
 """
 
-import fcntl
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Literal, NoReturn, Optional
+from typing import Annotated, Callable, Literal, Optional
 from unittest import mock
 
 import gymnasium as gym
@@ -48,6 +47,8 @@ from minari.data_collector import EpisodeBuffer
 from minari.dataset.minari_dataset import gen_dataset_id, parse_dataset_id
 from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
+
+from plumbing import D4RL_REF_SCORES, check_flags, duration, fail, hold_lock, progress
 
 
 @dataclass
@@ -104,11 +105,6 @@ class Args:
     """auto-tune the temperature towards entropy -|A| (CleanRL)"""
 
 
-D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-}
 # Mean episode return of D4RL's medium-v2 datasets: the default medium target.
 D4RL_MEDIUM_RETURN = {"hopper": 1422.0, "halfcheetah": 4770.0, "walker2d": 3000.0}
 # Episode i of a phase resets with seed + offset + i: phases never share start states, and every
@@ -665,69 +661,6 @@ def main(args: Args) -> None:
         episodes, algorithm, metadata = make_episodes(args, args.kind, run_path, target_return)
         write_dataset(args, dataset_id, episodes, args.kind, algorithm, reference_scores(args, body, run_path),
                       metadata)
-
-
-# ==== Shared helpers: the same definitions, byte for byte, in cql_pretrain.py, off2on_finetune.py,
-# ==== upq_finetune.py (tests/test_shared_code.py)
-FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence refusal states them
-    "> 0": lambda v: v > 0,
-    ">= 0": lambda v: v >= 0,
-    ">= 1": lambda v: v >= 1,
-    "in [0, 1)": lambda v: 0 <= v < 1,
-    "in (0, 1]": lambda v: 0 < v <= 1,
-    "in (0, 1)": lambda v: 0 < v < 1,
-}
-
-
-def fail(message: str) -> NoReturn:
-    """Stop with one clear sentence on stderr and exit code 1."""
-    raise SystemExit(f"error: {message}")
-
-
-def check_flags(args, ranges: dict[str, str]) -> None:
-    """Refuse, in one sentence naming the flag, a numeric flag outside its range (NaN and inf included)."""
-    for name, allowed in ranges.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        values = value if isinstance(value, tuple) else (value,)
-        if not values or not all(math.isfinite(v) and FLAG_RANGES[allowed](v) for v in values):
-            shown = " ".join(map(str, values)) or "(nothing)"
-            each = " each, at least one value" if isinstance(value, tuple) else ""
-            fail(f"--{name.replace('_', '-')} must be {allowed}{each}, not {shown}")
-
-
-def hold_lock(path: Path, what: str, advice: str):
-    """Hold an OS lock (flock) on the file `path`, this process's pid inside, while the process lives; the OS drops it
-    when the process ends, however it ends. If another process holds it: "<what> is in use by another run (process
-    PID): <advice>". Returns the open file, to keep."""
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        fail(f"{what} is in use by another run (process {handle.read().strip() or '?'}): {advice}")
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
-def duration(seconds: float) -> str:
-    """1h02m, 3m05s, 12s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def progress(done: int, total: int, done_at_start: int, started: float, unit: str) -> str:
-    """'12,000/200,000 steps (6%), 4m10s elapsed, 48.0 steps/s, ETA 1h05m': this session's speed."""
-    elapsed = time.perf_counter() - started
-    speed = (done - done_at_start) / max(elapsed, 1e-9)
-    eta = duration((total - done) / speed) if speed > 0 else "?"
-    return (f"{done:,}/{total:,} {unit} ({100 * done / max(total, 1):.0f}%), {duration(elapsed)} elapsed, "
-            f"{speed:.1f} {unit}/s, ETA {eta}")
 
 
 if __name__ == "__main__":
