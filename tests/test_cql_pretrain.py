@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import cql_pretrain as cql
+import plumbing
 import upq_finetune as upq
 from conftest import (
     assert_refused,
@@ -78,7 +79,7 @@ def test_gap_target_and_policy_loss_by_hand():
 
 
 def test_normalized_score_uses_d4rl_reference_returns():
-    low, high = cql.D4RL_REF_SCORES["hopper"]
+    low, high = plumbing.D4RL_REF_SCORES["hopper"]
     assert cql.normalized_score([low, high, 1000.0], low, high).tolist() == pytest.approx(
         [0.0, 100.0, 100 * (1000.0 + 20.272305) / (3234.3 + 20.272305)])
     assert np.isnan(cql.normalized_score([1.0], None, None)).all()
@@ -344,7 +345,7 @@ def test_smoke_run_writes_one_checkpoint_and_eval_csv(trained):
     rows = read_rows(root / "run_a" / "eval.csv")
     assert [(r["step"], r["agent"]) for r in rows] == [(s, a) for s in ("0", "20", "30")
                                                        for a in ("0", "1", "ensemble")]
-    low, high = cql.D4RL_REF_SCORES["hopper"]
+    low, high = plumbing.D4RL_REF_SCORES["hopper"]
     for row in rows:
         expected = 100 * (float(row["return"]) - low) / (high - low)
         assert float(row["normalized_score"]) == pytest.approx(expected, abs=1e-2)
