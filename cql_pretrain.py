@@ -31,9 +31,9 @@ import functools
 import math
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Literal
 
 import numpy as np
@@ -41,29 +41,8 @@ import torch
 import torch.nn as nn
 import tyro
 
-from plumbing import (
-    CHECKPOINT,
-    TRANSITION_KEYS,
-    OfflineData,
-    catch_stop_signals,
-    check_flags,
-    check_resumed_flags,
-    check_video,
-    cuda_graphed,
-    duration,
-    exit_stopped,
-    fail,
-    flat_args,
-    load_offline_data,
-    lockstep_returns,
-    open_run_logs,
-    pick_device,
-    prepare_folders,
-    progress,
-    save_checkpoint,
-    start_wandb,
-    video_folder,
-)
+import plumbing
+from plumbing import CHECKPOINT, fail
 
 
 @dataclass
@@ -161,6 +140,23 @@ class Run:
 class Args:
     algorithm: Algorithm = field(default_factory=Algorithm)
     run: Run = field(default_factory=Run)
+
+
+FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
+    "algorithm": dict(num_agents=">= 1", total_steps=">= 1", batch_size=">= 1", hidden_sizes=">= 1",
+                      gamma="in [0, 1)", tau="in (0, 1]", critic_lr="> 0", policy_lr="> 0", min_q_weight=">= 0",
+                      num_random=">= 1", cql_temperature="> 0", bc_steps=">= 0"),
+    "run": dict(seed=">= 0", video_every=">= 0", eval_every=">= 1", eval_episodes=">= 1", save_every=">= 1",
+                log_every=">= 1"),
+}
+
+
+def check_cql_flags(alg: Algorithm, run: Run) -> None:
+    plumbing.check_flags(alg, FLAG_RANGES_OF["algorithm"])
+    plumbing.check_flags(run, FLAG_RANGES_OF["run"])
+    for name in ("lagrange_threshold", "target_entropy"):
+        if getattr(alg, name) is not None and not math.isfinite(getattr(alg, name)):
+            fail(f"--{name.replace('_', '-')} must be a finite number, not {getattr(alg, name)}")
 
 
 PROJECT_VERSION = "0.3.0"
@@ -348,6 +344,16 @@ def cql_critic_loss(critic, target_critic, log_alpha_prime, obs, actions, reward
     return (td_loss + conservative).sum(1), alpha_prime_loss, q_data, gap
 
 
+METRICS = ["critic_loss", "actor_loss", "q_data", "cql_gap", "alpha"]
+
+
+def cql_hyperparameters(alg: Algorithm) -> dict:
+    """cql_losses' keyword arguments."""
+    return dict(gamma=alg.gamma, min_q_weight=alg.min_q_weight, num_random=alg.num_random,
+                cql_temperature=alg.cql_temperature, lagrange_threshold=alg.lagrange_threshold,
+                target_entropy=alg.target_entropy)
+
+
 def cql_losses(actor, critic, target_critic, log_alpha, log_alpha_prime, obs, actions, rewards, next_obs, terminals,
                noise: dict, behaviour_cloning: bool, gamma: float, min_q_weight: float, num_random: int,
                cql_temperature: float, lagrange_threshold: float | None, target_entropy: float):
@@ -438,7 +444,7 @@ def evaluate_agents(actor: Actor, env_id: str, num_agents: int, episodes: int, s
         return torch.tanh(actor(states)[0]).cpu().numpy().reshape(num_agents * episodes, -1)
 
     seeds = [seed + e for _ in range(num_agents) for e in range(episodes)]
-    return lockstep_returns(env_id, seeds, act, video_dir).reshape(num_agents, episodes)
+    return plumbing.lockstep_returns(env_id, seeds, act, video_dir).reshape(num_agents, episodes)
 
 
 def ensemble_policy(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # Eq. (3)
@@ -465,7 +471,7 @@ def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, devic
         mean, _ = ensemble_policy(*actor(states.expand(num_members, -1, -1)))  # [episodes, A]
         return torch.tanh(mean).cpu().numpy()
 
-    return lockstep_returns(env_id, [seed + e for e in range(episodes)], act, video_dir)
+    return plumbing.lockstep_returns(env_id, [seed + e for e in range(episodes)], act, video_dir)
 
 
 def normalized_score(returns, ref_min_score: float | None, ref_max_score: float | None):
@@ -476,141 +482,18 @@ def normalized_score(returns, ref_min_score: float | None, ref_max_score: float 
     return 100.0 * (returns - ref_min_score) / (ref_max_score - ref_min_score)
 
 
+def evaluate(r: SimpleNamespace, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each agent's returns [N, episodes] and their ensemble pi^E's [episodes], from the seeds seed + 10,000 on."""
+    alg, run = r.args.algorithm, r.args.run
+    videos = plumbing.video_folder(run, r.run_dir, -(-step // run.eval_every), step, step == alg.total_steps)
+    return (evaluate_agents(r.nets["actor"], r.data.gym_env_id, alg.num_agents, run.eval_episodes, run.seed + 10_000,
+                            r.device, videos),
+            evaluate_ensemble(r.nets["actor"], r.data.gym_env_id, run.eval_episodes, run.seed + 10_000, r.device))
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# The training loop: N agents, each step an update of all, evaluations and saves along the way
+# The N agents: agent k initialised under seed + k, as in a run of its own; each phase graphed on CUDA
 # ---------------------------------------------------------------------------------------------------------------
-def main(args: Args) -> None:
-    alg, run = args.algorithm, args.run
-    check_cql_flags(alg, run)
-    device = pick_device(run.device, run.torch_deterministic)
-    stop = catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
-    save_dir, run_dir, saved, _locks = prepare_folders(run, f"checkpoints/{slug}__seed{run.seed}",
-                                                       f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
-                                                       (CQL_FORMAT,))
-    start_step = saved["meta"]["step"] if saved else 0
-    if saved and check_cql_resumable(alg, saved, save_dir):
-        return
-    check_video(run)
-    data = load_offline_data(run.env, run.gym_env)
-    obs_dim, act_dim, n = data.observations.shape[1], data.actions.shape[1], alg.num_agents
-    alg.target_entropy = -float(act_dim) if alg.target_entropy is None else alg.target_entropy
-    if saved:
-        check_resumed_flags(args, saved["meta"]["args"])
-    nets, optimizers, generators = build_agents(alg, run, data, device, saved)
-    meta = dict(format=CQL_FORMAT, version=PROJECT_VERSION, run_id=saved["meta"]["run_id"] if saved else
-                uuid.uuid4().hex[:16], run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
-                obs_dim=obs_dim, act_dim=act_dim, hidden_sizes=list(alg.hidden_sizes), num_agents=n,
-                seeds=[run.seed + k for k in range(n)], save_dir=str(save_dir.resolve()), args=flat_args(args))
-    tensors = {key: torch.as_tensor(getattr(data, key), device=device) for key in TRANSITION_KEYS}
-    losses, loss_args = torch.compile(cql_losses) if run.compile else cql_losses, cql_hyperparameters(alg)
-    scores = saved["meta"]["normalized_scores"] if saved else None
-
-    def train_step(step: int):  # one update of all agents: their minibatches, action noise, losses and optimiser steps
-        batch = sample_batch(tensors, generators, alg.batch_size)
-        noise = draw_noise(generators, alg.batch_size, act_dim, alg.num_random, device)
-        return cql_update(nets["actor"], nets["critic"], nets["target_critic"], nets["log_alpha"],
-                          nets["log_alpha_prime"], optimizers, batch, noise, step < alg.bc_steps, alg.tau, loss_args,
-                          losses)
-
-    def evaluate(step: int):  # each agent's returns [N, episodes] and those of their ensemble pi^E [episodes]
-        videos = video_folder(run, run_dir, -(-step // run.eval_every), step, step == alg.total_steps)
-        return (evaluate_agents(nets["actor"], data.gym_env_id, n, run.eval_episodes, run.seed + 10_000, device,
-                                videos),
-                evaluate_ensemble(nets["actor"], data.gym_env_id, run.eval_episodes, run.seed + 10_000, device))
-
-    def log_evaluation(step: int, returns: np.ndarray, ensemble: np.ndarray) -> list[float]:
-        per_agent = normalized_score(returns, data.ref_min_score, data.ref_max_score).mean(1)
-        ensemble_score = float(normalized_score(ensemble.mean(), data.ref_min_score, data.ref_max_score))
-        for k in range(n):
-            logs["eval"].write([step, k, f"{returns[k].mean():.3f}", f"{per_agent[k]:.3f}"])
-        logs["eval"].write([step, "ensemble", f"{ensemble.mean():.3f}", f"{ensemble_score:.3f}"])
-        print(f"eval step {step:,}: return {returns.mean():.1f} normalized {np.mean(per_agent):.1f} "
-              f"(per agent {', '.join(f'{s:.1f}' for s in per_agent)}; ensemble pi^E {ensemble_score:.1f})", flush=True)
-        if wandb:
-            wandb.log({"eval/return": returns.mean(), "eval/normalized_score": float(np.mean(per_agent)),
-                       "eval/ensemble_normalized_score": ensemble_score}, step=step)
-        return [float(score) for score in per_agent]
-
-    first = evaluate(0) if start_step == 0 else None
-    stop["armed"] = True  # from here a signal saves the agents and stops the run
-    logs = open_run_logs(run_dir, {"eval": ["step", "agent", "return", "normalized_score"],
-                                   "metrics": ["step", *METRICS, "updates_per_s"]}, start_step if saved else None, meta)
-    wandb = start_wandb(run, meta) if run.track else None
-    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, "
-          f"reference returns {data.ref_source}; {n} agents on {device}; run dir {run_dir}; checkpoint {save_dir}"
-          + (f"; resumed at step {start_step:,}" if saved else ""))
-    if first:
-        scores = log_evaluation(0, *first)
-    update = graphed_phases(train_step, start_step, alg.bc_steps, run.cuda_graph and device.type == "cuda",
-                            generators)
-    started, last_line = time.perf_counter(), (time.perf_counter(), start_step)
-    for step in range(start_step, alg.total_steps):
-        loss, metrics = update(step)  # Eq. (1) for all N agents (behaviour cloning for the first --bc-steps)
-        done = step + 1
-        if done % run.log_every == 0 or done == alg.total_steps or time.perf_counter() - last_line[0] > 60:
-            log_training(logs, wandb, loss, metrics, done, last_line, save_dir,
-                         progress(done, alg.total_steps, start_step, started, "steps"))
-            last_line = (time.perf_counter(), done)
-        if done % run.eval_every == 0 or done == alg.total_steps:
-            scores = log_evaluation(done, *evaluate(done))
-        if done % run.save_every == 0 or done == alg.total_steps or stop["signal"]:
-            save_agents(save_dir, nets, optimizers, generators, {**meta, "step": done, "normalized_scores": scores})
-        if stop["signal"]:
-            exit_stopped(stop, f"gradient step {done:,}", save_dir)
-    if wandb:
-        wandb.finish()
-    print(f"{alg.total_steps - start_step:,} steps in {duration(time.perf_counter() - started)}; saved {n} agents to "
-          f"{save_dir / CHECKPOINT}; evaluations in {run_dir / 'eval.csv'}")
-
-
-# =============================================================================================================
-# Machinery of this script: flags, building and restoring the agents, logging, saving
-# =============================================================================================================
-METRICS = ["critic_loss", "actor_loss", "q_data", "cql_gap", "alpha"]
-FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
-    "algorithm": dict(num_agents=">= 1", total_steps=">= 1", batch_size=">= 1", hidden_sizes=">= 1",
-                      gamma="in [0, 1)", tau="in (0, 1]", critic_lr="> 0", policy_lr="> 0", min_q_weight=">= 0",
-                      num_random=">= 1", cql_temperature="> 0", bc_steps=">= 0"),
-    "run": dict(seed=">= 0", video_every=">= 0", eval_every=">= 1", eval_episodes=">= 1", save_every=">= 1",
-                log_every=">= 1"),
-}
-
-
-def check_cql_flags(alg: Algorithm, run: Run) -> None:
-    check_flags(alg, FLAG_RANGES_OF["algorithm"])
-    check_flags(run, FLAG_RANGES_OF["run"])
-    for name in ("lagrange_threshold", "target_entropy"):
-        if getattr(alg, name) is not None and not math.isfinite(getattr(alg, name)):
-            fail(f"--{name.replace('_', '-')} must be a finite number, not {getattr(alg, name)}")
-
-
-def cql_hyperparameters(alg: Algorithm) -> dict:
-    """cql_losses' keyword arguments."""
-    return dict(gamma=alg.gamma, min_q_weight=alg.min_q_weight, num_random=alg.num_random,
-                cql_temperature=alg.cql_temperature, lagrange_threshold=alg.lagrange_threshold,
-                target_entropy=alg.target_entropy)
-
-
-def check_cql_resumable(alg: Algorithm, saved: dict, save_dir: Path) -> bool:
-    """Refuse a resume that does not fit the saved run; True when it has nothing left to do."""
-    meta = saved["meta"]
-    if "optimizers" not in saved:
-        fail(f"--resume: {save_dir} holds weights only (as results/convert_set.py --weights-only writes them), "
-             f"without the Adam moments and random streams a resume needs; resume from the checkpoint the run "
-             f"itself saved, or fine-tune from these agents")
-    if meta["num_agents"] != alg.num_agents:
-        fail(f"--resume: {save_dir} holds {meta['num_agents']} agents, not --num-agents {alg.num_agents}; all agents "
-             f"of a run continue together")
-    if alg.total_steps < meta["step"]:
-        fail(f"--resume: the agents in {save_dir} are at step {meta['step']:,}, past --total-steps "
-             f"{alg.total_steps:,}; pass a larger --total-steps to train on")
-    if alg.total_steps == meta["step"]:
-        print(f"the agents in {save_dir} are already at step {meta['step']:,} = --total-steps: nothing to do")
-        return True
-    return False
-
-
 def make_agents(obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_agents: int, seed: int):
     """Actor [N] and critics [2N] where agent k is initialised under seed + k, as in a run of its own."""
     actor, critic = Actor(obs_dim, act_dim, hidden, num_agents), Critic(obs_dim, act_dim, hidden, 2 * num_agents)
@@ -625,7 +508,7 @@ def make_agents(obs_dim: int, act_dim: int, hidden: tuple[int, ...], num_agents:
     return actor, critic
 
 
-def build_agents(alg: Algorithm, run: Run, data: OfflineData, device, saved: dict | None):
+def build_agents(alg: Algorithm, run: Run, data: plumbing.OfflineData, device, saved: dict | None):
     """The N agents' networks, temperatures, optimisers and generators: fresh, or as the resumed run saved them."""
     n, hidden = alg.num_agents, tuple(alg.hidden_sizes)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
@@ -674,35 +557,157 @@ def graphed_phases(train_step, start_step: int, bc_steps: int, cuda_graph: bool,
     def update(step: int):
         cloning = step < bc_steps
         if cuda_graph and step - max(start_step, 0 if cloning else bc_steps) == CUDA_GRAPH_WARMUP:
-            graphs[cloning] = cuda_graphed(functools.partial(train_step, step), generators)
+            graphs[cloning] = plumbing.cuda_graphed(functools.partial(train_step, step), generators)
         return graphs[cloning]() if cloning in graphs else train_step(step)
 
     return update
 
 
-def log_training(logs: dict, wandb, loss, metrics: dict, done: int, last_line, save_dir: Path, where: str) -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop: N agents, each step an update of all, evaluations and saves along the way
+# ---------------------------------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    alg, run = args.algorithm, args.run
+    r = start_run(args)  # folders, offline data, the N agents (fresh or the saved run), logs, step-0 evaluation
+    nets, generators, device, start_step = r.nets, r.generators, r.device, r.meta.get("step", 0)
+    tensors = {key: torch.as_tensor(getattr(r.data, key), device=device) for key in plumbing.TRANSITION_KEYS}
+    losses, loss_args = torch.compile(cql_losses) if run.compile else cql_losses, cql_hyperparameters(alg)
+
+    def train_step(step: int):  # one update of all agents: their minibatches, action noise, losses and optimiser steps
+        batch = sample_batch(tensors, generators, alg.batch_size)
+        noise = draw_noise(generators, alg.batch_size, r.data.actions.shape[1], alg.num_random, device)
+        return cql_update(nets["actor"], nets["critic"], nets["target_critic"], nets["log_alpha"],
+                          nets["log_alpha_prime"], r.optimizers, batch, noise, step < alg.bc_steps, alg.tau, loss_args,
+                          losses)
+
+    update = graphed_phases(train_step, start_step, alg.bc_steps, r.cuda_graph, generators)
+    started, last_line = time.perf_counter(), (time.perf_counter(), start_step)
+    for step in range(start_step, alg.total_steps):
+        loss, metrics = update(step)  # Eq. (1) for all N agents (behaviour cloning for the first --bc-steps)
+        done = step + 1
+        if done % run.log_every == 0 or done == alg.total_steps or time.perf_counter() - last_line[0] > 60:
+            log_training(r, loss, metrics, done, last_line,
+                         plumbing.progress(done, alg.total_steps, start_step, started, "steps"))
+            last_line = (time.perf_counter(), done)
+        if done % run.eval_every == 0 or done == alg.total_steps:
+            log_evaluation(r, done, *evaluate(r, done))
+        if done % run.save_every == 0 or done == alg.total_steps or r.stop["signal"]:
+            save_agents(r, done)
+        if r.stop["signal"]:
+            plumbing.exit_stopped(r.stop, f"gradient step {done:,}", r.save_dir)
+    plumbing.finish_run(r, f"{alg.total_steps - start_step:,} steps in "
+                           f"{plumbing.duration(time.perf_counter() - started)}; saved {alg.num_agents} agents to "
+                           f"{r.save_dir / CHECKPOINT}")
+
+
+# =============================================================================================================
+# Setting the run up, logging it and saving it (the plumbing itself is plumbing.py)
+# =============================================================================================================
+def start_run(args: Args) -> SimpleNamespace:
+    """Everything before the first step: flags, folders (locked), offline data, the N agents (fresh, or the resumed
+    run as saved), the logs (pending until the first save), wandb and the step-0 evaluation. A resumed run already at
+    --total-steps ends here."""
+    alg, run = args.algorithm, args.run
+    check_cql_flags(alg, run)
+    device = plumbing.pick_device(run.device, run.torch_deterministic)
+    stop = plumbing.catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
+    save_dir, run_dir, saved, locks = plumbing.prepare_folders(
+        run, f"checkpoints/{slug}__seed{run.seed}", f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
+        (CQL_FORMAT,))
+    if saved and check_cql_resumable(alg, saved, save_dir):
+        raise SystemExit(0)
+    plumbing.check_video(run)
+    data = plumbing.load_offline_data(run.env, run.gym_env)
+    alg.target_entropy = -float(data.actions.shape[1]) if alg.target_entropy is None else alg.target_entropy
+    if saved:
+        plumbing.check_resumed_flags(args, saved["meta"]["args"])
+        plumbing.check_resumed_data(saved["meta"], data)
+    nets, optimizers, generators = build_agents(alg, run, data, device, saved)
+    meta = dict(format=CQL_FORMAT, version=PROJECT_VERSION, run_id=saved["meta"]["run_id"] if saved else
+                plumbing.new_run_id(), run_dir=str(run_dir), dataset_id=data.dataset_id, data_sha256=data.sha256,
+                gym_env_id=data.gym_env_id, obs_dim=data.observations.shape[1], act_dim=data.actions.shape[1],
+                hidden_sizes=list(alg.hidden_sizes), num_agents=alg.num_agents,
+                seeds=[run.seed + k for k in range(alg.num_agents)], save_dir=str(save_dir.resolve()),
+                args=plumbing.flat_args(args), **({"step": saved["meta"]["step"]} if saved else {}))
+    r = SimpleNamespace(args=args, device=device, stop=stop, save_dir=save_dir, run_dir=run_dir, locks=locks,
+                        data=data, meta=meta, nets=nets, optimizers=optimizers, generators=generators,
+                        scores=saved["meta"]["normalized_scores"] if saved else None,
+                        cuda_graph=run.cuda_graph and device.type == "cuda")
+    first = evaluate(r, 0) if not saved else None
+    stop["armed"] = True  # from here a signal saves the agents and stops the run
+    r.logs = plumbing.open_run_logs(run_dir, {"eval": ["step", "agent", "return", "normalized_score"],
+                                              "metrics": ["step", *METRICS, "updates_per_s"]}, meta.get("step"), meta)
+    r.wandb = plumbing.start_wandb(run, meta) if run.track else None
+    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns "
+          f"{data.ref_source}; {alg.num_agents} agents on {device}; run dir {run_dir}; checkpoint {save_dir}"
+          + (f"; resumed at step {meta['step']:,}" if saved else ""))
+    if first:
+        log_evaluation(r, 0, *first)
+    return r
+
+
+def check_cql_resumable(alg: Algorithm, saved: dict, save_dir: Path) -> bool:
+    """Refuse a resume that does not fit the saved run; True when it has nothing left to do."""
+    meta = saved["meta"]
+    if "optimizers" not in saved:
+        fail(f"--resume: {save_dir} holds weights only (as results/convert_set.py --weights-only writes them), "
+             f"without the Adam moments and random streams a resume needs; resume from the checkpoint the run "
+             f"itself saved, or fine-tune from these agents")
+    if meta["num_agents"] != alg.num_agents:
+        fail(f"--resume: {save_dir} holds {meta['num_agents']} agents, not --num-agents {alg.num_agents}; all agents "
+             f"of a run continue together")
+    if alg.total_steps < meta["step"]:
+        fail(f"--resume: the agents in {save_dir} are at step {meta['step']:,}, past --total-steps "
+             f"{alg.total_steps:,}; pass a larger --total-steps to train on")
+    if alg.total_steps == meta["step"]:
+        print(f"the agents in {save_dir} are already at step {meta['step']:,} = --total-steps: nothing to do")
+        return True
+    return False
+
+
+def log_evaluation(r: SimpleNamespace, step: int, returns: np.ndarray, ensemble: np.ndarray) -> None:
+    """Each agent's and the ensemble's scores in eval.csv, a line and wandb; r.scores keeps the agents' scores."""
+    data, n = r.data, len(returns)
+    per_agent = normalized_score(returns, data.ref_min_score, data.ref_max_score).mean(1)
+    ensemble_score = float(normalized_score(ensemble.mean(), data.ref_min_score, data.ref_max_score))
+    for k in range(n):
+        r.logs["eval"].write([step, k, f"{returns[k].mean():.3f}", f"{per_agent[k]:.3f}"])
+    r.logs["eval"].write([step, "ensemble", f"{ensemble.mean():.3f}", f"{ensemble_score:.3f}"])
+    print(f"eval step {step:,}: return {returns.mean():.1f} normalized {np.mean(per_agent):.1f} "
+          f"(per agent {', '.join(f'{s:.1f}' for s in per_agent)}; ensemble pi^E {ensemble_score:.1f})", flush=True)
+    if r.wandb:
+        r.wandb.log({"eval/return": returns.mean(), "eval/normalized_score": float(np.mean(per_agent)),
+                     "eval/ensemble_normalized_score": ensemble_score}, step=step)
+    r.scores = [float(score) for score in per_agent]
+
+
+def log_training(r: SimpleNamespace, loss, metrics: dict, done: int, last_line, where: str) -> None:
     """The training line, a metrics.csv row and wandb; stops the run if the loss is no longer finite."""
     values = {key: value.detach().cpu().numpy() for key, value in metrics.items()}
     if not np.isfinite(loss.item()):
-        fail(f"the loss became {loss.item()} at step {done:,}; {save_dir / CHECKPOINT} was left as it was")
+        fail(f"the loss became {loss.item()} at step {done:,}; {r.save_dir / CHECKPOINT} was left as it was")
     speed = (done - last_line[1]) / (time.perf_counter() - last_line[0])
     print(f"step {where} | critic loss {values['critic_loss'].mean():.3f} actor loss {values['actor_loss'].mean():.3f} "
           f"Q {values['q_data'].mean():.2f} gap {values['cql_gap'].mean():.2f} alpha {values['alpha'].mean():.4f} "
           f"| {speed:.1f} updates/s", flush=True)
-    logs["metrics"].write([done, *(f"{values[key].mean():.6g}" for key in METRICS), f"{speed:.2f}"])
-    if wandb:
-        wandb.log({f"train/{key}": float(value.mean()) for key, value in values.items()} | {"updates_per_s": speed},
-                  step=done)
+    r.logs["metrics"].write([done, *(f"{values[key].mean():.6g}" for key in METRICS), f"{speed:.2f}"])
+    if r.wandb:
+        r.wandb.log({f"train/{key}": float(value.mean()) for key, value in values.items()} | {"updates_per_s": speed},
+                    step=done)
 
 
-def save_agents(save_dir: Path, nets: dict, optimizers: dict, generators, meta: dict) -> None:
+def save_agents(r: SimpleNamespace, step: int) -> None:
     """All N agents as one file: networks (agent k = actor member k, critics 2k and 2k + 1), temperatures, Adam
-    moments and each agent's generator; meta["normalized_scores"] holds their last evaluation."""
+    moments and each agent's generator; meta["normalized_scores"] holds their last evaluation. Then the logs of a
+    fresh run take their place."""
     weights = {name: net.state_dict() if isinstance(net, nn.Module) else None if net is None else net.detach()
-               for name, net in nets.items()}  # log_alpha_prime: None without the Lagrange variant
-    save_checkpoint(save_dir / CHECKPOINT, dict(
-        meta=meta, **weights, optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
-        generators=[generator.get_state() for generator in generators]))
+               for name, net in r.nets.items()}  # log_alpha_prime: None without the Lagrange variant
+    plumbing.save_checkpoint(r.save_dir / CHECKPOINT, dict(
+        meta={**r.meta, "step": step, "normalized_scores": r.scores}, **weights,
+        optimizers={name: opt.state_dict() for name, opt in r.optimizers.items()},
+        generators=[generator.get_state() for generator in r.generators]))
+    r.logs.commit()
 
 
 if __name__ == "__main__":

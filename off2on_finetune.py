@@ -31,9 +31,9 @@ import functools
 import math
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Literal
 
 import gymnasium as gym
@@ -43,29 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from plumbing import (
-    CHECKPOINT,
-    OfflineData,
-    catch_stop_signals,
-    check_flags,
-    check_resumed_flags,
-    check_video,
-    cuda_graphed,
-    duration,
-    exit_stopped,
-    fail,
-    flat_args,
-    load_checkpoint,
-    load_offline_data,
-    lockstep_returns,
-    open_run_logs,
-    pick_device,
-    prepare_folders,
-    progress,
-    save_checkpoint,
-    start_wandb,
-    video_folder,
-)
+import plumbing
+from plumbing import CHECKPOINT, fail
 
 
 @dataclass
@@ -166,6 +145,31 @@ class Run:
 class Args:
     algorithm: Algorithm = field(default_factory=Algorithm)
     run: Run = field(default_factory=Run)
+
+
+FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
+    "algorithm": dict(num_agents=">= 1", total_steps=">= 1", steps_per_epoch=">= 1",
+                      first_epoch_multiplier=">= 1", batch_size=">= 1", gamma="in [0, 1)", tau="in (0, 1]",
+                      policy_lr="> 0", critic_lr="> 0", online_buffer_size=">= 1", init_online_fraction="in (0, 1)",
+                      priority_temperature="> 0", density_ratio_lr="> 0", density_ratio_hidden_sizes=">= 1"),
+    "run": dict(seed=">= 0", video_every=">= 0", eval_episodes=">= 1", save_every=">= 1"),
+}
+
+
+def check_finetune_flags(alg: Algorithm, run: Run) -> None:
+    plumbing.check_flags(alg, FLAG_RANGES_OF["algorithm"])
+    plumbing.check_flags(run, FLAG_RANGES_OF["run"])
+    if alg.target_entropy is not None and not math.isfinite(alg.target_entropy):
+        fail(f"--target-entropy must be a finite number, not {alg.target_entropy}")
+    if alg.total_steps % alg.steps_per_epoch:
+        fail(f"--total-steps ({alg.total_steps:,}) must be a multiple of --steps-per-epoch ({alg.steps_per_epoch:,})")
+    if alg.online_buffer_size < alg.steps_per_epoch:
+        fail("--online-buffer-size must hold at least one epoch (--steps-per-epoch) of transitions")
+
+
+def run_name(alg: Algorithm, run: Run, slug: str) -> str:
+    """The runs' name: --exp-name and the dataset (slug)."""
+    return f"{run.exp_name}__{slug}"
 
 
 ALGORITHM = "off2on"
@@ -605,6 +609,15 @@ def density_ratio_step(density_ratio, state_actions: torch.Tensor, temperature: 
     return density_ratio_loss(w_offline, w_online), priorities, means
 
 
+METRICS = ["critic_loss", "actor_loss", "q_ensemble", "q_spread", "target_mean", "uncertainty", "uncertainty_max",
+           "alpha", "entropy", "ratio_loss", "w_offline", "w_online", "online_fraction"]
+
+
+def loss_hyperparameters(alg: Algorithm) -> dict:
+    """finetune_losses' keyword arguments."""
+    return dict(gamma=alg.gamma, target_entropy=alg.target_entropy)
+
+
 def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, generator: torch.Generator,
                     batch_size: int, tau: float, priority_temperature: float, loss_args: dict, num_agents: int,
                     act_dim: int) -> dict:
@@ -676,7 +689,7 @@ def evaluate_ensemble(actor: Actor, env_id: str, episodes: int, seed: int, devic
         mean, _ = ensemble_policy(*actor(states.expand(num_members, -1, -1)))  # [episodes, A]
         return torch.tanh(mean).cpu().numpy()
 
-    return lockstep_returns(env_id, [seed + e for e in range(episodes)], act, video_dir)
+    return plumbing.lockstep_returns(env_id, [seed + e for e in range(episodes)], act, video_dir)
 
 
 def normalized_score(returns, ref_min_score: float | None, ref_max_score: float | None):
@@ -688,216 +701,8 @@ def normalized_score(returns, ref_min_score: float | None, ref_max_score: float 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Algorithm 1: collect an epoch with pi^E, train, evaluate, save
+# The ensemble from the CQL agents: actor member k = agent k's actor, critic member 2k + j = agent k's critic j
 # ---------------------------------------------------------------------------------------------------------------
-def train_epoch(update, num_updates: int, cuda_graph: bool, stop: dict, report) -> tuple[dict, int]:
-    """num_updates calls of update(), recorded as a CUDA graph after CUDA_GRAPH_WARMUP eager ones if cuda_graph (again
-    every epoch: the online buffer's size changed), fewer if a stop signal comes. Returns each metric's mean over the
-    updates done (the epoch's only host-device sync) and their number; report(done) runs about once a minute."""
-    sums, last_line, done = 0, time.perf_counter(), 0
-    while done < num_updates and not stop["signal"]:
-        if done == CUDA_GRAPH_WARMUP and cuda_graph:
-            update = cuda_graphed(update)
-        metrics = update()
-        sums, done = sums + torch.stack(list(metrics.values())), done + 1
-        if time.perf_counter() - last_line > 60:  # a progress line at least every minute on a slow machine
-            last_line = time.perf_counter()
-            report(done)
-    return (dict(zip(metrics, (sums / done).tolist())) if done else {}), done
-
-
-def main(args: Args) -> None:
-    alg, run = args.algorithm, args.run
-    check_finetune_flags(alg, run)
-    device = pick_device(run.device, run.torch_deterministic)
-    stop = catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
-    name = run_name(alg, run, slug)
-    save_dir, run_dir, saved, _locks = prepare_folders(run, f"checkpoints/{name}__seed{run.seed}",
-                                                       f"runs/{name}__{run.seed}__{int(time.time())}",
-                                                       (FINETUNED_FORMAT,))
-    pretrained, source = pretrained_agents(run, alg.num_agents, slug) if saved is None else (saved, None)
-    check_video(run)
-    data = load_offline_data(run.env, run.gym_env)
-    alg.target_entropy = -float(data.actions.shape[1]) if alg.target_entropy is None else alg.target_entropy
-    if saved:
-        check_resumed_flags(args, saved["meta"]["args"])
-    nets, optimizers, replay, generator = build_run(alg, run, pretrained, saved, data, device)
-    meta = {**run_meta(args, data, pretrained, source, run_dir, saved), "save_dir": str(save_dir.resolve())}
-    env_steps, grad_steps = (meta["env_steps"], meta["grad_steps"]) if saved else (0, 0)
-    n, act_dim = meta["num_agents"], data.actions.shape[1]
-    loss_args = loss_hyperparameters(alg)
-
-    def evaluate(step: int) -> tuple[float, float]:  # pi^E's mean return over --eval-episodes, and its score
-        videos = video_folder(run, run_dir, step // alg.steps_per_epoch, step, step == alg.total_steps)
-        returns = evaluate_ensemble(nets["actor"], data.gym_env_id, run.eval_episodes, run.seed + 10_000, device,
-                                    videos)
-        return returns.mean(), float(normalized_score(returns.mean(), data.ref_min_score, data.ref_max_score))
-
-    def log_evaluation(step: int, result: tuple[float, float], train_log: str = "") -> None:
-        logs["eval"].write([step, f"{result[0]:.3f}", f"{result[1]:.3f}"])
-        print(f"env steps {step:,}: return {result[0]:.1f} normalized {result[1]:.1f}{train_log}", flush=True)
-        if wandb:
-            wandb.log({"eval/return": result[0], "eval/normalized_score": result[1]}, step=step)
-
-    def save() -> None:
-        save_run(save_dir, nets, optimizers, replay, generator, {**meta, "env_steps": env_steps,
-                                                                  "grad_steps": grad_steps})
-
-    def report(done: int) -> None:  # within an epoch
-        print(f"  training: {progress(grad_steps + done, total_updates, grad_steps_at_start, started, 'updates')}")
-
-    first = evaluate(0) if not saved else None  # the pre-trained ensemble, the first point of the paper's Fig. 2
-    stop["armed"] = True  # from here a signal saves the run and stops it
-    logs = open_run_logs(run_dir, {"eval": ["step", "return", "normalized_score"],
-                                   "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
-                         env_steps if saved else None, meta)
-    wandb = start_wandb(run, meta) if run.track else None
-    print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns "
-          f"{data.ref_source}; ensemble of {n} agents (hidden {meta['hidden_sizes']}) on {device}; "
-          f"{'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoint {save_dir}"
-          + (f"; resumed at env step {env_steps:,}" if saved else ""))
-    if first:
-        log_evaluation(0, first)
-    started, grad_steps_at_start = time.perf_counter(), grad_steps
-    cycle_start = started  # a cycle: evaluating and saving the last epoch, collecting and training this one
-    total_updates = updates_due(alg.total_steps, alg)
-    env = gym.make(data.gym_env_id)
-    while env_steps < alg.total_steps or grad_steps < updates_due(env_steps, alg):  # (a stopped run: its epoch's rest)
-        # Collect an epoch with a ~ pi^E (Eq. 3) into the online buffer, at priority P_max
-        if grad_steps == updates_due(env_steps, alg) and not stop["signal"]:  # (a run stopped mid-epoch: not yet)
-            transitions = collect(env, nets["actor"], n, alg.steps_per_epoch, run.seed + env_steps, generator, device)
-            replay.add(torch.as_tensor(transitions, device=device))
-            env_steps += len(transitions)
-        # Train: as many gradient steps as env steps (x --first-epoch-multiplier in epoch 0), Eqs. (2)-(7)
-        timer = time.perf_counter()
-        update = functools.partial(finetune_update, nets, optimizers, replay, generator, alg.batch_size, alg.tau,
-                                   alg.priority_temperature, loss_args, n, act_dim)
-        means, done = train_epoch(update, updates_due(env_steps, alg) - grad_steps,
-                                  run.cuda_graph and device.type == "cuda", stop, report)
-        grad_steps += done
-        if stop["signal"]:
-            save()
-            exit_stopped(stop, f"env step {env_steps:,} (gradient step {grad_steps:,})", save_dir)
-        # Evaluate pi^E, log, save
-        check_finite(means, env_steps, save_dir)
-        speeds = dict(updates_per_s=done / (time.perf_counter() - timer),
-                      env_steps_per_s=alg.steps_per_epoch / (time.perf_counter() - cycle_start))
-        cycle_start = time.perf_counter()
-        log_evaluation(env_steps, evaluate(env_steps), epoch_line(
-            means, speeds, progress(grad_steps, total_updates, grad_steps_at_start, started, "updates")))
-        logs["metrics"].write([env_steps, grad_steps, *(f"{means[k]:.6g}" for k in METRICS),
-                               *(f"{v:.2f}" for v in speeds.values())])
-        if wandb:
-            wandb.log({f"train/{key}": value for key, value in {**means, **speeds}.items()}, step=env_steps)
-        if env_steps % (run.save_every * alg.steps_per_epoch) == 0 or env_steps == alg.total_steps:
-            save()
-    env.close()
-    if wandb:
-        wandb.finish()
-    print(f"{env_steps:,} env steps, {grad_steps:,} gradient steps in {duration(time.perf_counter() - started)}; "
-          f"saved {n} fine-tuned agents to {save_dir / CHECKPOINT}; evaluations in "
-          f"{run_dir / 'eval.csv'}")
-
-
-# =============================================================================================================
-# Machinery of this script: flags, the ensemble from the CQL checkpoint, saving and resuming the run
-# =============================================================================================================
-METRICS = ["critic_loss", "actor_loss", "q_ensemble", "q_spread", "target_mean", "uncertainty", "uncertainty_max",
-           "alpha", "entropy", "ratio_loss", "w_offline", "w_online", "online_fraction"]
-FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
-    "algorithm": dict(num_agents=">= 1", total_steps=">= 1", steps_per_epoch=">= 1",
-                      first_epoch_multiplier=">= 1", batch_size=">= 1", gamma="in [0, 1)", tau="in (0, 1]",
-                      policy_lr="> 0", critic_lr="> 0", online_buffer_size=">= 1", init_online_fraction="in (0, 1)",
-                      priority_temperature="> 0", density_ratio_lr="> 0", density_ratio_hidden_sizes=">= 1"),
-    "run": dict(seed=">= 0", video_every=">= 0", eval_episodes=">= 1", save_every=">= 1"),
-}
-
-
-def check_finetune_flags(alg: Algorithm, run: Run) -> None:
-    check_flags(alg, FLAG_RANGES_OF["algorithm"])
-    check_flags(run, FLAG_RANGES_OF["run"])
-    if alg.target_entropy is not None and not math.isfinite(alg.target_entropy):
-        fail(f"--target-entropy must be a finite number, not {alg.target_entropy}")
-    if alg.total_steps % alg.steps_per_epoch:
-        fail(f"--total-steps ({alg.total_steps:,}) must be a multiple of --steps-per-epoch ({alg.steps_per_epoch:,})")
-    if alg.online_buffer_size < alg.steps_per_epoch:
-        fail("--online-buffer-size must hold at least one epoch (--steps-per-epoch) of transitions")
-
-
-def loss_hyperparameters(alg: Algorithm) -> dict:
-    """finetune_losses' keyword arguments."""
-    return dict(gamma=alg.gamma, target_entropy=alg.target_entropy)
-
-
-def run_name(alg: Algorithm, run: Run, slug: str) -> str:
-    """The runs' name: --exp-name and the dataset (slug)."""
-    return f"{run.exp_name}__{slug}"
-
-
-def updates_due(env_steps: int, alg: Algorithm) -> int:
-    """Gradient steps done once the epoch ending at env_steps is trained (epoch 0 does --first-epoch-multiplier x)."""
-    return env_steps + alg.steps_per_epoch * (alg.first_epoch_multiplier - 1) if env_steps else 0
-
-
-def epoch_line(means: dict, speeds: dict, where: str) -> str:
-    return (f" | Q {means['q_ensemble']:.2f}"
-            f" | U {means['uncertainty']:.3f}"
-            f" | alpha {means['alpha']:.4f} | online fraction {means['online_fraction']:.3f}"
-            f" | {speeds['updates_per_s']:.1f} updates/s | {speeds['env_steps_per_s']:.1f} env steps/s | {where}")
-
-
-def check_finite(means: dict, env_steps: int, save_dir: Path) -> None:
-    if not all(math.isfinite(means[key]) for key in ("critic_loss", "actor_loss", "ratio_loss")):
-        fail(f"a loss became non-finite in the epoch ending at env step {env_steps:,} (critic {means['critic_loss']}, "
-             f"actor {means['actor_loss']}, density ratio {means['ratio_loss']}); {save_dir / CHECKPOINT} was left "
-             f"as it was")
-
-
-def pretrained_agents(run: Run, num_agents: int | None, slug: str) -> tuple[dict, str]:
-    """cql_pretrain.py's checkpoint named by --checkpoints (a folder or its checkpoint.pt), and that name."""
-    source = Path(run.checkpoints or f"checkpoints/{slug}__seed1")
-    if not run.checkpoints and not source.exists():
-        fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> or pass --checkpoints")
-    pretrained = load_checkpoint(source, (CQL_FORMAT,))
-    if num_agents is not None and num_agents > pretrained["meta"]["num_agents"]:
-        fail(f"--num-agents must lie between 1 and the {pretrained['meta']['num_agents']} agents of {source}, "
-             f"not {num_agents}")
-    return pretrained, str(source)
-
-
-def run_meta(args: Args, data: OfflineData, pretrained: dict, source: str | None, run_dir: Path, saved) -> dict:
-    """What the checkpoint and config.json record of this run (a resumed run: as saved, with this command's flags)."""
-    if saved is not None:
-        return {**saved["meta"], "run_dir": str(run_dir), "args": flat_args(args)}
-    n = args.algorithm.num_agents or pretrained["meta"]["num_agents"]
-    return dict(format=FINETUNED_FORMAT, algorithm=ALGORITHM, version=PROJECT_VERSION, run_id=uuid.uuid4().hex[:16],
-                run_dir=str(run_dir), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
-                obs_dim=data.observations.shape[1], act_dim=data.actions.shape[1],
-                hidden_sizes=pretrained["meta"]["hidden_sizes"], num_agents=n, offline_size=len(data.rewards),
-                pretrained=dict(path=source, run_id=pretrained["meta"]["run_id"], step=pretrained["meta"]["step"]),
-                args=flat_args(args))
-
-
-def check_fit(alg: Algorithm, start: dict, saved: dict | None, data: OfflineData) -> None:
-    """The agents were made for this env; a resumed run keeps its agents, schedule, replay and data."""
-    meta, obs_dim, act_dim = start["meta"], data.observations.shape[1], data.actions.shape[1]
-    if (meta["gym_env_id"], meta["obs_dim"], meta["act_dim"]) != (data.gym_env_id, obs_dim, act_dim):
-        fail(f"the agents were trained for {meta['gym_env_id']} (obs {meta['obs_dim']}, actions {meta['act_dim']}) "
-             f"but --env {data.dataset_id} is {data.gym_env_id} (obs {obs_dim}, actions {act_dim})")
-    if meta["dataset_id"] != data.dataset_id:
-        print(f"note: the agents were trained on {meta['dataset_id']}, the offline data here is {data.dataset_id}")
-    if saved is None:
-        return
-    if alg.num_agents not in (None, meta["num_agents"]):
-        fail(f"--resume: the saved run fine-tunes {meta['num_agents']} agents, not --num-agents {alg.num_agents}")
-    if meta["offline_size"] != len(data.rewards):
-        fail(f"--resume: the saved run replays {meta['offline_size']:,} offline transitions, --env {data.dataset_id} "
-             f"holds {len(data.rewards):,}")
-    if alg.total_steps < meta["env_steps"]:
-        fail(f"--resume: the saved run is at env step {meta['env_steps']:,}, past --total-steps {alg.total_steps:,}")
-
-
 def load_members(module: nn.Module, state: dict, members: int) -> None:
     """The first `members` members of a saved ensemble's tensors into module (the first N agents of a larger set)."""
     try:
@@ -906,10 +711,9 @@ def load_members(module: nn.Module, state: dict, members: int) -> None:
         fail(f"the checkpoint's tensors do not fit the shapes its meta records ({type(error).__name__})")
 
 
-def build_run(alg: Algorithm, run: Run, start: dict, saved: dict | None, data: OfflineData, device):
-    """The ensemble (actor member k = agent k's actor, critic member 2k + j = agent k's critic j), its optimisers,
-    the replay and the random stream: fresh from the CQL agents, or as the resumed run saved them."""
-    check_fit(alg, start, saved, data)
+def build_run(alg: Algorithm, run: Run, start: dict, saved: dict | None, data: plumbing.OfflineData, device):
+    """The ensemble, its optimisers, the replay and the random stream: fresh from the CQL agents `start`, or as the
+    resumed run saved them."""
     obs_dim, act_dim, hidden = data.observations.shape[1], data.actions.shape[1], tuple(start["meta"]["hidden_sizes"])
     n = alg.num_agents or start["meta"]["num_agents"]
     torch.manual_seed(run.seed)
@@ -955,14 +759,214 @@ def build_run(alg: Algorithm, run: Run, start: dict, saved: dict | None, data: O
     return nets, optimizers, replay, generator
 
 
-def save_run(save_dir: Path, nets: dict, optimizers: dict, replay: BalancedReplay, generator, meta: dict) -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# Algorithm 1: collect an epoch with pi^E, train, evaluate, save
+# ---------------------------------------------------------------------------------------------------------------
+def updates_due(env_steps: int, alg: Algorithm) -> int:
+    """Gradient steps done once the epoch ending at env_steps is trained (epoch 0 does --first-epoch-multiplier x)."""
+    return env_steps + alg.steps_per_epoch * (alg.first_epoch_multiplier - 1) if env_steps else 0
+
+
+def train_epoch(update, num_updates: int, cuda_graph: bool, stop: dict, report) -> tuple[dict, int]:
+    """num_updates calls of update(), recorded as a CUDA graph after CUDA_GRAPH_WARMUP eager ones if cuda_graph (again
+    every epoch: the online buffer's size changed), fewer if a stop signal comes. Returns each metric's mean over the
+    updates done (the epoch's only host-device sync) and their number; report(done) runs about once a minute."""
+    sums, last_line, done = 0, time.perf_counter(), 0
+    while done < num_updates and not stop["signal"]:
+        if done == CUDA_GRAPH_WARMUP and cuda_graph:
+            update = plumbing.cuda_graphed(update)
+        metrics = update()
+        sums, done = sums + torch.stack(list(metrics.values())), done + 1
+        if time.perf_counter() - last_line > 60:  # a progress line at least every minute on a slow machine
+            last_line = time.perf_counter()
+            report(done)
+    return (dict(zip(metrics, (sums / done).tolist())) if done else {}), done
+
+
+def main(args: Args) -> None:
+    alg, run = args.algorithm, args.run
+    r = start_run(args)  # folders, offline data, the ensemble (the CQL agents or the saved run), replay, logs
+    nets, replay, generator, device = r.nets, r.replay, r.generator, r.device
+    env_steps, grad_steps, n = r.meta.get("env_steps", 0), r.meta.get("grad_steps", 0), r.meta["num_agents"]
+    update = functools.partial(finetune_update, nets, r.optimizers, replay, generator, alg.batch_size, alg.tau,
+                               alg.priority_temperature, loss_hyperparameters(alg), n, r.data.actions.shape[1])
+    total_updates, grad_steps_at_start = updates_due(alg.total_steps, alg), grad_steps
+    env, started = gym.make(r.data.gym_env_id), time.perf_counter()
+    cycle_start = started  # a cycle: evaluating and saving the last epoch, collecting and training this one
+
+    def where(done: int = 0) -> str:  # the run's progress in gradient steps, with its ETA
+        return plumbing.progress(grad_steps + done, total_updates, grad_steps_at_start, started, "updates")
+
+    while env_steps < alg.total_steps or grad_steps < updates_due(env_steps, alg):  # (a stopped run: its epoch's rest)
+        # Collect an epoch with a ~ pi^E (Eq. 3) into the online buffer, at priority P_max
+        if grad_steps == updates_due(env_steps, alg) and not r.stop["signal"]:  # (a run stopped mid-epoch: not yet)
+            transitions = collect(env, nets["actor"], n, alg.steps_per_epoch, run.seed + env_steps, generator, device)
+            replay.add(torch.as_tensor(transitions, device=device))
+            env_steps += len(transitions)
+        # Train: as many gradient steps as env steps (x --first-epoch-multiplier in epoch 0), Eqs. (2)-(7)
+        timer = time.perf_counter()
+        means, done = train_epoch(update, updates_due(env_steps, alg) - grad_steps, r.cuda_graph, r.stop,
+                                  lambda done: print(f"  training: {where(done)}", flush=True))
+        grad_steps += done
+        if r.stop["signal"]:
+            save_run(r, env_steps, grad_steps)
+            plumbing.exit_stopped(r.stop, f"env step {env_steps:,} (gradient step {grad_steps:,})", r.save_dir)
+        # Evaluate pi^E, log, save
+        check_finite(means, env_steps, r.save_dir)
+        speeds = dict(updates_per_s=done / (time.perf_counter() - timer),
+                      env_steps_per_s=alg.steps_per_epoch / (time.perf_counter() - cycle_start))
+        cycle_start = time.perf_counter()
+        log_evaluation(r, env_steps, evaluate(r, env_steps), epoch_line(means, speeds, where()))
+        log_metrics(r, env_steps, grad_steps, means, speeds)
+        if env_steps % (run.save_every * alg.steps_per_epoch) == 0 or env_steps == alg.total_steps:
+            save_run(r, env_steps, grad_steps)
+    env.close()
+    plumbing.finish_run(r, f"{env_steps:,} env steps, {grad_steps:,} gradient steps in "
+                           f"{plumbing.duration(time.perf_counter() - started)}; saved {n} fine-tuned agents to "
+                           f"{r.save_dir / CHECKPOINT}")
+
+
+# =============================================================================================================
+# Setting the run up, logging it and saving it (the plumbing itself is plumbing.py)
+# =============================================================================================================
+def start_run(args: Args) -> SimpleNamespace:
+    """Everything before the first epoch: flags, folders (locked), the CQL agents or the resumed run, offline data,
+    the ensemble and its replay, the logs (pending until the first save), wandb, and the step-0 evaluation."""
+    alg, run = args.algorithm, args.run
+    check_finetune_flags(alg, run)
+    device = plumbing.pick_device(run.device, run.torch_deterministic)
+    stop = plumbing.catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
+    name = run_name(alg, run, slug)
+    save_dir, run_dir, saved, locks = plumbing.prepare_folders(run, f"checkpoints/{name}__seed{run.seed}",
+                                                      f"runs/{name}__{run.seed}__{int(time.time())}",
+                                                      (FINETUNED_FORMAT,))
+    start, source = pretrained_agents(run, alg.num_agents, slug) if saved is None else (saved, None)
+    plumbing.check_video(run)
+    data = plumbing.load_offline_data(run.env, run.gym_env)
+    alg.target_entropy = -float(data.actions.shape[1]) if alg.target_entropy is None else alg.target_entropy
+    note = check_fit(alg, start, saved, data)
+    if saved:
+        plumbing.check_resumed_flags(args, saved["meta"]["args"])
+        plumbing.check_resumed_data(saved["meta"], data)
+    nets, optimizers, replay, generator = build_run(alg, run, start, saved, data, device)
+    meta = run_meta(args, data, start, source, run_dir, save_dir, saved)
+    r = SimpleNamespace(args=args, device=device, stop=stop, save_dir=save_dir, run_dir=run_dir, locks=locks,
+                        data=data, meta=meta, nets=nets, optimizers=optimizers, replay=replay, generator=generator,
+                        cuda_graph=run.cuda_graph and device.type == "cuda")
+    first = evaluate(r, 0) if not saved else None  # the pre-trained ensemble, the first point of the paper's Fig. 2
+    stop["armed"] = True  # from here a signal saves the run and stops it
+    r.logs = plumbing.open_run_logs(run_dir, {"eval": ["step", "return", "normalized_score"],
+                                     "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
+                           meta.get("env_steps"), meta)
+    r.wandb = plumbing.start_wandb(run, meta) if run.track else None
+    print(f"{note}dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference "
+          f"returns {data.ref_source}; ensemble of {meta['num_agents']} agents (hidden {meta['hidden_sizes']}) on "
+          f"{device}; {'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoint "
+          f"{save_dir}" + (f"; resumed at env step {meta['env_steps']:,}" if saved else ""))
+    if first:
+        log_evaluation(r, 0, first)
+    return r
+
+
+def pretrained_agents(run: Run, num_agents: int | None, slug: str) -> tuple[dict, str]:
+    """cql_pretrain.py's checkpoint named by --checkpoints (a folder or its checkpoint.pt), and that name."""
+    source = Path(run.checkpoints or f"checkpoints/{slug}__seed1")
+    if not run.checkpoints and not source.exists():
+        fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> or pass --checkpoints")
+    pretrained = plumbing.load_checkpoint(source, (CQL_FORMAT,))
+    if num_agents is not None and num_agents > pretrained["meta"]["num_agents"]:
+        fail(f"--num-agents must lie between 1 and the {pretrained['meta']['num_agents']} agents of {source}, "
+             f"not {num_agents}")
+    return pretrained, str(source)
+
+
+def check_fit(alg: Algorithm, start: dict, saved: dict | None, data: plumbing.OfflineData) -> str:
+    """The agents were made for this env; a resumed run keeps its agents, schedule and replay. Returns a note for the
+    first log line when the agents were trained on other data than the offline data here."""
+    meta, obs_dim, act_dim = start["meta"], data.observations.shape[1], data.actions.shape[1]
+    if (meta["gym_env_id"], meta["obs_dim"], meta["act_dim"]) != (data.gym_env_id, obs_dim, act_dim):
+        fail(f"the agents were trained for {meta['gym_env_id']} (obs {meta['obs_dim']}, actions {meta['act_dim']}) "
+             f"but --env {data.dataset_id} is {data.gym_env_id} (obs {obs_dim}, actions {act_dim})")
+    if saved is not None:
+        if alg.num_agents not in (None, meta["num_agents"]):
+            fail(f"--resume: the saved run fine-tunes {meta['num_agents']} agents, not --num-agents {alg.num_agents}")
+        if meta["offline_size"] != len(data.rewards):
+            fail(f"--resume: the saved run replays {meta['offline_size']:,} offline transitions, --env "
+                 f"{data.dataset_id} holds {len(data.rewards):,}")
+        if alg.total_steps < meta["env_steps"]:
+            fail(f"--resume: the saved run is at env step {meta['env_steps']:,}, past --total-steps "
+                 f"{alg.total_steps:,}")
+    elif meta["dataset_id"] != data.dataset_id or meta.get("data_sha256", data.sha256) != data.sha256:
+        return f"note: the agents were trained on other data ({meta['dataset_id']}) than the offline data here; "
+    return ""
+
+
+def run_meta(args: Args, data: plumbing.OfflineData, pretrained: dict, source: str | None, run_dir: Path,
+             save_dir: Path, saved) -> dict:
+    """What the checkpoint and config.json record of this run (a resumed run: as saved, with this command's flags)."""
+    if saved is not None:
+        return {**saved["meta"], "run_dir": str(run_dir), "save_dir": str(save_dir.resolve()),
+                "args": plumbing.flat_args(args)}
+    return dict(format=FINETUNED_FORMAT, algorithm=ALGORITHM, version=PROJECT_VERSION, run_id=plumbing.new_run_id(),
+                run_dir=str(run_dir), save_dir=str(save_dir.resolve()), dataset_id=data.dataset_id,
+                data_sha256=data.sha256, gym_env_id=data.gym_env_id, obs_dim=data.observations.shape[1],
+                act_dim=data.actions.shape[1], hidden_sizes=pretrained["meta"]["hidden_sizes"],
+                num_agents=args.algorithm.num_agents or pretrained["meta"]["num_agents"],
+                offline_size=len(data.rewards),
+                pretrained=dict(path=source, run_id=pretrained["meta"]["run_id"], step=pretrained["meta"]["step"]),
+                args=plumbing.flat_args(args))
+
+
+def evaluate(r: SimpleNamespace, step: int) -> tuple[float, float]:
+    """pi^E's mean return over --eval-episodes (seeds seed + 10,000 on), and its normalised score."""
+    run = r.args.run
+    videos = plumbing.video_folder(run, r.run_dir, step // r.args.algorithm.steps_per_epoch, step,
+                          step == r.args.algorithm.total_steps)
+    returns = evaluate_ensemble(r.nets["actor"], r.data.gym_env_id, run.eval_episodes, run.seed + 10_000, r.device,
+                                videos)
+    return returns.mean(), float(normalized_score(returns.mean(), r.data.ref_min_score, r.data.ref_max_score))
+
+
+def log_evaluation(r: SimpleNamespace, step: int, result: tuple[float, float], train_log: str = "") -> None:
+    r.logs["eval"].write([step, f"{result[0]:.3f}", f"{result[1]:.3f}"])
+    print(f"env steps {step:,}: return {result[0]:.1f} normalized {result[1]:.1f}{train_log}", flush=True)
+    if r.wandb:
+        r.wandb.log({"eval/return": result[0], "eval/normalized_score": result[1]}, step=step)
+
+
+def log_metrics(r: SimpleNamespace, env_steps: int, grad_steps: int, means: dict, speeds: dict) -> None:
+    r.logs["metrics"].write([env_steps, grad_steps, *(f"{means[k]:.6g}" for k in METRICS),
+                             *(f"{v:.2f}" for v in speeds.values())])
+    if r.wandb:
+        r.wandb.log({f"train/{key}": value for key, value in {**means, **speeds}.items()}, step=env_steps)
+
+
+def check_finite(means: dict, env_steps: int, save_dir: Path) -> None:
+    if not all(math.isfinite(means[key]) for key in ("critic_loss", "actor_loss", "ratio_loss")):
+        fail(f"a loss became non-finite in the epoch ending at env step {env_steps:,} (critic {means['critic_loss']}, "
+             f"actor {means['actor_loss']}, density ratio {means['ratio_loss']}); {save_dir / CHECKPOINT} was left "
+             f"as it was")
+
+
+def save_run(r: SimpleNamespace, env_steps: int, grad_steps: int) -> None:
     """The whole run as one file: networks (agent k = actor member k, critics 2k and 2k + 1), temperature, density
-    ratio, Adam moments, replay and random stream."""
-    save_checkpoint(save_dir / CHECKPOINT, dict(
-        meta=meta, **{name: nets[name].state_dict() for name in ("actor", "critic", "target_critic")},
-        log_alpha=nets["log_alpha"].detach(), optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
+    ratio, Adam moments, replay and random stream; then the logs of a fresh run take their place."""
+    nets = r.nets
+    plumbing.save_checkpoint(r.save_dir / CHECKPOINT, dict(
+        meta={**r.meta, "env_steps": env_steps, "grad_steps": grad_steps},
+        **{name: nets[name].state_dict() for name in ("actor", "critic", "target_critic")},
+        log_alpha=nets["log_alpha"].detach(), optimizers={name: opt.state_dict() for name, opt in r.optimizers.items()},
         density_ratio=None if nets["density_ratio"] is None else nets["density_ratio"].state_dict(),
-        replay=replay.state_dict(), generator=generator.get_state()))
+        replay=r.replay.state_dict(), generator=r.generator.get_state()))
+    r.logs.commit()
+
+
+def epoch_line(means: dict, speeds: dict, where: str) -> str:
+    return (f" | Q {means['q_ensemble']:.2f}"
+            f" | U {means['uncertainty']:.3f}"
+            f" | alpha {means['alpha']:.4f} | online fraction {means['online_fraction']:.3f}"
+            f" | {speeds['updates_per_s']:.1f} updates/s | {speeds['env_steps_per_s']:.1f} env steps/s | {where}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence ref
     "in (0, 1)": lambda v: 0 < v < 1,
 }
 CHECKPOINT = "checkpoint.pt"  # the one file a save writes into --save-dir
+PENDING = ".pending"  # a fresh run's logs carry this suffix until its first checkpoint (RunLogs.commit)
 
 
 def fail(message: str) -> NoReturn:
@@ -199,28 +201,40 @@ def prepare_folders(run, default_save_dir: str, default_run_dir: str, formats: t
     run_dir = Path(run.run_dir or (saved["meta"]["run_dir"] if saved else default_run_dir))
     if run_dir.resolve() != save_dir.resolve():
         locks.append(lock_folder(run_dir, "--run-dir"))
+    if saved:
+        check_run_dir_holds(run_dir, saved["meta"]["run_id"], save_dir)
     if not run.resume and (run_dir / "eval.csv").exists() and not run.overwrite:
         fail(f"{run_dir / 'eval.csv'} already exists: pass --resume to continue that run, --overwrite to start it "
              f"anew, or another --run-dir")
     return save_dir, run_dir, saved, locks
 
 
-class CsvLog:
-    """A per-run CSV log with a `step` column, flushed every row. With resume_step, the rows past it (written
-    after the checkpoint a resumed run continues from) are cut first, so every step has one row."""
+def check_run_dir_holds(run_dir: Path, run_id: str, save_dir: Path) -> None:
+    """--resume: the run dir holds the logs of the checkpoint's run (its config.json carries the run id), or no logs.
+    Logs still pending there with that run id (a kill between the run's first save and their commit) become its."""
+    def run_id_in(path: Path) -> str | None:
+        try:
+            return json.loads(path.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            return None
 
-    def __init__(self, path: Path, header: list[str], resume_step: int | None):
-        kept = []
-        if resume_step is not None and path.exists():
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            if rows and rows[0] != header:
-                fail(f"{path} has the columns {rows[0]}, not {header}: it is not this run's log")
-            kept = [row for row in rows[1:] if len(row) == len(header) and int(row[0]) <= resume_step]
+    if run_id_in(run_dir / f"config.json{PENDING}") == run_id:
+        for path in sorted(run_dir.glob(f"*{PENDING}"), key=lambda path: path.name.startswith("config")):
+            os.replace(path, path.with_name(path.name[: -len(PENDING)]))
+    held = run_id_in(run_dir / "config.json")
+    if held != run_id and ((run_dir / "config.json").exists() or (run_dir / "eval.csv").exists()):
+        fail(f"--resume: {run_dir} holds the logs of run {held}, not of run {run_id} saved in {save_dir}: pass the "
+             f"--run-dir of that run, or a new folder")
+
+
+class CsvLog:
+    """A per-run CSV log with a `step` column, flushed every row: `rows` (the kept rows of a resumed run) first."""
+
+    def __init__(self, path: Path, header: list[str], rows: list[list[str]]):
         self.path = path
         temporary = path.with_name(path.name + ".tmp")
         with open(temporary, "w", newline="") as f:
-            csv.writer(f).writerows([header, *kept])
+            csv.writer(f).writerows([header, *rows])
         os.replace(temporary, path)
         self.file = open(path, "a", newline="")
 
@@ -250,23 +264,58 @@ class Tee:
         return getattr(self.stream, name)
 
 
-def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> dict:
+class RunLogs(dict):
+    """The run's CsvLogs by name. A fresh run writes every log as <name>.pending until its first checkpoint is saved
+    (commit renames them into place): until then the folder's earlier logs stay as they were, and a run that dies
+    before its first save leaves nothing that blocks its re-run."""
+
+    def commit(self) -> None:
+        for path in self.pending:
+            os.replace(path, path.with_name(path.name[: -len(PENDING)]))
+        self.pending = []
+
+
+def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> RunLogs:
     """<run-dir>/train.log (the console, appended on resume), config.json (each resume's own appended), and one
-    CsvLog per entry of columns."""
+    CsvLog per entry of columns; a resumed run's rows past resume_step (written after its checkpoint) are cut, so
+    every step has one row. Everything is checked before anything is written."""
     config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
               "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    suffix, kept = ("" if resume_step is not None else PENDING), {name: [] for name in columns}
     try:
-        console = open(run_dir / "train.log", "a" if resume_step is not None else "w")
+        for name, header in columns.items():
+            if resume_step is not None and (run_dir / f"{name}.csv").exists():
+                with open(run_dir / f"{name}.csv", newline="") as f:
+                    rows = list(csv.reader(f))
+                if rows and rows[0] != header:
+                    fail(f"{run_dir / f'{name}.csv'} has the columns {rows[0]}, not {header}: it is not this run's log")
+                kept[name] = [row for row in rows[1:] if len(row) == len(header) and int(row[0]) <= resume_step]
         if resume_step is not None and (run_dir / "config.json").exists():
             previous = json.loads((run_dir / "config.json").read_text())
             config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
+        console = open(run_dir / f"train.log{suffix}", "a" if resume_step is not None else "w")
         (run_dir / "config.json.tmp").write_text(json.dumps(config, indent=1) + "\n")
-        os.replace(run_dir / "config.json.tmp", run_dir / "config.json")
-        logs = {name: CsvLog(run_dir / f"{name}.csv", header, resume_step) for name, header in columns.items()}
+        os.replace(run_dir / "config.json.tmp", run_dir / f"config.json{suffix}")
+        logs = RunLogs({name: CsvLog(run_dir / f"{name}.csv{suffix}", header, kept[name])
+                        for name, header in columns.items()})
     except (OSError, ValueError) as error:
         fail(f"cannot write the logs in {run_dir} ({getattr(error, 'strerror', None) or error})")
+    names = ["train.log", *(f"{name}.csv" for name in columns), "config.json"]  # config.json last: it names the run
+    logs.pending = [run_dir / f"{name}{PENDING}" for name in names] if suffix else []
     sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
     return logs
+
+
+def new_run_id() -> str:
+    """The id a run keeps across resumes: in its checkpoint, its config.json and its wandb run."""
+    return uuid.uuid4().hex[:16]
+
+
+def finish_run(r, summary: str) -> None:
+    """The run's last line: what it did (summary), and where its evaluations are."""
+    if r.wandb:
+        r.wandb.finish()
+    print(f"{summary}; evaluations in {r.run_dir / 'eval.csv'}", flush=True)
 
 
 def source_commit() -> str | None:
@@ -428,6 +477,7 @@ class OfflineData:
     ref_min_score: float | None
     ref_max_score: float | None
     ref_source: str
+    sha256: str  # of the transitions as loaded: a resume on other data is refused (check_resumed_data)
 
 
 def body_of(name: str) -> str | None:
@@ -564,6 +614,16 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
     if ref_min is None and body_of(env_id) in D4RL_REF_SCORES:
         ref_min, ref_max = D4RL_REF_SCORES[body_of(env_id)]
     ref_source = "none (normalised score is NaN)" if ref_min is None else f"{ref_min:.3f} / {ref_max:.3f}"
+    sha = hashlib.sha256()
+    for key in TRANSITION_KEYS:
+        sha.update(np.ascontiguousarray(data[key]))
     return OfflineData(**data, dataset_id=name, gym_env_id=env_id, ref_min_score=ref_min, ref_max_score=ref_max,
-                       ref_source=ref_source)
+                       ref_source=ref_source, sha256=sha.hexdigest())
+
+
+def check_resumed_data(meta: dict, data: OfflineData) -> None:
+    """--resume: the saved run trained on these very transitions (checkpoints before 0.4 record no digest)."""
+    if meta.get("data_sha256", data.sha256) != data.sha256:
+        fail(f"--resume: the saved run trained on other offline data than --env {data.dataset_id} holds now (the "
+             f"dataset was made again or changed); resume on the data it trained on, or start a new run")
 

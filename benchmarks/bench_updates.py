@@ -28,6 +28,8 @@ import tyro
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import plumbing  # noqa: E402  (the scripts' run plumbing, beside them)
+
 OBS_DIM, ACT_DIM = 11, 3  # Hopper
 COLUMNS = ["name", "device", "num_agents", "updates_per_s", "gflop_per_update", "gflops_per_s",
            "fraction_of_matmul", "peak_mem_mib"]
@@ -175,7 +177,7 @@ def measure_cql(args, device, num_agents: int, compile_losses: bool = False, gra
     if graph and device.type == "cuda":
         for _ in range(cql.CUDA_GRAPH_WARMUP):
             eager()
-        step = cql.cuda_graphed(eager, generators)
+        step = plumbing.cuda_graphed(eager, generators)
     rate = time_it(lambda i: step(), device, args.warmup, args.steps, args.min_seconds)
     return dict(updates_per_s=rate, gflop_per_update=cql_flops(num_agents, hidden, args.batch_size) / 1e9)
 
@@ -225,7 +227,7 @@ def measure_finetune(args, device, num_agents: int, script: str):
     if device.type == "cuda":
         for _ in range(module.CUDA_GRAPH_WARMUP):
             eager()
-        step = module.cuda_graphed(eager)
+        step = plumbing.cuda_graphed(eager)
     rate = time_it(lambda i: step(), device, args.warmup, args.steps, args.min_seconds)
     return dict(updates_per_s=rate, gflop_per_update=finetune_flops(num_agents, hidden, args.batch_size) / 1e9)
 

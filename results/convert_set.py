@@ -20,7 +20,8 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cql_pretrain import CHECKPOINT, CQL_FORMAT, fail, save_checkpoint  # noqa: E402
+from cql_pretrain import CQL_FORMAT  # noqa: E402
+from plumbing import CHECKPOINT, fail, save_checkpoint  # noqa: E402
 
 OLD_SET, OLD_AGENT = "upq-checkpoint-set-v1", "upq-cql-agent-v2"
 PER_AGENT_META = ("agent", "seed", "normalized_score", "grad_steps")  # the new meta keeps `seeds` and `step`

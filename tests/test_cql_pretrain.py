@@ -246,10 +246,10 @@ def test_hdf5_transitions_keep_termination_and_truncation_apart(tiny_hopper_hdf5
     with h5py.File(tiny_hopper_hdf5) as f:
         terminals, timeouts = f["terminals"][()], f["timeouts"][()]
     assert terminals.any() and timeouts.any()  # the fixture exercises both flags
-    data = cql.load_offline_data(str(tiny_hopper_hdf5))
+    data = plumbing.load_offline_data(str(tiny_hopper_hdf5))
     assert data.gym_env_id == "Hopper-v5" and len(data.rewards) == 1500
     assert np.array_equal(data.terminals, terminals.astype(np.float32))  # a timeout is not a terminal
-    assert data.ref_min_score == cql.D4RL_REF_SCORES["hopper"][0]
+    assert data.ref_min_score == plumbing.D4RL_REF_SCORES["hopper"][0]
 
 
 def test_hdf5_without_next_observations_drops_episode_ends(tmp_path):
@@ -260,7 +260,7 @@ def test_hdf5_without_next_observations_drops_episode_ends(tmp_path):
         f["rewards"] = rewards
         f["terminals"] = np.array([0, 1, 0, 0, 0, 0], bool)
         f["timeouts"] = np.array([0, 0, 0, 1, 0, 0], bool)
-    data = cql.load_offline_data(str(tmp_path / "hopper_small.hdf5"))
+    data = plumbing.load_offline_data(str(tmp_path / "hopper_small.hdf5"))
     assert data.rewards.tolist() == [0, 1, 2, 4]  # row 3 timed out, row 5 is last: no next state
     assert data.next_observations[:, 0].tolist() == [1, 2, 3, 5]
     assert data.terminals.tolist() == [0, 1, 0, 0]
@@ -269,10 +269,10 @@ def test_hdf5_without_next_observations_drops_episode_ends(tmp_path):
 def test_d4rl_name_found_in_cache_folder(tmp_path, monkeypatch):
     write_random_hopper_hdf5(tmp_path / "hopper_medium_replay-v2.hdf5", num_steps=50, max_episode_steps=20)
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
-    data = cql.load_offline_data("hopper-medium-replay-v2")
+    data = plumbing.load_offline_data("hopper-medium-replay-v2")
     assert len(data.rewards) == 50 and data.gym_env_id == "Hopper-v5"
     (tmp_path / "halfcheetah_medium_expert-v2.hdf5").touch()  # D4RL's file name: the level's hyphens as underscores
-    assert cql.fetch_d4rl("halfcheetah-medium-expert-v2") == tmp_path / "halfcheetah_medium_expert-v2.hdf5"
+    assert plumbing.fetch_d4rl("halfcheetah-medium-expert-v2") == tmp_path / "halfcheetah_medium_expert-v2.hdf5"
 
 
 def test_local_minari_dataset_loads_with_its_flags(tmp_path, monkeypatch):
@@ -292,7 +292,7 @@ def test_local_minari_dataset_loads_with_its_flags(tmp_path, monkeypatch):
             truncations=[False] * (length - 1) + [episode == 1], infos={}))
     minari.create_dataset_from_buffers("local/hopper/test-v0", buffers, env="Hopper-v5", ref_min_score=1.0,
                                        ref_max_score=11.0)
-    data = cql.load_offline_data("local/hopper/test-v0")
+    data = plumbing.load_offline_data("local/hopper/test-v0")
     assert data.terminals.tolist() == [0, 0, 0, 1, 0, 0, 0]
     assert data.next_observations[:, 1].tolist() == [1, 2, 3, 4, 1, 2, 3]
     assert (data.ref_min_score, data.ref_max_score, data.gym_env_id) == (1.0, 11.0, "Hopper-v5")
@@ -351,7 +351,7 @@ def test_smoke_run_writes_one_checkpoint_and_eval_csv(trained):
         assert float(row["normalized_score"]) == pytest.approx(expected, abs=1e-2)
     assert "updates/s" in stdout
     ckpt = torch.load(root / "a" / "checkpoint.pt", weights_only=True)
-    assert ckpt.pop("sha256") == cql.digest(ckpt)
+    assert ckpt.pop("sha256") == plumbing.digest(ckpt)
     meta = ckpt["meta"]
     assert (meta["format"], meta["gym_env_id"], meta["step"], meta["num_agents"], meta["seeds"]) == (
         "upq-cql-v3", "Hopper-v5", 30, 2, [1, 2])

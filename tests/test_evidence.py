@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cql_pretrain as cql
+import plumbing
 from conftest import REPO, assert_refused, read_rows
 
 
@@ -70,10 +71,10 @@ def test_convert_joins_the_agents_back_into_the_checkpoint_they_were_cut_from(sa
                                               "param_groups": saved["optimizers"]["alpha"]["param_groups"]}
     write_old_set(saved, tmp_path / "old")
     convert_set.convert(tmp_path / "old", tmp_path / "new")
-    converted = cql.load_checkpoint(tmp_path / "new", (cql.CQL_FORMAT,))  # (its digest checked)
+    converted = plumbing.load_checkpoint(tmp_path / "new", (cql.CQL_FORMAT,))  # (its digest checked)
     assert converted["meta"] == saved["meta"]
     assert torch.equal(converted["critic"]["net.0.weight"][3], saved["critic"]["net.0.weight"][3])  # agent 1's 2nd
-    assert cql.digest(converted) == cql.digest(saved)  # every key, value and tensor byte: the same checkpoint
+    assert plumbing.digest(converted) == plumbing.digest(saved)  # every key, value and tensor byte: the same checkpoint
 
     # a full set without what only resuming needs, and an older weights-only set, give the same weights-only file
     convert_set.convert(tmp_path / "old", tmp_path / "new_weights", weights_only=True)
@@ -81,7 +82,8 @@ def test_convert_joins_the_agents_back_into_the_checkpoint_they_were_cut_from(sa
     convert_set.convert(tmp_path / "old_weights", tmp_path / "new_from_weights")
     weights = {key: value for key, value in saved.items() if key not in ("optimizers", "generators")}
     for folder in ("new_weights", "new_from_weights"):
-        assert cql.digest(cql.load_checkpoint(tmp_path / folder, (cql.CQL_FORMAT,))) == cql.digest(weights)
+        loaded = plumbing.load_checkpoint(tmp_path / folder, (cql.CQL_FORMAT,))
+        assert plumbing.digest(loaded) == plumbing.digest(weights)
 
 
 def test_converted_weights_only_checkpoint_cannot_be_resumed_and_convert_refuses(run_script, saved, tiny_hopper_hdf5,

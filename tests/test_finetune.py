@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import off2on_finetune as off2on
+import plumbing
 import upq_finetune as upq
 from conftest import assert_refused, assert_same_tensors, members, read_rows, rewrite_checkpoint
 
@@ -342,7 +343,7 @@ def test_smoke_run_saves_one_checkpoint_eval_csv_and_log(finetuned, tiny_cql_che
     assert sorted(p.name for p in (root / "off2on").iterdir()) == [".lock", "checkpoint.pt"]  # no temporary file left
     rows = read_rows(root / "off2on_run" / "eval.csv")
     assert [r["step"] for r in rows] == ["0", "10", "20"]  # an evaluation at the start of every epoch, and the end
-    low, high = off2on.D4RL_REF_SCORES["hopper"]
+    low, high = plumbing.D4RL_REF_SCORES["hopper"]
     for row in rows:
         expected = 100 * (float(row["return"]) - low) / (high - low)
         assert float(row["normalized_score"]) == pytest.approx(expected, abs=1e-2)
@@ -352,7 +353,7 @@ def test_smoke_run_saves_one_checkpoint_eval_csv_and_log(finetuned, tiny_cql_che
     assert "| U " in stdout["off2on"]  # Off2OnRL's ensemble spread, measured though not used
 
     checkpoint = torch.load(root / "off2on" / "checkpoint.pt", weights_only=True)
-    assert checkpoint.pop("sha256") == off2on.digest(checkpoint)
+    assert checkpoint.pop("sha256") == plumbing.digest(checkpoint)
     pretrained = torch.load(tiny_cql_checkpoints / "checkpoint.pt", weights_only=True)
     meta = checkpoint["meta"]
     assert (meta["format"], meta["algorithm"], meta["gym_env_id"], meta["num_agents"], meta["hidden_sizes"]) == (

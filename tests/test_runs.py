@@ -21,6 +21,7 @@ import tyro
 
 import cql_pretrain as cql
 import off2on_finetune as off2on
+import plumbing
 import upq_finetune as upq
 from conftest import REPO, assert_refused, read_rows, write_random_hopper_hdf5
 
@@ -33,7 +34,7 @@ UPQ_TINY = ["--num-agents", "2", "--steps-per-epoch", "10", "--first-epoch-multi
 
 def saved(folder):
     """The checkpoint in `folder`, its digest verified (as the scripts load it)."""
-    return cql.load_checkpoint(folder, (cql.CQL_FORMAT, upq.FINETUNED_FORMAT))
+    return plumbing.load_checkpoint(folder, (cql.CQL_FORMAT, upq.FINETUNED_FORMAT))
 
 
 def files(folder):
@@ -312,6 +313,115 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(run_script, cql_run, tiny_h
     assert config["resumed"][0]["at_step"] == 8 and config["args"]["total_steps"] == 8
 
 
+# --------------------------------------------------------------------------- a failed start owns nothing
+def kept(folder):
+    """The folder's files but those a run writes before it owns them: <name>.pending logs, a checkpoint.pt.tmp."""
+    return {name: data for name, data in files(folder).items() if not name.endswith((".pending", ".tmp"))}
+
+
+@pytest.mark.parametrize("script", ["cql_pretrain.py", "upq_finetune.py"], ids=["cql", "upq"])
+@pytest.mark.parametrize("earlier", ["overwritten", "none"])
+def test_a_run_killed_before_its_first_save_changes_nothing_and_its_command_runs_again(
+        run_script, cql_run, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path, script, earlier):
+    """Killed after its step-0 evaluation and its first updates, just before its first save: an --overwrite run
+    leaves the earlier run's checkpoint and logs as they were, and the same command then runs (no --overwrite needed
+    where nothing was there)."""
+    if earlier == "overwritten":
+        shutil.copytree(cql_run / "save", tmp_path / "save")
+        shutil.copytree(cql_run / "run", tmp_path / "run")
+    flags = [*CQL_TINY, "--total-steps", "8"] if script == "cql_pretrain.py" else \
+        [*UPQ_TINY, "--total-steps", "20", "--checkpoints", tiny_cql_checkpoints]
+    command = [script, "--env", tiny_hopper_hdf5, *flags, "--save-dir", tmp_path / "save", "--run-dir",
+               tmp_path / "run", *(["--overwrite"] if earlier == "overwritten" else [])]
+    before = (files(tmp_path / "save"), files(tmp_path / "run")) if earlier == "overwritten" else ({}, {})
+    killed = run_script(*command, kill_at_rename=(tmp_path / "save", 1))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / "run" / "eval.csv.pending").exists()  # the killed run had evaluated step 0
+    assert (kept(tmp_path / "save"), kept(tmp_path / "run")) == before
+    again = run_script(*command)
+    assert again.returncode == 0, again.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["run_id"] == saved(tmp_path / "save")["meta"]["run_id"] and "resumed" not in config
+    assert read_rows(tmp_path / "run" / "eval.csv")[0]["step"] == "0" and not list((tmp_path / "run").glob("*.pending"))
+
+
+def test_a_run_killed_between_its_first_save_and_its_logs_resumes_with_them(run_script, tiny_hopper_hdf5, tmp_path):
+    common = ["cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "8", "--save-dir",
+              tmp_path / "save", "--run-dir", tmp_path / "run"]
+    straight = run_script(*common[:-4], "--save-dir", tmp_path / "straight", "--run-dir", tmp_path / "straight_run")
+    assert straight.returncode == 0, straight.stderr
+    # renames into the run dir: config.json, eval.csv and metrics.csv pending; then, after the checkpoint, the 5th
+    # is eval.csv's into place (train.log's was the 4th)
+    killed = run_script(*common, "--save-every", "4", kill_at_rename=(tmp_path / "run", 5))
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "run" / "eval.csv.pending").exists()
+    resumed = run_script(*common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "run" / "eval.csv").read_text() == (tmp_path / "straight_run" / "eval.csv").read_text()
+
+
+# --------------------------------------------------------------------------- a resume checks what it continues
+def test_a_resume_into_another_runs_folder_is_refused_and_changes_nothing(run_script, cql_run, tiny_hopper_hdf5,
+                                                                          tmp_path):
+    other = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "4", "--seed", "2",
+                       "--save-dir", tmp_path / "other", "--run-dir", tmp_path / "other_run")
+    assert other.returncode == 0, other.stderr
+    shutil.copytree(cql_run / "save", tmp_path / "save")
+    before = files(tmp_path / "other_run")
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3",
+                        "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save", "--run-dir",
+                        tmp_path / "other_run")
+    run_id = saved(tmp_path / "save")["meta"]["run_id"]
+    assert_refused(result, f"--resume: {tmp_path / 'other_run'} holds the logs of run "
+                           f"{saved(tmp_path / 'other')['meta']['run_id']}, not of run {run_id}")
+    assert files(tmp_path / "other_run") == before
+
+
+def test_a_resume_refused_for_its_logs_writes_nothing(run_script, cql_run, tiny_hopper_hdf5, tmp_path):
+    shutil.copytree(cql_run / "save", tmp_path / "save")
+    shutil.copytree(cql_run / "run", tmp_path / "run")
+    (tmp_path / "run" / "metrics.csv").write_text("step,something_else\n")
+    before = files(tmp_path / "run")
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3",
+                        "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save", "--run-dir",
+                        tmp_path / "run")
+    assert_refused(result, "metrics.csv has the columns ['step', 'something_else']")
+    assert files(tmp_path / "run") == before
+
+
+def regenerated(source: Path, target: Path) -> Path:
+    """A copy of a D4RL-layout file with the same rows but other rewards: the dataset made again under its name."""
+    shutil.copy(source, target)
+    with h5py.File(target, "r+") as f:
+        f["rewards"][...] = f["rewards"][()] + 1.0
+    return target
+
+
+@pytest.mark.parametrize("script", ["cql_pretrain.py", "upq_finetune.py"], ids=["cql", "upq"])
+def test_a_resume_on_other_data_under_the_same_name_is_refused(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints,
+                                                               tmp_path, script):
+    data = Path(shutil.copy(tiny_hopper_hdf5, tmp_path / "hopper_tiny-v2.hdf5"))
+    flags = [*CQL_TINY, "--total-steps"] if script == "cql_pretrain.py" else \
+        [*UPQ_TINY, "--checkpoints", tiny_cql_checkpoints, "--total-steps"]
+    common = [script, "--env", data, *flags]
+    folders = ["--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"]
+    assert run_script(*common, "10" if "upq" in script else "4", *folders).returncode == 0
+    regenerated(tiny_hopper_hdf5, data)
+    before = files(tmp_path / "save"), files(tmp_path / "run")
+    assert_refused(run_script(*common, "20" if "upq" in script else "8", *folders, "--resume"),
+                   f"--resume: the saved run trained on other offline data than --env {data} holds now")
+    assert (files(tmp_path / "save"), files(tmp_path / "run")) == before
+
+
+def test_finetuning_agents_trained_on_other_data_says_so_first(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints,
+                                                                 tmp_path):
+    data = regenerated(tiny_hopper_hdf5, tmp_path / "hopper_other-v2.hdf5")  # the same env, other transitions
+    result = run_script("upq_finetune.py", "--env", data, *UPQ_TINY, "--checkpoints", tiny_cql_checkpoints,
+                        "--total-steps", "10", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    first = (tmp_path / "run" / "train.log").read_text().splitlines()[0]
+    assert first.startswith(f"note: the agents were trained on other data ({tiny_hopper_hdf5}) than the offline data")
+
+
 # --------------------------------------------------------------------------- bytes, disks and weights that fail
 def flip_bytes(path, count=16):
     """Flip `count` bytes in the middle of the largest tensor stored in a torch checkpoint (a zip, stored)."""
@@ -401,13 +511,13 @@ def test_values_that_overflow_float32_are_refused(tmp_path):
         del f["rewards"]
         f["rewards"] = rewards
     with pytest.raises(SystemExit) as refused:
-        cql.load_offline_data(str(tmp_path / "hopper_big-v2.hdf5"))
+        plumbing.load_offline_data(str(tmp_path / "hopper_big-v2.hdf5"))
     assert "rewards has 2 rows with NaN or inf values as float32 (the first is row 4)" in str(refused.value)
 
 
 def test_a_folder_given_as_the_dataset_is_refused_as_unknown(tmp_path):
     with pytest.raises(SystemExit) as refused:
-        cql.load_offline_data(str(tmp_path))
+        plumbing.load_offline_data(str(tmp_path))
     assert "Minari datasets are named by id, not folder" in str(refused.value)
 
 
@@ -514,7 +624,7 @@ def broken_hdf5(path, case):
 def test_a_broken_dataset_is_refused_in_one_sentence(tmp_path, case, message):
     broken_hdf5(tmp_path / "hopper_broken.hdf5", case)
     with pytest.raises(SystemExit) as refused:
-        cql.load_offline_data(str(tmp_path / "hopper_broken.hdf5"))
+        plumbing.load_offline_data(str(tmp_path / "hopper_broken.hdf5"))
     assert message in str(refused.value)
 
 
@@ -583,9 +693,11 @@ def test_log_lines_say_where_the_run_is_its_speed_and_eta(tracked, run_script, t
 def test_progress_and_duration_by_hand(monkeypatch):
     monkeypatch.setattr(upq.time, "perf_counter", lambda: 1000.0 + 3725.0)
     # 2,000 of 10,000 done since this session started at 500 done, 3,725 s ago: 1500 / 3725 = 0.4 steps/s
-    line = upq.progress(2000, 10_000, 500, 1000.0, "steps")
+    line = plumbing.progress(2000, 10_000, 500, 1000.0, "steps")
     assert line == "2,000/10,000 steps (20%), 1h02m elapsed, 0.4 steps/s, ETA 5h31m"  # 8000 / (1500 / 3725) s
-    assert (upq.duration(59), upq.duration(61), upq.duration(7199)) == ("59s", "1m01s", "1h59m")
+    assert plumbing.progress(500, 2000, 500, 1000.0, "steps").endswith("0.0 steps/s, ETA ?")  # nothing done yet
+    assert [plumbing.duration(s) for s in (0, 12.9, 59, 61, 185, 7199, 36000)] == [
+        "0s", "12s", "59s", "1m01s", "3m05s", "1h59m", "10h00m"]
 
 
 def test_track_with_resume_continues_the_same_wandb_run(tracked):

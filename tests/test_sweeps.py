@@ -9,6 +9,8 @@ import pytest
 import tyro
 import yaml
 
+import plumbing
+
 SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
 
 
@@ -42,7 +44,7 @@ def test_every_generated_command_parses(path):
     parse = functools.partial(tyro.cli, tyro.conf.OmitArgPrefixes[module.Args])  # as the scripts parse
     parsed = [parse(args=argv) for argv in commands]
     for args in parsed:
-        assert module.D4RL_NAME.match(args.run.env), args.run.env
+        assert plumbing.D4RL_NAME.match(args.run.env), args.run.env
         assert args.run.track
     if path.stem == "table2_beta":
         assert {args.algorithm.beta for args in parsed} == {0.1, 0.01, 0.001, 0.0001}

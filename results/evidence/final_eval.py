@@ -32,6 +32,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import plumbing  # noqa: E402
 import upq_finetune as ft  # noqa: E402  (off2on_finetune.py saves the same checkpoint layout)
 from plot import natural_order  # noqa: E402  (results/plot.py: seed2 before seed10, as in the figure and tables)
 
@@ -66,7 +67,7 @@ def load_policy(set_folder: Path) -> tuple[ft.Actor, dict]:
     """pi^E's members as the run saved them (its ensemble actor, member k = agent k) and the run's meta."""
     if not (set_folder / ft.CHECKPOINT).exists() and not (set_folder / "manifest.json").exists():
         ft.fail(f"{set_folder} holds no {ft.CHECKPOINT}: give the --save-dir of a fine-tuning run")
-    state = ft.load_checkpoint(set_folder, (ft.FINETUNED_FORMAT,))
+    state = plumbing.load_checkpoint(set_folder, (ft.FINETUNED_FORMAT,))
     meta = state["meta"]
     actor = ft.Actor(meta["obs_dim"], meta["act_dim"], tuple(meta["hidden_sizes"]), meta["num_agents"],
                      ft.LOG_STD_RANGE)
@@ -77,7 +78,7 @@ def load_policy(set_folder: Path) -> tuple[ft.Actor, dict]:
 @functools.cache
 def env_and_references(dataset_id: str, gym_env: str | None) -> tuple[str, float | None, float | None]:
     """The run's env and score references, as fine-tuning resolved them from its --env (read once per dataset)."""
-    data = ft.load_offline_data(dataset_id, gym_env)
+    data = plumbing.load_offline_data(dataset_id, gym_env)
     return data.gym_env_id, data.ref_min_score, data.ref_max_score
 
 
