@@ -624,7 +624,8 @@ def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, genera
     density_ratio = nets["density_ratio"]
     obs_dim = (replay.transitions.shape[1] - act_dim - 2) // 2  # rows [obs | action | reward | next obs | terminal]
     index = replay.sample(batch_size, generator)  # [B] ([3B] with balanced replay)
-    noise = torch.randn(2 * batch_size, act_dim, generator=generator, device=replay.transitions.device)
+    noise = torch.randn(2 * batch_size, act_dim, generator=generator, dtype=replay.transitions.dtype,
+                        device=replay.transitions.device)
     drawn = replay.transitions[index]
     critic_loss, actor_loss, alpha_loss, metrics = finetune_losses(
         nets["actor"], nets["critic"], nets["target_critic"], nets["log_alpha"],
