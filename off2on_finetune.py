@@ -12,6 +12,8 @@ Where each equation of the UPQ paper lives in this file:
     Eq. (3)  pi^E: one Gaussian with the mixture's mean and variance       ensemble_policy
     Eq. (4)  U(s', a'), the members' spread: measured, not used           uncertainty_std
     Eq. (5)  y_i = r + gamma (1 - d) [Q_i' - alpha log pi^E], beta = 0     soft_target
+             Q_i' is member i's own min(Q1_i, Q2_i)' (official Off2OnRL); Eq. (5) as printed, Q^E' for every
+             member, is upq_finetune.py's --ensemble-mean-target (this script has no such flag)
     Eq. (6)  sum over the 2N critics of (Q_k,i - y_i)^2                   critic_td_loss
     Eq. (7)  mean [alpha log pi^E(a~|s) - Q^E(s, a~)]                     ensemble_actor_loss
     SAC's temperature; balanced replay's density ratio and priorities     temperature_loss, density_ratio_loss,
@@ -562,6 +564,11 @@ class SumTree:
 
 class BalancedReplay:
     """The offline data and the online ring buffer as packed transitions in one tensor on the device, sampled as one.
+
+    Why balanced replay (Off2OnRL): fine-tuning learns best from near-on-policy data, yet online rows are few at
+    first and the offline ones were collected by other policies. Each row's priority follows the density ratio
+    w(s, a) of online to offline data, so offline rows close to the current policy are drawn more often than those
+    far from it, and each online row enters at P_max.
 
     Rows 0 .. M-1 hold the offline transitions (priority 1), rows M .. M + capacity - 1 the online ones (priority
     P_max when written; P_max starts at initial_online_priority and rises to the largest priority ever written).
