@@ -12,6 +12,8 @@ Where each equation of the UPQ paper lives in this file:
     Eq. (3)  pi^E: one Gaussian with the mixture's mean and variance       ensemble_policy
     Eq. (4)  U(s', a'), the members' spread: measured, not used           uncertainty_std
     Eq. (5)  y_i = r + gamma (1 - d) [Q_i' - alpha log pi^E], beta = 0     soft_target
+             Q_i' is member i's own min(Q1_i, Q2_i)' (official Off2OnRL); Eq. (5) as printed, Q^E' for every
+             member, is upq_finetune.py's --ensemble-mean-target (this script has no such flag)
     Eq. (6)  sum over the 2N critics of (Q_k,i - y_i)^2                   critic_td_loss
     Eq. (7)  mean [alpha log pi^E(a~|s) - Q^E(s, a~)]                     ensemble_actor_loss
     SAC's temperature; balanced replay's density ratio and priorities     temperature_loss, density_ratio_loss,
@@ -249,37 +251,63 @@ def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, pre_tanh: 
     return (gaussian - tanh_correction).sum(-1)
 
 
-def check_layout(name: str, tensor: torch.Tensor, layout: str, shape: tuple) -> None:
-    """One sentence (ValueError) unless `tensor` has `shape` and a floating-point dtype; no host-device sync."""
+def check_layout(name: str, tensor: torch.Tensor, layout: str, shape: tuple, dtype: torch.dtype | None = None):
+    """One sentence (ValueError) unless `tensor` has `shape` and a floating-point dtype (`dtype`, the networks', when
+    given); no host-device sync."""
     if tensor.shape != shape:
         raise ValueError(f"finetune_losses: {name} must be {layout} = {list(shape)}, not {list(tensor.shape)}")
     if not tensor.is_floating_point():
         raise ValueError(f"finetune_losses: {name} must be floating point, not {tensor.dtype}")
+    if dtype is not None and tensor.dtype != dtype:
+        raise ValueError(f"finetune_losses: {name} must be {dtype} as the critic's weights are, not {tensor.dtype}")
 
 
-def check_batch_layout(obs, actions, rewards, next_obs, terminals, noise, log_alpha, num_agents: int) -> None:
-    """finetune_losses' inputs against its contract: shapes and dtypes only."""
+def check_batch_layout(obs, actions, rewards, next_obs, terminals, noise, log_alpha, num_agents: int,
+                       dtype: torch.dtype) -> None:
+    """finetune_losses' inputs against its contract: shapes, dtypes (the batch and noise in the networks' `dtype`) and
+    log_alpha a tensor with requires_grad; attributes only, no host-device sync."""
+    if not isinstance(log_alpha, torch.Tensor):
+        raise ValueError(f"finetune_losses: log_alpha must be a tensor [1] with requires_grad, "
+                         f"not a {type(log_alpha).__name__}")
     if num_agents < 1 or obs.dim() != 2 or actions.dim() != 2:
         raise ValueError(f"finetune_losses: needs num_agents >= 1, obs [B, obs_dim] and actions [B, A], not "
                          f"{num_agents}, {list(obs.shape)} and {list(actions.shape)}")
     batch_size, obs_dim, act_dim = obs.shape[0], obs.shape[1], actions.shape[1]
-    check_layout("obs", obs, "[B, obs_dim]", (batch_size, obs_dim))
-    check_layout("actions", actions, "[B, A]", (batch_size, act_dim))
-    check_layout("rewards", rewards, "[B]", (batch_size,))
-    check_layout("next_obs", next_obs, "[B, obs_dim]", (batch_size, obs_dim))
-    check_layout("terminals", terminals, "[B]", (batch_size,))
-    check_layout("noise (rows :B for a~ at s, rows B: for a' at s')", noise, "[2B, A]", (2 * batch_size, act_dim))
+    check_layout("obs", obs, "[B, obs_dim]", (batch_size, obs_dim), dtype)
+    check_layout("actions", actions, "[B, A]", (batch_size, act_dim), dtype)
+    check_layout("rewards", rewards, "[B]", (batch_size,), dtype)
+    check_layout("next_obs", next_obs, "[B, obs_dim]", (batch_size, obs_dim), dtype)
+    check_layout("terminals", terminals, "[B]", (batch_size,), dtype)
+    check_layout("noise (rows :B for a~ at s, rows B: for a' at s')", noise, "[2B, A]", (2 * batch_size, act_dim),
+                 dtype)
     check_layout("log_alpha", log_alpha, "[1]", (1,))
+    if not log_alpha.requires_grad:
+        raise ValueError("finetune_losses: log_alpha must have requires_grad (a leaf its optimiser steps), "
+                         "or the temperature never learns")
 
 
-def frozen_parameters(critic) -> dict:
+def frozen_parameters(critic, target_critic) -> dict:
     """The critic's registered parameters, detached: evaluated with them (torch.func.functional_call) the critics
-    pass gradients to their inputs only. A critic without real registered weights cannot be frozen this way."""
+    pass gradients to their inputs only. A critic without real registered weights cannot be frozen this way, and a
+    target_critic that is the critic, or holds any of its weights' storage, is no target network."""
     frozen = {name: p.detach() for name, p in critic.named_parameters()} if isinstance(critic, torch.nn.Module) else {}
     if all(p.is_meta for p in frozen.values()):  # none, or only the skeleton of stack_module_state's tutorial
         raise ValueError("finetune_losses: the critic must be an nn.Module whose weights are registered parameters "
                          "(weights in a plain dict are not, and the actor loss would reach them)")
+    storages = {p.untyped_storage().data_ptr() for p in frozen.values()} - {0}  # 0: meta or empty, no storage
+    if isinstance(target_critic, torch.nn.Module) and any(p.untyped_storage().data_ptr() in storages
+                                                          for p in target_critic.parameters()):
+        raise ValueError("finetune_losses: target_critic must be a copy of the critic with weights of its own "
+                         "(copy.deepcopy), not the critic itself or a module that shares its storage")
     return frozen
+
+
+def stack_twin_critics(pairs) -> tuple[dict, dict]:
+    """N pairs (Q1_i, Q2_i) of modules of one architecture -> torch.func.stack_module_state of the 2N critics in the
+    order finetune_losses takes: member 2i + j is critic j of agent i, by construction. Returns (params, buffers),
+    each weight stacked [2N, ...] and copied: register the params as your critic's nn.Parameters (an
+    nn.ParameterList, say) and run them through torch.vmap, as tests/test_update_block.py's Stacked does."""
+    return torch.func.stack_module_state([q for q1, q2 in pairs for q in (q1, q2)])  # Q1_0, Q2_0, Q1_1, Q2_1, ...
 
 
 def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewards, next_obs, terminals, noise,
@@ -289,17 +317,21 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
     The networks, any callables with the ensemble axis first (as modules stacked with
     torch.func.stack_module_state and run through torch.vmap give it):
         actor(obs [N, B, obs_dim]) -> (mean, log_std), each [N, B, A]: member i's pre-tanh Gaussian, its log_std
-            already clamped (this project: to [-20, 2]); every member is given the same batch.
+            already clamped (this project: to [-20, 2]).
         critic(obs [2N, B, obs_dim], actions [2N, B, A]) -> Q [2N, B]. Member 2i + j is critic j (j = 0, 1) of
             agent i: an agent's two critics are neighbours, [Q1_0, Q2_0, Q1_1, Q2_1, ...]. A stack ordered
-            [Q1 of every agent, Q2 of every agent] has the same shapes and wrong twin pairs: stack the critics in
-            the order q1[0], q2[0], q1[1], q2[1], ... instead.
-        target_critic: the slow copy of critic, in the same layout; called under torch.no_grad().
+            [Q1 of every agent, Q2 of every agent] has the same shapes and wrong twin pairs: stack_twin_critics
+            stacks N pairs (Q1_i, Q2_i) in the block's order by construction.
+        target_critic: the slow copy of critic with weights of its own (copy.deepcopy(critic)), in the same layout;
+            called under torch.no_grad().
+    Every member is given the same batch, as a stride-0 view (x.expand(E, -1, -1), no copy): reshape it inside a
+    network, do not view it.
     The critic must also be an nn.Module whose weights are all registered parameters (critic.named_parameters()):
     the actor's loss evaluates it as torch.func.functional_call(critic, {name: p.detach() for name, p in
     critic.named_parameters()}, ...), and these detached parameters are what keep the actor loss's gradient out of
     the critics. Weights held in a plain dict (the stack_module_state tutorial's pattern) are not registered, and
-    the actor loss would reach them: hold them as nn.Parameters (in an nn.ParameterList, say).
+    the actor loss would reach them: hold them as nn.Parameters (in an nn.ParameterList, say). One row of the batch
+    checks it every step: the critic evaluated with the detached parameters must not require grad.
 
     The batch, in the networks' floating dtype and device (this project: float32):
         obs [B, obs_dim], actions [B, A] in tanh space (in (-1, 1), as the env took them), rewards [B],
@@ -307,7 +339,8 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
         it), else 0.0;
         noise [2B, A], standard normal, drawn by the caller: rows :B give a~ ~ pi^E(.|s) for the actor and
         temperature losses, rows B: give a' ~ pi^E(.|s') for the targets.
-    log_alpha [1]: log of SAC's temperature alpha, one for the whole ensemble, a leaf with requires_grad.
+    log_alpha [1]: log of SAC's temperature alpha, one for the whole ensemble, a tensor leaf with requires_grad (for
+    a fixed temperature, pass such a leaf and leave alpha_loss out).
     num_agents: N. gamma: the discount; target_entropy: SAC's (this project: -A).
 
     Returns (critic_loss, actor_loss, alpha_loss, metrics): three scalar losses, and the step's diagnostics as
@@ -324,14 +357,17 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
     (this project: Adam for log_alpha, the actors and the critics); then the soft target update
     target_critic <- (1 - tau) target_critic + tau critic (tau = 5e-3), after the critics' step.
 
-    A layout it can see from shapes and dtypes alone (no host-device sync) raises a ValueError in one sentence:
-    num_agents < 1, a batch tensor of the wrong shape or not floating point, noise not [2B, A], log_alpha not [1],
-    actor outputs not [N, B, A], critic outputs not [2N, B], a critic with no registered parameters. The member
-    order cannot be seen: getting 2i + j right is the caller's part.
+    A layout it can see from shapes, dtypes and attributes alone (no host-device sync) raises a ValueError in one
+    sentence that names the argument: num_agents < 1, a batch tensor or noise of the wrong shape, not floating point
+    or not in the dtype of the critic's weights, noise not [2B, A], log_alpha not a tensor [1] with requires_grad,
+    actor outputs not [N, B, A], critic outputs not [2N, B], a critic with no registered parameters or one that
+    still requires grad with them detached, a target_critic that is the critic or shares its storage. The member
+    order cannot be seen: stack_twin_critics gets 2i + j right by construction; otherwise it is the caller's part.
     """
-    check_batch_layout(obs, actions, rewards, next_obs, terminals, noise, log_alpha, num_agents)
+    frozen = frozen_parameters(critic, target_critic)
+    dtype = next(p.dtype for p in frozen.values() if not p.is_meta)  # the networks' floating dtype
+    check_batch_layout(obs, actions, rewards, next_obs, terminals, noise, log_alpha, num_agents, dtype)
     n, batch_size, act_dim = num_agents, obs.shape[0], actions.shape[1]
-    frozen = frozen_parameters(critic)
     alpha = log_alpha.exp().detach()
 
     def every_actor(x):  # [B, D] -> [N, B, D]
@@ -339,6 +375,13 @@ def finetune_losses(actor, critic, target_critic, log_alpha, obs, actions, rewar
 
     def every_critic(x):  # [B, D] -> [2N, B, D]: all critics see the same batch
         return x.expand(2 * n, -1, -1)
+
+    # the frozen critic on one row of data has no graph, unless it holds weights outside its registered parameters
+    if torch.func.functional_call(critic, frozen, (every_critic(obs[:1].detach()),
+                                                   every_critic(actions[:1].detach()))).requires_grad:
+        raise ValueError("finetune_losses: the critic still requires grad when evaluated with its registered "
+                         "parameters detached: it holds weights outside them (in a plain dict, say), and the actor "
+                         "loss would reach them")
 
     # Eq. (3): pi^E at s (trained through the actor loss) and at s' (for the target only: no graph), a sample each
     mean, log_std = actor(every_actor(obs))  # [N, B, A] each
@@ -537,6 +580,11 @@ class SumTree:
 class BalancedReplay:
     """The offline data and the online ring buffer as packed transitions in one tensor on the device, sampled as one.
 
+    Why balanced replay (Off2OnRL): fine-tuning learns best from near-on-policy data, yet online rows are few at
+    first and the offline ones were collected by other policies. Each row's priority follows the density ratio
+    w(s, a) of online to offline data, so offline rows close to the current policy are drawn more often than those
+    far from it, and each online row enters at P_max.
+
     Rows 0 .. M-1 hold the offline transitions (priority 1), rows M .. M + capacity - 1 the online ones (priority
     P_max when written; P_max starts at initial_online_priority and rises to the largest priority ever written).
     balanced=False: no priorities, batches uniform over all rows written (the paper's Algorithm 1).
@@ -630,7 +678,8 @@ def finetune_update(nets: dict, optimizers: dict, replay: BalancedReplay, genera
     density_ratio = nets["density_ratio"]
     obs_dim = (replay.transitions.shape[1] - act_dim - 2) // 2  # rows [obs | action | reward | next obs | terminal]
     index = replay.sample(batch_size, generator)  # [B] ([3B] with balanced replay)
-    noise = torch.randn(2 * batch_size, act_dim, generator=generator, device=replay.transitions.device)
+    noise = torch.randn(2 * batch_size, act_dim, generator=generator, dtype=replay.transitions.dtype,
+                        device=replay.transitions.device)
     drawn = replay.transitions[index]
     critic_loss, actor_loss, alpha_loss, metrics = finetune_losses(
         nets["actor"], nets["critic"], nets["target_critic"], nets["log_alpha"],

@@ -24,7 +24,8 @@ TIGHT = dict(rtol=1e-10, atol=1e-12)
 BLOCK = re.compile(r"^# >>> (\w+) update: copy from here.*?^# <<< \1 update: to here$", re.MULTILINE | re.DOTALL)
 EQUATIONS = ["twin_min", "ensemble_q_mean", "ensemble_policy", "uncertainty_std", "critic_td_loss",
              "ensemble_actor_loss", "temperature_loss", "tanh_gaussian_sample", "tanh_gaussian_log_prob",
-             "check_layout", "check_batch_layout", "frozen_parameters"]  # and the contract's checks
+             "check_layout", "check_batch_layout", "frozen_parameters",  # and the contract's checks
+             "stack_twin_critics"]  # and the critics stacked in the block's order
 TARGET_OF = {"upq_finetune.py": "penalized_target", "off2on_finetune.py": "soft_target"}  # Eq. (5), beta > 0 or 0
 
 
@@ -250,6 +251,22 @@ class MetaSkeletonStacked(DictStacked):
         self.base = self.template[0]
 
 
+class RealBaseStacked(DictStacked):
+    """The same, with a real (non-meta) copy of one member kept as a submodule: its parameters register and detach,
+    but the forward never uses them, so the actor loss reaches the weights in the plain dict."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__(members)
+        self.base = copy.deepcopy(members[0])
+
+
+def sharing_target(critic: Stacked) -> Stacked:
+    """A target critic whose weights are the critic's own storage (detached views): no target network at all."""
+    target = copy.deepcopy(critic)
+    target.stacked = nn.ParameterList([nn.Parameter(p.detach(), requires_grad=False) for p in critic.stacked])
+    return target
+
+
 @pytest.mark.parametrize("script", ["upq_finetune.py", "off2on_finetune.py"])
 @pytest.mark.parametrize("case, message", [
     ("noise [B, A]", "noise (rows :B for a~ at s, rows B: for a' at s') must be [2B, A] = [14, 2], not [7, 2]"),
@@ -262,6 +279,15 @@ class MetaSkeletonStacked(DictStacked):
     ("num_agents 0", "needs num_agents >= 1"),
     ("critic weights in a plain dict", "the critic must be an nn.Module whose weights are registered parameters"),
     ("a meta skeleton registered", "the critic must be an nn.Module whose weights are registered parameters"),
+    ("critic weights in a plain dict beside a real module",
+     "the critic still requires grad when evaluated with its registered parameters detached"),
+    ("log_alpha a Python float", "log_alpha must be a tensor [1] with requires_grad, not a float"),
+    ("log_alpha without requires_grad", "log_alpha must have requires_grad"),
+    ("target_critic is the critic", "target_critic must be a copy of the critic with weights of its own"),
+    ("target_critic shares the critic's storage", "target_critic must be a copy of the critic with weights of its own"),
+    ("float32 batch", "obs must be torch.float64 as the critic's weights are, not torch.float32"),
+    ("float32 noise", "noise (rows :B for a~ at s, rows B: for a' at s') must be torch.float64 as the critic's "
+                      "weights are, not torch.float32"),
 ])
 def test_a_wrong_layout_raises_one_clear_sentence(script, case, message):
     block, nets = copied(script), foreign_setup()
@@ -277,8 +303,43 @@ def test_a_wrong_layout_raises_one_clear_sentence(script, case, message):
         "num_agents 0": dict(num_agents=0),
         "critic weights in a plain dict": dict(critic=DictStacked(nets["critics"])),
         "a meta skeleton registered": dict(critic=MetaSkeletonStacked(nets["critics"])),
+        "critic weights in a plain dict beside a real module": dict(critic=RealBaseStacked(nets["critics"])),
+        "log_alpha a Python float": dict(log_alpha=math.log(0.4)),
+        "log_alpha without requires_grad": dict(log_alpha=nets["log_alpha"].detach()),
+        "target_critic is the critic": dict(target_critic=nets["critic"]),
+        "target_critic shares the critic's storage": dict(target_critic=sharing_target(nets["critic"])),
+        "float32 batch": {name: x.float() for name, x in batch.items()},
+        "float32 noise": dict(noise=nets["noise"].float()),
     }[case]
     with pytest.raises(ValueError) as error:
         block_losses(block, nets, 0.3, False, **changed)
     text = str(error.value)
     assert text.startswith("finetune_losses: ") and message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("script", ["upq_finetune.py", "off2on_finetune.py"])
+def test_stack_twin_critics_puts_critic_j_of_agent_i_at_member_2i_plus_j(script):
+    """By construction, with pairs whose weights all differ: the stacked weights and, run through torch.vmap as the
+    block's critic runs, the stacked Qs."""
+    torch.manual_seed(0)
+    pairs = [(QNet().double(), QNet().double()) for _ in range(N)]
+    params, buffers = copied(script).stack_twin_critics(pairs)
+    for i, pair in enumerate(pairs):
+        for j, q in enumerate(pair):
+            for name, p in q.named_parameters():
+                assert torch.equal(params[name][2 * i + j], p), (i, j, name)
+    obs, actions = torch.randn(B, OBS, dtype=F64), torch.rand(B, ACT, dtype=F64) * 2 - 1
+    q = torch.vmap(lambda weights: torch.func.functional_call(pairs[0][0], weights, (obs, actions)))(params)  # [2N, B]
+    torch.testing.assert_close(q, torch.stack([qj(obs, actions) for pair in pairs for qj in pair]), **TIGHT)
+    assert buffers == {}
+
+
+@pytest.mark.parametrize("script", ["upq_finetune.py", "off2on_finetune.py"])
+def test_twin_min_pairs_neighbours_whatever_the_strides_of_the_critic_output(script):
+    """The block's only view splits the member axis, which any strides allow (a foreign critic's Q [2N, B] may be
+    transposed, sliced or expanded); cql_pretrain.py shares the definition byte for byte."""
+    twin_min = copied(script).twin_min
+    for q in (torch.randn(2 * N, B), torch.randn(B, 2 * N).T, torch.randn(2 * N, 2 * B)[:, ::2],
+              torch.randn(1, B).expand(2 * N, B), torch.randn(2 * N, 1).expand(2 * N, B)):
+        expected = torch.stack([torch.minimum(q[2 * i], q[2 * i + 1]) for i in range(N)])
+        assert torch.equal(twin_min(q), expected)
