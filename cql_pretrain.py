@@ -159,7 +159,7 @@ def check_cql_flags(alg: Algorithm, run: Run) -> None:
             fail(f"--{name.replace('_', '-')} must be a finite number, not {getattr(alg, name)}")
 
 
-PROJECT_VERSION = "0.3.0"
+PROJECT_VERSION = "0.4.0"
 CQL_FORMAT = "upq-cql-v3"  # what this script writes and the fine-tuning scripts read
 CUDA_GRAPH_WARMUP = 3  # eager updates at the start of each phase (BC warm-up, CQL) before it is recorded (CUDA graph)
 

@@ -185,7 +185,7 @@ def run_name(alg: Algorithm, run: Run, slug: str) -> str:
 
 
 ALGORITHM = "upq"
-PROJECT_VERSION = "0.3.0"
+PROJECT_VERSION = "0.4.0"
 CQL_FORMAT = "upq-cql-v3"  # what cql_pretrain.py writes
 FINETUNED_FORMAT = "upq-finetune-v3"  # what this script writes: the fine-tuned agents and all --resume needs
 SUM_TREE_FANOUT = 64  # children per sum-tree node: 4 levels for ~1M transitions instead of 20
