@@ -622,7 +622,7 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
 
 
 def check_resumed_data(meta: dict, data: OfflineData) -> None:
-    """--resume: the saved run trained on these very transitions (checkpoints before version 0.4.0 record no digest)."""
+    """--resume: the saved run trained on these very transitions (checkpoints before 0.4.0 hold no digest)."""
     if meta.get("data_sha256", data.sha256) != data.sha256:
         fail(f"--resume: the saved run trained on other offline data than --env {data.dataset_id} holds now (the "
              f"dataset was made again or changed); resume on the data it trained on, or start a new run")
