@@ -549,6 +549,25 @@ def build_agents(alg: Algorithm, run: Run, data: plumbing.OfflineData, device, s
     return nets, optimizers, generators
 
 
+def check_cql_resumable(alg: Algorithm, saved: dict, save_dir: Path) -> bool:
+    """Refuse a resume that does not fit the saved run; True when it has nothing left to do."""
+    meta = saved["meta"]
+    if "optimizers" not in saved:
+        fail(f"--resume: {save_dir} holds weights only (as results/convert_set.py --weights-only writes them), "
+             f"without the Adam moments and random streams a resume needs; resume from the checkpoint the run "
+             f"itself saved, or fine-tune from these agents")
+    if meta["num_agents"] != alg.num_agents:
+        fail(f"--resume: {save_dir} holds {meta['num_agents']} agents, not --num-agents {alg.num_agents}; all agents "
+             f"of a run continue together")
+    if alg.total_steps < meta["step"]:
+        fail(f"--resume: the agents in {save_dir} are at step {meta['step']:,}, past --total-steps "
+             f"{alg.total_steps:,}; pass a larger --total-steps to train on")
+    if alg.total_steps == meta["step"]:
+        print(f"the agents in {save_dir} are already at step {meta['step']:,} = --total-steps: nothing to do")
+        return True
+    return False
+
+
 def graphed_phases(train_step, start_step: int, bc_steps: int, cuda_graph: bool, generators):
     """train_step(step) as the loop calls it. With cuda_graph each phase (behaviour cloning, then CQL) runs
     CUDA_GRAPH_WARMUP eager steps, is then recorded once as a CUDA graph and replayed to its end."""
@@ -645,25 +664,6 @@ def start_run(args: Args) -> SimpleNamespace:
     if first:
         log_evaluation(r, 0, *first)
     return r
-
-
-def check_cql_resumable(alg: Algorithm, saved: dict, save_dir: Path) -> bool:
-    """Refuse a resume that does not fit the saved run; True when it has nothing left to do."""
-    meta = saved["meta"]
-    if "optimizers" not in saved:
-        fail(f"--resume: {save_dir} holds weights only (as results/convert_set.py --weights-only writes them), "
-             f"without the Adam moments and random streams a resume needs; resume from the checkpoint the run "
-             f"itself saved, or fine-tune from these agents")
-    if meta["num_agents"] != alg.num_agents:
-        fail(f"--resume: {save_dir} holds {meta['num_agents']} agents, not --num-agents {alg.num_agents}; all agents "
-             f"of a run continue together")
-    if alg.total_steps < meta["step"]:
-        fail(f"--resume: the agents in {save_dir} are at step {meta['step']:,}, past --total-steps "
-             f"{alg.total_steps:,}; pass a larger --total-steps to train on")
-    if alg.total_steps == meta["step"]:
-        print(f"the agents in {save_dir} are already at step {meta['step']:,} = --total-steps: nothing to do")
-        return True
-    return False
 
 
 def log_evaluation(r: SimpleNamespace, step: int, returns: np.ndarray, ensemble: np.ndarray) -> None:
