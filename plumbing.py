@@ -35,7 +35,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-# =============================================================================================================
 FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence refusal states them
     "> 0": lambda v: v > 0,
     ">= 0": lambda v: v >= 0,
