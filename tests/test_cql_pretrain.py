@@ -401,7 +401,7 @@ def test_evaluation_acts_with_tanh_of_the_members_mean_and_each_agent_with_its_o
         for param in actor.parameters():
             param.normal_()
     acted = {}
-    monkeypatch.setattr(script, "lockstep_returns", lambda env_id, seeds, act, video_dir=None:
+    monkeypatch.setattr(plumbing, "lockstep_returns", lambda env_id, seeds, act, video_dir=None:
                         acted.setdefault("act", act) and np.zeros(len(seeds)))
     script.evaluate_ensemble(actor, "Hopper-v5", 2, seed=7, device="cpu")
     obs = np.random.default_rng(0).normal(size=(2, 11)).astype(np.float32)

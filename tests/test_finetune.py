@@ -480,7 +480,8 @@ def test_nan_loss_stops_the_run_before_anything_is_saved(run_script, tiny_hopper
                         "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
     assert_refused(result, "non-finite")
     assert not (tmp_path / "save").exists()  # locked for the run, removed at its end: nothing was saved there
-    assert [r["step"] for r in read_rows(tmp_path / "run" / "eval.csv")] == ["0"]
+    assert [r["step"] for r in read_rows(tmp_path / "run" / "eval.csv.pending")] == ["0"]  # never saved: pending
+    assert not (tmp_path / "run" / "eval.csv").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -94,8 +94,9 @@ def interrupt(script, args, run_dir, marker, signum, script_env, delay=0.5):
     process = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=script_env, cwd=script_env["CWD"])
     deadline = time.time() + 120
-    while time.time() < deadline and not (handles_sighup(process.pid) if marker is None else (
-            (run_dir / "train.log").exists() and marker in (run_dir / "train.log").read_text())):
+    logs = (run_dir / "train.log", run_dir / "train.log.pending")  # (a fresh run's, until its first save)
+    while time.time() < deadline and not (handles_sighup(process.pid) if marker is None else any(
+            log.exists() and marker in log.read_text() for log in logs)):
         time.sleep(0.1)
     time.sleep(delay)
     process.send_signal(signum)
