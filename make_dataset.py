@@ -116,7 +116,7 @@ RUN_KEYS = ("env", "seed", "max_episode_steps", "eval_frequency", "eval_episodes
             "target_network_frequency", "alpha", "autotune")
 # Allowed values of the numeric flags (check_flags); --target-return need only be finite.
 FLAG_RANGES_OF_ARGS = dict(
-    num_steps=">= 1", seed=">= 0", max_episode_steps=">= 1", total_timesteps=">= 1", eval_frequency=">= 1",
+    num_steps=">= 1", seed="in [0, 2^32)", max_episode_steps=">= 1", total_timesteps=">= 1", eval_frequency=">= 1",
     eval_episodes=">= 1", num_threads=">= 1", gamma="in [0, 1)", tau="in (0, 1]", batch_size=">= 1",
     learning_starts=">= 0", policy_lr="> 0", q_lr="> 0", policy_frequency=">= 1", target_network_frequency=">= 1",
     alpha=">= 0")

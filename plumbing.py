@@ -42,6 +42,7 @@ FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence ref
     "in [0, 1)": lambda v: 0 <= v < 1,
     "in (0, 1]": lambda v: 0 < v <= 1,
     "in (0, 1)": lambda v: 0 < v < 1,
+    "in [0, 2^32)": lambda v: 0 <= v < 2**32,  # seeds: seed + k, + 10,000, + env steps all stay far below 2^63
 }
 CHECKPOINT = "checkpoint.pt"  # the one file a save writes into --save-dir
 
