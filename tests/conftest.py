@@ -108,7 +108,7 @@ def assert_same_tensors(first: dict, second: dict) -> None:
 def rewrite_checkpoint(source: Path, target: Path, edit, keep_digest: bool = False) -> Path:
     """A copy of checkpoint.pt `source` at `target`, changed in place by edit(checkpoint), with the digest of its
     new contents (so that only the edit can be refused), or with keep_digest the old, now wrong, one."""
-    from cql_pretrain import digest
+    from plumbing import digest
 
     checkpoint = torch.load(source, weights_only=True)
     old_digest = checkpoint.pop("sha256")
