@@ -91,13 +91,17 @@ def digest(state: dict) -> str:
     return sha.hexdigest()
 
 
+def non_finite(state: dict) -> str | None:
+    """The name of the first floating-point tensor in `state` that holds NaN or inf, or None."""
+    return next((name for name, t in tensors_in(state) if t.is_floating_point() and not t.isfinite().all()), None)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write `state` (and its digest) as one file, whole or not at all: a temporary file in the same folder, flushed
     to disk, renamed over the previous one. Weights with NaN or inf and a failed write (a full disk) stop the run in
     one sentence; the previous file stays as it was."""
-    for name, tensor in tensors_in(state):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            fail(f"{name} holds NaN or inf values: the run diverged and was not saved ({path} is as it was)")
+    if name := non_finite(state):
+        fail(f"{name} holds NaN or inf values: the run diverged and was not saved ({path} is as it was)")
     temporary = path.with_name(path.name + ".tmp")
     try:
         with open(temporary, "wb") as f:
@@ -134,6 +138,8 @@ def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
         intact = False
     if not intact:
         fail(f"checkpoint {path} is corrupted: its contents do not match the digest saved with them")
+    if name := non_finite(state):  # a digest of NaN weights matches too: refused here as at save
+        fail(f"checkpoint {path} holds NaN or inf values in {name}: its run diverged; use an earlier checkpoint")
     return state
 
 
