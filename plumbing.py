@@ -452,7 +452,10 @@ def read_d4rl_hdf5(path: Path) -> dict[str, np.ndarray]:
             missing = [key for key in ("observations", "actions", "rewards", "terminals") if key not in f]
             if missing:
                 fail(f"{path} is not a D4RL-layout file: it lacks {', '.join(missing)}")
-            data = {key: f[key][()] for key in (*TRANSITION_KEYS, "timeouts") if key in f}
+            data = {key: f[key] for key in (*TRANSITION_KEYS, "timeouts") if key in f}
+            if bad := [key for key, value in data.items() if not isinstance(value, h5py.Dataset) or value.ndim == 0]:
+                fail(f"{path}: {', '.join(bad)} must be arrays, one row per transition, not a group or a single value")
+            data = {key: value[()] for key, value in data.items()}
     except OSError as error:
         fail(f"cannot read {path} as HDF5 ({error})")
     rows = {key: len(value) for key, value in data.items()}

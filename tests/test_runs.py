@@ -497,6 +497,12 @@ def broken_hdf5(path, case):
         elif case == "terminals":
             del f["terminals"]
             f["terminals"] = np.where(np.arange(30) == 7, 0.5, 0.0)
+        elif case == "0-d rewards":
+            del f["rewards"]
+            f["rewards"] = 1.0
+        elif case == "group":
+            del f["observations"]
+            f.create_group("observations")["x"] = arrays["observations"]
         elif case == "nan":
             observations = f["observations"][()]
             observations[[3, 7], 2] = np.nan
@@ -511,6 +517,8 @@ def broken_hdf5(path, case):
     ("nan", "observations has 3 rows with NaN or inf values as float32 (the first is row 3)"),
     ("action", "2 actions lie outside Hopper-v5's action space [-1, 1] (the first in row 5)"),
     ("terminals", "terminals must be 0 or 1 (true termination), but 1 are not (row 7 holds 0.5)"),
+    ("0-d rewards", "rewards must be arrays, one row per transition, not a group or a single value"),
+    ("group", "observations must be arrays, one row per transition, not a group or a single value"),
 ])
 def test_a_broken_dataset_is_refused_in_one_sentence(tmp_path, case, message):
     broken_hdf5(tmp_path / "hopper_broken.hdf5", case)
