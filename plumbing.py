@@ -503,6 +503,8 @@ def read_minari(dataset_id: str):
     if dataset_id.startswith("local/") and not path.exists():
         fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
              f"local/ datasets are made on this machine: {advice}")
+    if path.exists() and not dataset_id.startswith("local/"):  # a remote id, shadowed by what is on this machine
+        print(f"Minari dataset {dataset_id}: read from this machine's copy at {path}, not from Minari's server")
     try:
         dataset = minari.load_dataset(dataset_id, download=not path.exists())
         episodes = list(dataset.iterate_episodes())
