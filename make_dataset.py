@@ -26,6 +26,7 @@ Example:
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -460,6 +461,16 @@ def check_env(env_id: str) -> gym.Env:
     return env
 
 
+def check_local_id(dataset_id: str) -> None:
+    """A dataset made here has a version and lives under local/: Minari's other namespaces (mujoco/, D4RL/) hold its
+    server's datasets, and a training script given such an id would read one made here as the real one."""
+    if not re.search(r"-v\d+$", dataset_id):
+        fail(f"--dataset-id {dataset_id!r} has no version: end it with -v<N>, e.g. local/hopper/medium-v0")
+    if not dataset_id.startswith("local/"):
+        fail(f"--dataset-id {dataset_id}: datasets made here live under local/ (e.g. local/{dataset_id}); Minari's "
+             f"other namespaces hold its server's datasets, which a training script would take this one for")
+
+
 def write_paths(dataset_id: str) -> tuple[Path, Path, Path]:
     """A dataset's folder and, beside it (hidden from Minari's listings), the two temporaries of write_dataset: the
     folder the new dataset is written in, and the name the old one has while the new one is moved into place."""
@@ -621,6 +632,7 @@ def main(args: Args) -> None:
     torch.set_num_threads(args.num_threads)
     body = check_env(args.env).spec.name.lower()
     dataset_id = args.dataset_id or f"local/{body}/{args.kind}-v0"
+    check_local_id(dataset_id)
     try:
         namespace, _, version = parse_dataset_id(dataset_id)
     except ValueError as error:
