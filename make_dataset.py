@@ -23,6 +23,7 @@ Example:
     python -c "import minari; print(minari.load_dataset('local/hopper/medium-v0'))"
 """
 
+import errno
 import json
 import math
 import os
@@ -49,7 +50,16 @@ from minari.dataset.minari_dataset import gen_dataset_id, parse_dataset_id
 from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
 
-from plumbing import D4RL_REF_SCORES, check_flags, duration, fail, hold_lock, progress
+from plumbing import (
+    D4RL_REF_SCORES,
+    check_flags,
+    duration,
+    fail,
+    hold_lock,
+    load_checkpoint,
+    progress,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -111,6 +121,8 @@ D4RL_MEDIUM_RETURN = {"hopper": 1422.0, "halfcheetah": 4770.0, "walker2d": 3000.
 # Episode i of a phase resets with seed + offset + i: phases never share start states, and every
 # episode of a dataset can be replayed from the seed recorded with it.
 COLLECT_SEED_OFFSET, TRAIN_SEED_OFFSET, EVAL_SEED_OFFSET = 0, 1_000_000, 2_000_000
+# The SAC run file is plumbing's checkpoint file (written whole or not at all, its digest checked at load).
+SAC_FORMAT = "make-dataset-sac-v1"
 # Hyperparameters a saved SAC run must share with the current flags to be resumed.
 RUN_KEYS = ("env", "seed", "max_episode_steps", "eval_frequency", "eval_episodes", "gamma", "tau",
             "batch_size", "learning_starts", "policy_lr", "q_lr", "policy_frequency",
@@ -325,9 +337,9 @@ def sac_agent(args: Args, env: gym.Env) -> tuple[dict, torch.Tensor]:
 def load_sac_run(args: Args, run_path: Path, modules: dict, log_alpha: torch.Tensor) -> dict:
     """The saved SAC run at run_path, loaded into modules and log alpha (refused if its flags differ); or a new one."""
     run = {"config": {key: getattr(args, key) for key in RUN_KEYS}, "global_step": 0, "episodes": 0,
-           "evaluations": [], "replay": {}}
+           "evaluations": [], "replay": {}, "meta": {"format": SAC_FORMAT}}
     if run_path.exists():
-        run = torch.load(run_path, weights_only=True)
+        run = {**read_sac_run(run_path), "meta": {"format": SAC_FORMAT}}  # (a file of an older version gains meta)
         changed = [key for key in RUN_KEYS if run["config"][key] != getattr(args, key)]
         if changed:
             fail(f"the saved SAC run {run_path} used other values of "
@@ -350,9 +362,13 @@ def save_sac_run(run: dict, run_path: Path, modules: dict, log_alpha: torch.Tens
     run.update({name: module.state_dict() for name, module in modules.items()})
     run.update(global_step=global_step, log_alpha=log_alpha.detach().clone(), rng_state=torch.get_rng_state(),
                replay={key: value[:global_step].clone() for key, value in replay.items()})
-    run_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(run, run_path.with_name(run_path.name + ".tmp"))
-    run_path.with_name(run_path.name + ".tmp").replace(run_path)
+    save_checkpoint(run_path, run)
+
+
+def read_sac_run(run_path: Path) -> dict:
+    """The saved SAC run, checked as the training scripts check their checkpoints; a file of an older version
+    (without digest) as it is."""
+    return load_checkpoint(run_path, (SAC_FORMAT,), older=("config", "evaluations"))
 
 
 def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) -> dict:
@@ -546,14 +562,24 @@ def write_dataset(args: Args, dataset_id: str, episodes: list, kind: str, algori
     if ref_scores is None:
         print("note: no reference scores for this env yet (no SAC run to measure a best return); "
               "ref_min_score/ref_max_score left out", flush=True)
-    # Minari writes a dataset at its id under its root: the writing folder is that root while it writes.
-    with warnings.catch_warnings(), mock.patch.dict(os.environ, MINARI_DATASETS_PATH=str(writing)):
-        warnings.filterwarnings("ignore", message=".*is set to None")  # Minari warns of every optional field left out
-        written = minari.create_dataset_from_buffers(
-            dataset_id, buffer=episodes, env=make_env(args), algorithm_name=algorithm_name,
-            ref_min_score=ref_min, ref_max_score=ref_max, description=description,
-            requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"])
-        written.storage.update_metadata({"seed": args.seed, "kind": kind, **extra_metadata})
+    needed = sum(np.asarray(getattr(e, key)).nbytes for e in episodes for key in
+                 ("observations", "actions", "rewards", "terminations", "truncations")) + 16_384 * len(episodes)
+    try:
+        if shutil.disk_usage(path.parent).free < needed:  # checked first: h5py crashes when the disk fills as it writes
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        # Minari writes a dataset at its id under its root: the writing folder is that root while it writes.
+        with warnings.catch_warnings(), mock.patch.dict(os.environ, MINARI_DATASETS_PATH=str(writing)):
+            warnings.filterwarnings("ignore", message=".*is set to None")  # Minari warns of every unset field
+            written = minari.create_dataset_from_buffers(
+                dataset_id, buffer=episodes, env=make_env(args), algorithm_name=algorithm_name,
+                ref_min_score=ref_min, ref_max_score=ref_max, description=description,
+                requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"])
+            written.storage.update_metadata({"seed": args.seed, "kind": kind, **extra_metadata})
+    except (OSError, RuntimeError) as error:  # h5py reports some failed writes as RuntimeError
+        shutil.rmtree(writing, ignore_errors=True)
+        fail(f"cannot write dataset {dataset_id} ({getattr(error, 'strerror', None) or error}; it needs about "
+             f"{needed / 1e6:,.1f} MB, {shutil.disk_usage(path.parent).free / 1e6:,.1f} MB are free in {path.parent}); "
+             f"{'the old dataset is unchanged' if path.exists() else 'nothing was written'}")
     if path.exists():  # only reached with --overwrite
         os.replace(path, old)
     os.replace(written.storage.data_path.parent, path)
@@ -618,7 +644,7 @@ def reference_scores(args: Args, body: str, run_path: Path) -> Optional[tuple]:
         return D4RL_REF_SCORES[body]
     if not run_path.exists():
         return None
-    best = max(e["mean_return"] for e in torch.load(run_path, weights_only=True)["evaluations"])
+    best = max(e["mean_return"] for e in read_sac_run(run_path)["evaluations"])
     env = make_env(args)
     env.action_space.seed(args.seed)
     random_return = evaluate(args, lambda obs: env.action_space.sample(), args.eval_episodes).mean()

@@ -117,8 +117,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
              f"checkpoint, if any, is unchanged")
 
 
-def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
-    """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used."""
+def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...] = ()) -> dict:
+    """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used. A file
+    without meta and digest that holds the keys `older` (written by an older version) is taken as it is."""
     if path.is_dir() and (path / "manifest.json").exists() and not (path / CHECKPOINT).exists():
         fail(f"{path} holds checkpoints of the older per-agent layout: convert a CQL set with python "
              f"results/convert_set.py {path} <new folder>; a fine-tuned one continues with the code of commit 53ee51c")
@@ -129,6 +130,8 @@ def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 -- truncated zip, pickle error, ...: all mean "corrupted"
         fail(f"checkpoint {path} is corrupted or not a checkpoint ({type(error).__name__})")
+    if older and isinstance(state, dict) and not {"meta", "sha256"} & state.keys() and set(older) <= state.keys():
+        return state
     if not isinstance(state, dict) or not isinstance(state.get("meta"), dict) or \
             state["meta"].get("format") not in formats:
         fail(f"{path} is not a {' or '.join(formats)} checkpoint")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import minari
 import numpy as np
@@ -306,6 +307,34 @@ def test_incomplete_dataset_or_part_is_refused_and_left_as_it_is(damage, kind, o
     assert {name: data for name, data in files_of(tmp_path).items() if not name.endswith(".lock")} == before
 
 
+@pytest.mark.parametrize("case, message", [
+    ("garbage SAC run", "sac-seed1.pt is corrupted or not a checkpoint (UnpicklingError)"),
+    ("full disk at the SAC save", "sac-seed1.pt (No space left on device; it needs about"),
+    ("full disk at the dataset write", f"cannot write dataset {KILLED_ID} (No space left on device; it needs about"),
+])
+def test_a_garbage_sac_run_or_a_full_disk_is_one_sentence_and_the_old_files_stay(case, message, old_and_new, tmp_path,
+                                                                                 monkeypatch):
+    root = tmp_path / "minari"
+    shutil.copytree(old_and_new[0], root)
+    run_path = root / "local/killed/hopper/sac-seed1.pt"
+    if case == "garbage SAC run":  # it was a traceback, as was a full disk
+        run_path.write_bytes(b"not a SAC run")
+    elif case == "full disk at the SAC save":
+        run_path.with_name("sac-seed1.pt.tmp").symlink_to("/dev/full")  # a real ENOSPC
+    else:  # h5py crashes (segfault) when the disk fills as it writes: the free space is checked first
+        monkeypatch.setattr(md.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    def kept():  # (the locks hold the pid of the last run)
+        return {name: data for name, data in files_of(root).items() if not name.endswith(".lock")}
+
+    before = kept()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    with pytest.raises(SystemExit) as refused:
+        md.main(tyro.cli(md.Args, args=[*NEW_FLAGS, "--overwrite"]) if case.endswith("dataset write") else
+                tiny_sac_args(kind="medium", dataset_id="local/killed/hopper/medium-v0"))
+    assert message in refused.value.code and refused.value.code.startswith("error: ")
+    assert kept() == before
+
+
 def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path, run_script):
     result = run_script("make_dataset.py", "--env", "NoSuchBody-v5", env={"MINARI_DATASETS_PATH": str(tmp_path)})
     assert_refused(result, "unknown or unavailable environment id 'NoSuchBody-v5'")
@@ -496,6 +525,8 @@ def test_sac_kinds_medium_replay_and_medium_expert(minari_root):
         np.testing.assert_array_equal(a.observations, b.observations)
         np.testing.assert_array_equal(a.actions, b.actions)
 
+    older = torch.load(run_path, weights_only=True)  # as make_dataset.py saved it before it had a digest: still read
+    torch.save({key: value for key, value in older.items() if key not in ("meta", "sha256")}, run_path)
     md.main(tiny_sac_args(kind="medium-replay", dataset_id="local/chain/hopper/medium-replay-v0"))
     replay = minari.load_dataset("local/chain/hopper/medium-replay-v0")
     assert replay.total_steps == medium.storage.metadata["behaviour_step"]  # every step until medium, no more
