@@ -24,6 +24,7 @@ Example:
 """
 
 import errno
+import importlib.metadata
 import json
 import math
 import os
@@ -38,13 +39,11 @@ from unittest import mock
 
 import gymnasium as gym
 import minari
-import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from gymnasium.envs.mujoco import MujocoEnv
 from minari.data_collector import EpisodeBuffer
 from minari.dataset.minari_dataset import gen_dataset_id, parse_dataset_id
 from minari.namespace import create_namespace, list_local_namespaces
@@ -55,6 +54,7 @@ from plumbing import (
     check_flags,
     duration,
     fail,
+    gym_make,
     hold_lock,
     load_checkpoint,
     progress,
@@ -467,9 +467,10 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
 
 def check_env(env_id: str) -> gym.Env:
     try:
-        env = gym.make(env_id)
+        env = gym_make(env_id)
     except (gym.error.Error, ImportError) as error:  # ImportError: v2/v3 envs that need mujoco-py
         fail(f"unknown or unavailable environment id {env_id!r} ({error})")
+    from gymnasium.envs.mujoco import MujocoEnv  # (after gym_make: importing MuJoCo loads MUJOCO_GL's backend)
     if not (isinstance(env.unwrapped, MujocoEnv) and isinstance(env.observation_space, gym.spaces.Box)
             and isinstance(env.action_space, gym.spaces.Box)):
         fail(f"{env_id} is not a MuJoCo environment with Box observation and action spaces, which is all this script "
@@ -573,7 +574,7 @@ def write_dataset(args: Args, dataset_id: str, episodes: list, kind: str, algori
             written = minari.create_dataset_from_buffers(
                 dataset_id, buffer=episodes, env=make_env(args), algorithm_name=algorithm_name,
                 ref_min_score=ref_min, ref_max_score=ref_max, description=description,
-                requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"])
+                requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={importlib.metadata.version('mujoco')}"])
             written.storage.update_metadata({"seed": args.seed, "kind": kind, **extra_metadata})
     except (OSError, RuntimeError) as error:  # h5py reports some failed writes as RuntimeError
         shutil.rmtree(writing, ignore_errors=True)

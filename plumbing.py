@@ -380,6 +380,17 @@ def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> 
     return None
 
 
+def gym_make(env_id: str, **kwargs) -> gym.Env:
+    """gym.make, once MuJoCo has loaded the OpenGL backend that MUJOCO_GL names, which it does for every MuJoCo env,
+    rendering or not: a missing libOSMesa or an unknown backend is one sentence."""
+    try:
+        import mujoco  # noqa: F401
+    except Exception as error:  # noqa: BLE001 -- AttributeError (no libOSMesa), RuntimeError (unknown name), ...
+        fail(f"MuJoCo cannot load the OpenGL backend MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(error).__name__}):"
+             f" install libOSMesa (apt-get install libosmesa6), or use MUJOCO_GL=egl")
+    return gym.make(env_id, **kwargs)
+
+
 def lockstep_returns(env_id: str, seeds: list[int], act, video_dir: Path | None = None) -> np.ndarray:
     """Undiscounted returns [E] of one episode of env_id per seed, all stepped together: one call of
     act(observations [E, obs]) -> actions [E, A] per step; with video_dir, gymnasium's RecordVideo records each."""
@@ -545,7 +556,7 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
     if env_id is None:
         fail(f"cannot tell the environment of dataset {name}: pass --gym-env (e.g. Hopper-v5)")
     try:
-        env = gym.make(env_id)
+        env = gym_make(env_id)
     except gym.error.Error as error:
         fail(f"cannot make gymnasium env {env_id} ({error})")
     shapes = {"observations": env.observation_space.shape, "actions": env.action_space.shape, "rewards": (),

@@ -635,6 +635,24 @@ def test_capture_video_without_a_working_opengl_backend_is_one_sentence(run_scri
     assert "apt-get install libegl1" in result.stderr and not (tmp_path / "run" / "eval.csv").exists()
 
 
+@pytest.mark.parametrize("script, backend", [
+    *((script, "bogus") for script in [*SCRIPTS, "make_dataset.py"]),
+    pytest.param("cql_pretrain.py", "osmesa", marks=pytest.mark.skipif(renders_offscreen("osmesa"),
+                                                                       reason="OSMesa renders here")),
+])
+def test_an_opengl_backend_that_cannot_load_is_one_sentence_in_every_script(run_script, tiny_hopper_hdf5,
+                                                                            tiny_cql_checkpoints, tmp_path, script,
+                                                                            backend):
+    """MuJoCo loads MUJOCO_GL's backend for every env, rendering or not (here without --capture-video)."""
+    flags = ["--env", tiny_hopper_hdf5, "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"]
+    flags += ["--checkpoints", tiny_cql_checkpoints] if "finetune" in script else []
+    result = run_script(script, *(["--kind", "random", "--num-steps", "10"] if script == "make_dataset.py" else flags),
+                        env={"MUJOCO_GL": backend, "MINARI_DATASETS_PATH": str(tmp_path / "minari")})
+    assert_refused(result, f"MuJoCo cannot load the OpenGL backend MUJOCO_GL={backend} (")
+    assert "install libOSMesa (apt-get install libosmesa6), or use MUJOCO_GL=egl" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("module", [cql, off2on, upq], ids=["cql", "off2on", "upq"])
 def test_help_groups_the_flags_and_documents_every_one(module, capsys):
     with pytest.raises(SystemExit):
