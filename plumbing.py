@@ -308,8 +308,12 @@ def start_wandb(run, meta: dict):
     """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
     import wandb
 
-    wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
-               name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
+    try:
+        wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
+                   name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
+    except (wandb.errors.Error, OSError) as error:  # no login (UsageError), an unwritable <run-dir>/wandb, ...
+        fail(f"--track: wandb could not start ({getattr(error, 'strerror', None) or str(error).rstrip('.')}): run "
+             f"`wandb login`, or set WANDB_MODE=offline to keep the run in {meta['run_dir']}/wandb and sync it later")
     return wandb
 
 

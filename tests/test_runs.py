@@ -597,6 +597,19 @@ def test_progress_and_duration_by_hand(monkeypatch):
     assert (upq.duration(59), upq.duration(61), upq.duration(7199)) == ("59s", "1m01s", "1h59m")
 
 
+@pytest.mark.parametrize("case", ["no login", "unwritable wandb folder"])
+def test_track_without_wandb_login_or_a_writable_folder_is_one_sentence(run_script, tiny_hopper_hdf5, tmp_path, case):
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path)}  # (HOME: no ~/.netrc)
+    if case == "unwritable wandb folder":
+        env = {"WANDB_MODE": "offline"}
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "wandb").write_text("a file where wandb makes its folder")
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "4", "--track",
+                        "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run", env=env)
+    assert_refused(result, "--track: wandb could not start (")
+    assert "run `wandb login`, or set WANDB_MODE=offline" in result.stderr
+
+
 def test_track_with_resume_continues_the_same_wandb_run(tracked):
     root, _ = tracked
     run_id = saved(root / "save")["meta"]["run_id"]
