@@ -51,6 +51,7 @@ from plumbing import (
     check_video,
     cuda_graphed,
     duration,
+    errors_in_one_sentence,
     exit_stopped,
     fail,
     flat_args,
@@ -706,4 +707,5 @@ def save_agents(save_dir: Path, nets: dict, optimizers: dict, generators, meta: 
 
 
 if __name__ == "__main__":
-    main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))
+    with errors_in_one_sentence():
+        main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))

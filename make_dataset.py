@@ -53,6 +53,7 @@ from plumbing import (
     D4RL_REF_SCORES,
     check_flags,
     duration,
+    errors_in_one_sentence,
     fail,
     gym_make,
     hold_lock,
@@ -703,4 +704,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with errors_in_one_sentence("--total-timesteps (the SAC replay keeps every step) or --num-steps"):
+        main(tyro.cli(Args))

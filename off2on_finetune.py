@@ -52,6 +52,7 @@ from plumbing import (
     check_video,
     cuda_graphed,
     duration,
+    errors_in_one_sentence,
     exit_stopped,
     fail,
     flat_args,
@@ -966,4 +967,5 @@ def save_run(save_dir: Path, nets: dict, optimizers: dict, replay: BalancedRepla
 
 
 if __name__ == "__main__":
-    main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))
+    with errors_in_one_sentence():
+        main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))

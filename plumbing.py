@@ -11,6 +11,7 @@ sac_continuous_action.py imports its replay buffer from cleanrl_utils.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import dataclasses
 import fcntl
@@ -50,6 +51,22 @@ CHECKPOINT = "checkpoint.pt"  # the one file a save writes into --save-dir
 def fail(message: str) -> NoReturn:
     """Stop with one clear sentence on stderr and exit code 1."""
     raise SystemExit(f"error: {message}")
+
+
+@contextlib.contextmanager
+def errors_in_one_sentence(memory_flags: str = "--batch-size or --num-agents"):
+    """Around a script's main(): running out of memory, and Ctrl-C where no stop handler takes it, end in one sentence
+    instead of a traceback (Ctrl-C with exit code 130, as a shell expects)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); what was saved is whole, and the same command continues", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError (CUDA) and the CPU allocator's RuntimeError
+        if not isinstance(error, MemoryError) and not re.search("out of memory|can't allocate memory", str(error)):
+            raise
+        size = re.search(r"allocate ([\d.]+ (?:bytes|[KMGT]iB))", str(error))
+        fail(f"out of memory{f' (it tried to allocate {size[1]})' if size else ''}: pass a smaller {memory_flags}")
 
 
 def check_flags(args, ranges: dict[str, str]) -> None:

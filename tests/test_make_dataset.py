@@ -335,6 +335,20 @@ def test_a_garbage_sac_run_or_a_full_disk_is_one_sentence_and_the_old_files_stay
     assert kept() == before
 
 
+def test_ctrl_c_is_one_sentence_and_exit_130(script_env, tmp_path):
+    flags = ["--kind", "medium", "--learning-starts", "1000000", "--eval-frequency", "1000000"]
+    process = subprocess.Popen([sys.executable, str(REPO / "make_dataset.py"), *flags], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**script_env, "MINARI_DATASETS_PATH": str(tmp_path)})
+    assert process.stdout.readline().startswith("[SAC] 1,000/1,000,000 steps")  # SAC is training
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C); what was saved is whole, and the same " \
+                                              "command continues"
+    assert [path.name for path in tmp_path.rglob("*") if path.is_file() and path.suffix != ".lock"] == []
+
+
 def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path, run_script):
     result = run_script("make_dataset.py", "--env", "NoSuchBody-v5", env={"MINARI_DATASETS_PATH": str(tmp_path)})
     assert_refused(result, "unknown or unavailable environment id 'NoSuchBody-v5'")

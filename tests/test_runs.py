@@ -475,6 +475,15 @@ def test_a_bad_number_is_refused_in_one_sentence_before_anything_is_written(scri
     assert not any(tmp_path.iterdir())
 
 
+def test_running_out_of_memory_is_one_sentence(run_script, tiny_hopper_hdf5, tmp_path):
+    """100,000 agents need 1.1 GB for their first layer: under a 1.5 GiB address-space limit (the scripts' imports
+    take about 0.7) that allocation fails at once, before anything is written to it."""
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "100000", "--save-dir",
+                        tmp_path / "save", "--run-dir", tmp_path / "run", memory_limit=3 << 29, timeout=120)
+    assert_refused(result, "out of memory (it tried to allocate 1126400000 bytes): pass a smaller --batch-size or "
+                           "--num-agents")
+
+
 # --------------------------------------------------------------------------- datasets, checked at load
 def broken_hdf5(path, case):
     arrays = write_random_hopper_hdf5(path, num_steps=30, max_episode_steps=20)
