@@ -467,10 +467,7 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
 
 
 def check_env(env_id: str) -> gym.Env:
-    try:
-        env = gym_make(env_id)
-    except (gym.error.Error, ImportError) as error:  # ImportError: v2/v3 envs that need mujoco-py
-        fail(f"unknown or unavailable environment id {env_id!r} ({error})")
+    env = gym_make(env_id)
     from gymnasium.envs.mujoco import MujocoEnv  # (after gym_make: importing MuJoCo loads MUJOCO_GL's backend)
     if not (isinstance(env.unwrapped, MujocoEnv) and isinstance(env.observation_space, gym.spaces.Box)
             and isinstance(env.action_space, gym.spaces.Box)):

@@ -1,12 +1,7 @@
-"""Run plumbing shared by cql_pretrain.py, off2on_finetune.py, upq_finetune.py and make_dataset.py.
-
-Everything here is what any RL script needs and the UPQ paper does not describe: flag range checks, run folders and
-their locks, the checkpoint file (atomic save, digest, load checks), logs (console tee, CSVs, config.json), wandb,
-stop signals, progress with ETA, video, the CUDA-graph helper and the dataset file readers (D4RL .hdf5 with its
-download, Minari ids, paths). Every detail of the algorithms (flags, equations, networks, replay, update, acting,
-evaluation protocol, which transitions bootstrap, the normalised score) stays inline in each script, as CleanRL's
-sac_continuous_action.py imports its replay buffer from cleanrl_utils.
-"""
+"""Run plumbing shared by cql_pretrain.py, off2on_finetune.py, upq_finetune.py and make_dataset.py: what any RL script
+needs and the UPQ paper does not describe (flag checks, folders and locks, the checkpoint file, logs, wandb, signals,
+progress, video, CUDA graphs, the dataset readers). Every detail of the algorithms stays inline in each script, as
+CleanRL's sac_continuous_action.py imports its replay buffer from cleanrl_utils."""
 
 from __future__ import annotations
 
@@ -37,12 +32,8 @@ import torch
 
 # =============================================================================================================
 FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence refusal states them
-    "> 0": lambda v: v > 0,
-    ">= 0": lambda v: v >= 0,
-    ">= 1": lambda v: v >= 1,
-    "in [0, 1)": lambda v: 0 <= v < 1,
-    "in (0, 1]": lambda v: 0 < v <= 1,
-    "in (0, 1)": lambda v: 0 < v < 1,
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1, "in (0, 1)": lambda v: 0 < v < 1,
     "in [0, 2^32)": lambda v: 0 <= v < 2**32,  # seeds: seed + k, + 10,000, + env steps all stay far below 2^63
 }
 CHECKPOINT = "checkpoint.pt"  # the one file a save writes into --save-dir
@@ -55,8 +46,7 @@ def fail(message: str) -> NoReturn:
 
 @contextlib.contextmanager
 def errors_in_one_sentence(memory_flags: str = "--batch-size or --num-agents"):
-    """Around a script's main(): running out of memory, and Ctrl-C where no stop handler takes it, end in one sentence
-    instead of a traceback (Ctrl-C with exit code 130, as a shell expects)."""
+    """Around a script's main(): out of memory, and Ctrl-C no stop handler takes (exit code 130), in one sentence."""
     try:
         yield
     except KeyboardInterrupt:
@@ -266,11 +256,9 @@ class Tee:
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
-        try:
+        with contextlib.suppress(OSError):
             self.log.write(text)
             self.log.flush()
-        except OSError:
-            pass
         return self.stream.write(text)
 
     def __getattr__(self, name: str):
@@ -360,10 +348,8 @@ def exit_stopped(stop: dict, where: str, save_dir: Path) -> NoReturn:
 
 def duration(seconds: float) -> str:
     """1h02m, 3m05s, 12s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def progress(done: int, total: int, done_at_start: int, started: float, unit: str) -> str:
@@ -396,20 +382,22 @@ def check_video(run, env_id: str = "InvertedPendulum-v5") -> None:
 def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> Path | None:
     """Where --capture-video records evaluation number `evaluation` (0 = the first), at `step`: the last one, and
     every --video-every-th; None when it is not recorded."""
-    if run.capture_video and (last or (run.video_every and evaluation % run.video_every == 0)):
-        return run_dir / "videos" / f"step_{step}"
-    return None
+    recorded = run.capture_video and (last or (run.video_every and evaluation % run.video_every == 0))
+    return run_dir / "videos" / f"step_{step}" if recorded else None
 
 
 def gym_make(env_id: str, **kwargs) -> gym.Env:
-    """gym.make, once MuJoCo has loaded the OpenGL backend that MUJOCO_GL names, which it does for every MuJoCo env,
-    rendering or not: a missing libOSMesa or an unknown backend is one sentence."""
+    """gym.make, or one sentence: an unknown env id, or the OpenGL backend that MUJOCO_GL names failing to load, which
+    MuJoCo loads for every env, rendering or not."""
     try:
         import mujoco  # noqa: F401
     except Exception as error:  # noqa: BLE001 -- AttributeError (no libOSMesa), RuntimeError (unknown name), ...
         fail(f"MuJoCo cannot load the OpenGL backend MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(error).__name__}):"
              f" install libOSMesa (apt-get install libosmesa6), or use MUJOCO_GL=egl")
-    return gym.make(env_id, **kwargs)
+    try:
+        return gym.make(env_id, **kwargs)
+    except (gym.error.Error, ImportError) as error:  # ImportError: v2/v3 envs that need mujoco-py
+        fail(f"unknown or unavailable environment id {env_id!r} ({error})")
 
 
 def lockstep_returns(env_id: str, seeds: list[int], act, video_dir: Path | None = None) -> np.ndarray:
@@ -448,10 +436,7 @@ def cuda_graphed(step, generators=()):
 
 # Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files ---------------------------------------------------
 D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-}
+    "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 D4RL_GYM_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 D4RL_NAME = re.compile(r"^(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2$")
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
@@ -484,8 +469,7 @@ def read_d4rl_hdf5(path: Path) -> dict[str, np.ndarray]:
 
     try:
         with h5py.File(path, "r") as f:
-            missing = [key for key in ("observations", "actions", "rewards", "terminals") if key not in f]
-            if missing:
+            if missing := [key for key in ("observations", "actions", "rewards", "terminals") if key not in f]:
                 fail(f"{path} is not a D4RL-layout file: it lacks {', '.join(missing)}")
             data = {key: f[key] for key in (*TRANSITION_KEYS, "timeouts") if key in f}
             if bad := [key for key, value in data.items() if not isinstance(value, h5py.Dataset) or value.ndim == 0]:
@@ -576,10 +560,7 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
     env_id = gym_env or env_id
     if env_id is None:
         fail(f"cannot tell the environment of dataset {name}: pass --gym-env (e.g. Hopper-v5)")
-    try:
-        env = gym_make(env_id)
-    except gym.error.Error as error:
-        fail(f"cannot make gymnasium env {env_id} ({error})")
+    env = gym_make(env_id)
     shapes = {"observations": env.observation_space.shape, "actions": env.action_space.shape, "rewards": (),
               "next_observations": env.observation_space.shape, "terminals": ()}
     low, high = env.action_space.low, env.action_space.high
@@ -600,8 +581,7 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
         if bad.any():
             fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values as float32 (the first is row "
                  f"{np.flatnonzero(bad)[0]:,})")
-    bad = np.flatnonzero(~np.isin(data["terminals"], (0.0, 1.0)))
-    if len(bad):
+    if len(bad := np.flatnonzero(~np.isin(data["terminals"], (0.0, 1.0)))):
         fail(f"dataset {name}: terminals must be 0 or 1 (true termination), but {len(bad):,} are not (row "
              f"{bad[0]:,} holds {data['terminals'][bad[0]]:g})")
     outside = ((data["actions"] < low - 1e-4) | (data["actions"] > high + 1e-4)).any(1)
