@@ -476,12 +476,14 @@ def test_a_bad_number_is_refused_in_one_sentence_before_anything_is_written(scri
 
 
 def test_running_out_of_memory_is_one_sentence(run_script, tiny_hopper_hdf5, tmp_path):
-    """100,000 agents need 1.1 GB for their first layer: under a 1.5 GiB address-space limit (the scripts' imports
-    take about 0.7) that allocation fails at once, before anything is written to it."""
-    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "100000", "--save-dir",
-                        tmp_path / "save", "--run-dir", tmp_path / "run", memory_limit=3 << 29, timeout=120)
-    assert_refused(result, "out of memory (it tried to allocate 1126400000 bytes): pass a smaller --batch-size or "
+    """100,000 agents of 100,000 units need 440 GB for their first layer, whose allocation fails at once: past the
+    16 GiB address-space limit set here, whatever the machine's overcommit policy, before anything is written."""
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "100000", "--hidden-sizes",
+                        "100000", "--device", "cpu", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run",
+                        memory_limit=16 << 30, timeout=120)
+    assert_refused(result, "out of memory (it tried to allocate 440000000000 bytes): pass a smaller --batch-size or "
                            "--num-agents")
+    assert not any(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- datasets, checked at load
