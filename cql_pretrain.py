@@ -146,7 +146,7 @@ FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
     "algorithm": dict(num_agents=">= 1", total_steps=">= 1", batch_size=">= 1", hidden_sizes=">= 1",
                       gamma="in [0, 1)", tau="in (0, 1]", critic_lr="> 0", policy_lr="> 0", min_q_weight=">= 0",
                       num_random=">= 1", cql_temperature="> 0", bc_steps=">= 0"),
-    "run": dict(seed=">= 0", video_every=">= 0", eval_every=">= 1", eval_episodes=">= 1", save_every=">= 1",
+    "run": dict(seed="in [0, 2^32)", video_every=">= 0", eval_every=">= 1", eval_episodes=">= 1", save_every=">= 1",
                 log_every=">= 1"),
 }
 
@@ -711,4 +711,5 @@ def save_agents(r: SimpleNamespace, step: int) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))
+    with plumbing.errors_in_one_sentence():
+        main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))

@@ -23,9 +23,12 @@ Example:
     python -c "import minari; print(minari.load_dataset('local/hopper/medium-v0'))"
 """
 
+import errno
+import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -36,19 +39,28 @@ from unittest import mock
 
 import gymnasium as gym
 import minari
-import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from gymnasium.envs.mujoco import MujocoEnv
 from minari.data_collector import EpisodeBuffer
 from minari.dataset.minari_dataset import gen_dataset_id, parse_dataset_id
 from minari.namespace import create_namespace, list_local_namespaces
 from minari.storage import get_dataset_path
 
-from plumbing import D4RL_REF_SCORES, check_flags, duration, fail, hold_lock, progress
+from plumbing import (
+    D4RL_REF_SCORES,
+    check_flags,
+    duration,
+    errors_in_one_sentence,
+    fail,
+    gym_make,
+    hold_lock,
+    load_checkpoint,
+    progress,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -110,13 +122,15 @@ D4RL_MEDIUM_RETURN = {"hopper": 1422.0, "halfcheetah": 4770.0, "walker2d": 3000.
 # Episode i of a phase resets with seed + offset + i: phases never share start states, and every
 # episode of a dataset can be replayed from the seed recorded with it.
 COLLECT_SEED_OFFSET, TRAIN_SEED_OFFSET, EVAL_SEED_OFFSET = 0, 1_000_000, 2_000_000
+# The SAC run file is plumbing's checkpoint file (written whole or not at all, its digest checked at load).
+SAC_FORMAT = "make-dataset-sac-v1"
 # Hyperparameters a saved SAC run must share with the current flags to be resumed.
 RUN_KEYS = ("env", "seed", "max_episode_steps", "eval_frequency", "eval_episodes", "gamma", "tau",
             "batch_size", "learning_starts", "policy_lr", "q_lr", "policy_frequency",
             "target_network_frequency", "alpha", "autotune")
 # Allowed values of the numeric flags (check_flags); --target-return need only be finite.
 FLAG_RANGES_OF_ARGS = dict(
-    num_steps=">= 1", seed=">= 0", max_episode_steps=">= 1", total_timesteps=">= 1", eval_frequency=">= 1",
+    num_steps=">= 1", seed="in [0, 2^32)", max_episode_steps=">= 1", total_timesteps=">= 1", eval_frequency=">= 1",
     eval_episodes=">= 1", num_threads=">= 1", gamma="in [0, 1)", tau="in (0, 1]", batch_size=">= 1",
     learning_starts=">= 0", policy_lr="> 0", q_lr="> 0", policy_frequency=">= 1", target_network_frequency=">= 1",
     alpha=">= 0")
@@ -324,9 +338,9 @@ def sac_agent(args: Args, env: gym.Env) -> tuple[dict, torch.Tensor]:
 def load_sac_run(args: Args, run_path: Path, modules: dict, log_alpha: torch.Tensor) -> dict:
     """The saved SAC run at run_path, loaded into modules and log alpha (refused if its flags differ); or a new one."""
     run = {"config": {key: getattr(args, key) for key in RUN_KEYS}, "global_step": 0, "episodes": 0,
-           "evaluations": [], "replay": {}}
+           "evaluations": [], "replay": {}, "meta": {"format": SAC_FORMAT}}
     if run_path.exists():
-        run = torch.load(run_path, weights_only=True)
+        run = {**read_sac_run(run_path), "meta": {"format": SAC_FORMAT}}  # (a file of an older version gains meta)
         changed = [key for key in RUN_KEYS if run["config"][key] != getattr(args, key)]
         if changed:
             fail(f"the saved SAC run {run_path} used other values of "
@@ -349,9 +363,13 @@ def save_sac_run(run: dict, run_path: Path, modules: dict, log_alpha: torch.Tens
     run.update({name: module.state_dict() for name, module in modules.items()})
     run.update(global_step=global_step, log_alpha=log_alpha.detach().clone(), rng_state=torch.get_rng_state(),
                replay={key: value[:global_step].clone() for key, value in replay.items()})
-    run_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(run, run_path.with_name(run_path.name + ".tmp"))
-    run_path.with_name(run_path.name + ".tmp").replace(run_path)
+    save_checkpoint(run_path, run)
+
+
+def read_sac_run(run_path: Path) -> dict:
+    """The saved SAC run, checked as the training scripts check their checkpoints; a file of an older version
+    (without digest) as it is."""
+    return load_checkpoint(run_path, (SAC_FORMAT,), older=("config", "evaluations"))
 
 
 def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) -> dict:
@@ -449,15 +467,23 @@ def train_behaviour(args: Args, run_path: Path, target_return: Optional[float]) 
 
 
 def check_env(env_id: str) -> gym.Env:
-    try:
-        env = gym.make(env_id)
-    except (gym.error.Error, ImportError) as error:  # ImportError: v2/v3 envs that need mujoco-py
-        fail(f"unknown or unavailable environment id {env_id!r} ({error})")
+    env = gym_make(env_id)
+    from gymnasium.envs.mujoco import MujocoEnv  # (after gym_make: importing MuJoCo loads MUJOCO_GL's backend)
     if not (isinstance(env.unwrapped, MujocoEnv) and isinstance(env.observation_space, gym.spaces.Box)
             and isinstance(env.action_space, gym.spaces.Box)):
         fail(f"{env_id} is not a MuJoCo environment with Box observation and action spaces, which is all this script "
              f"makes datasets for")
     return env
+
+
+def check_local_id(dataset_id: str) -> None:
+    """A dataset made here has a version and lives under local/: Minari's other namespaces (mujoco/, D4RL/) hold its
+    server's datasets, and a training script given such an id would read one made here as the real one."""
+    if not re.search(r"-v\d+$", dataset_id):
+        fail(f"--dataset-id {dataset_id!r} has no version: end it with -v<N>, e.g. local/hopper/medium-v0")
+    if not dataset_id.startswith("local/"):
+        fail(f"--dataset-id {dataset_id}: datasets made here live under local/ (e.g. local/{dataset_id}); Minari's "
+             f"other namespaces hold its server's datasets, which a training script would take this one for")
 
 
 def write_paths(dataset_id: str) -> tuple[Path, Path, Path]:
@@ -535,14 +561,24 @@ def write_dataset(args: Args, dataset_id: str, episodes: list, kind: str, algori
     if ref_scores is None:
         print("note: no reference scores for this env yet (no SAC run to measure a best return); "
               "ref_min_score/ref_max_score left out", flush=True)
-    # Minari writes a dataset at its id under its root: the writing folder is that root while it writes.
-    with warnings.catch_warnings(), mock.patch.dict(os.environ, MINARI_DATASETS_PATH=str(writing)):
-        warnings.filterwarnings("ignore", message=".*is set to None")  # Minari warns of every optional field left out
-        written = minari.create_dataset_from_buffers(
-            dataset_id, buffer=episodes, env=make_env(args), algorithm_name=algorithm_name,
-            ref_min_score=ref_min, ref_max_score=ref_max, description=description,
-            requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={mujoco.__version__}"])
-        written.storage.update_metadata({"seed": args.seed, "kind": kind, **extra_metadata})
+    needed = sum(np.asarray(getattr(e, key)).nbytes for e in episodes for key in
+                 ("observations", "actions", "rewards", "terminations", "truncations")) + 16_384 * len(episodes)
+    try:
+        if shutil.disk_usage(path.parent).free < needed:  # checked first: h5py crashes when the disk fills as it writes
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        # Minari writes a dataset at its id under its root: the writing folder is that root while it writes.
+        with warnings.catch_warnings(), mock.patch.dict(os.environ, MINARI_DATASETS_PATH=str(writing)):
+            warnings.filterwarnings("ignore", message=".*is set to None")  # Minari warns of every unset field
+            written = minari.create_dataset_from_buffers(
+                dataset_id, buffer=episodes, env=make_env(args), algorithm_name=algorithm_name,
+                ref_min_score=ref_min, ref_max_score=ref_max, description=description,
+                requirements=[f"gymnasium=={gym.__version__}", f"mujoco=={importlib.metadata.version('mujoco')}"])
+            written.storage.update_metadata({"seed": args.seed, "kind": kind, **extra_metadata})
+    except (OSError, RuntimeError) as error:  # h5py reports some failed writes as RuntimeError
+        shutil.rmtree(writing, ignore_errors=True)
+        fail(f"cannot write dataset {dataset_id} ({getattr(error, 'strerror', None) or error}; it needs about "
+             f"{needed / 1e6:,.1f} MB, {shutil.disk_usage(path.parent).free / 1e6:,.1f} MB are free in {path.parent}); "
+             f"{'the old dataset is unchanged' if path.exists() else 'nothing was written'}")
     if path.exists():  # only reached with --overwrite
         os.replace(path, old)
     os.replace(written.storage.data_path.parent, path)
@@ -607,7 +643,7 @@ def reference_scores(args: Args, body: str, run_path: Path) -> Optional[tuple]:
         return D4RL_REF_SCORES[body]
     if not run_path.exists():
         return None
-    best = max(e["mean_return"] for e in torch.load(run_path, weights_only=True)["evaluations"])
+    best = max(e["mean_return"] for e in read_sac_run(run_path)["evaluations"])
     env = make_env(args)
     env.action_space.seed(args.seed)
     random_return = evaluate(args, lambda obs: env.action_space.sample(), args.eval_episodes).mean()
@@ -621,6 +657,7 @@ def main(args: Args) -> None:
     torch.set_num_threads(args.num_threads)
     body = check_env(args.env).spec.name.lower()
     dataset_id = args.dataset_id or f"local/{body}/{args.kind}-v0"
+    check_local_id(dataset_id)
     try:
         namespace, _, version = parse_dataset_id(dataset_id)
     except ValueError as error:
@@ -664,4 +701,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with errors_in_one_sentence("--total-timesteps (the SAC replay keeps every step) or --num-steps"):
+        main(tyro.cli(Args))

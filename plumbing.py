@@ -1,16 +1,12 @@
-"""Run plumbing shared by cql_pretrain.py, off2on_finetune.py, upq_finetune.py and make_dataset.py.
-
-Everything here is what any RL script needs and the UPQ paper does not describe: flag range checks, run folders and
-their locks, the checkpoint file (atomic save, digest, load checks), logs (console tee, CSVs, config.json), wandb,
-stop signals, progress with ETA, video, the CUDA-graph helper and the dataset file readers (D4RL .hdf5 with its
-download, Minari ids, paths). Every detail of the algorithms (flags, equations, networks, replay, update, acting,
-evaluation protocol, which transitions bootstrap, the normalised score) stays inline in each script, as CleanRL's
-sac_continuous_action.py imports its replay buffer from cleanrl_utils.
-"""
+"""Run plumbing shared by cql_pretrain.py, off2on_finetune.py, upq_finetune.py and make_dataset.py: what any RL script
+needs and the UPQ paper does not describe (flag checks, folders and locks, the checkpoint file, logs, wandb, signals,
+progress, video, CUDA graphs, the dataset readers). Every detail of the algorithms stays inline in each script, as
+CleanRL's sac_continuous_action.py imports its replay buffer from cleanrl_utils."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import dataclasses
 import fcntl
@@ -36,12 +32,9 @@ import numpy as np
 import torch
 
 FLAG_RANGES = {  # the allowed values of a numeric flag, as its one-sentence refusal states them
-    "> 0": lambda v: v > 0,
-    ">= 0": lambda v: v >= 0,
-    ">= 1": lambda v: v >= 1,
-    "in [0, 1)": lambda v: 0 <= v < 1,
-    "in (0, 1]": lambda v: 0 < v <= 1,
-    "in (0, 1)": lambda v: 0 < v < 1,
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1, "in (0, 1)": lambda v: 0 < v < 1,
+    "in [0, 2^32)": lambda v: 0 <= v < 2**32,  # seeds: seed + k, + 10,000, + env steps all stay far below 2^63
 }
 CHECKPOINT = "checkpoint.pt"  # the one file a save writes into --save-dir
 PENDING = ".pending"  # a fresh run's logs carry this suffix until its first checkpoint (RunLogs.commit)
@@ -50,6 +43,21 @@ PENDING = ".pending"  # a fresh run's logs carry this suffix until its first che
 def fail(message: str) -> NoReturn:
     """Stop with one clear sentence on stderr and exit code 1."""
     raise SystemExit(f"error: {message}")
+
+
+@contextlib.contextmanager
+def errors_in_one_sentence(memory_flags: str = "--batch-size or --num-agents"):
+    """Around a script's main(): out of memory, and Ctrl-C no stop handler takes (exit code 130), in one sentence."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); what was saved is whole, and the same command continues", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError (CUDA) and the CPU allocator's RuntimeError
+        if not isinstance(error, MemoryError) and not re.search("out of memory|can't allocate memory", str(error)):
+            raise
+        size = re.search(r"allocate ([\d.]+ (?:bytes|[KMGT]iB))", str(error))
+        fail(f"out of memory{f' (it tried to allocate {size[1]})' if size else ''}: pass a smaller {memory_flags}")
 
 
 def check_flags(args, ranges: dict[str, str]) -> None:
@@ -91,13 +99,17 @@ def digest(state: dict) -> str:
     return sha.hexdigest()
 
 
+def non_finite(state: dict) -> str | None:
+    """The name of the first floating-point tensor in `state` that holds NaN or inf, or None."""
+    return next((name for name, t in tensors_in(state) if t.is_floating_point() and not t.isfinite().all()), None)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write `state` (and its digest) as one file, whole or not at all: a temporary file in the same folder, flushed
     to disk, renamed over the previous one. Weights with NaN or inf and a failed write (a full disk) stop the run in
     one sentence; the previous file stays as it was."""
-    for name, tensor in tensors_in(state):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            fail(f"{name} holds NaN or inf values: the run diverged and was not saved ({path} is as it was)")
+    if name := non_finite(state):
+        fail(f"{name} holds NaN or inf values: the run diverged and was not saved ({path} is as it was)")
     temporary = path.with_name(path.name + ".tmp")
     try:
         with open(temporary, "wb") as f:
@@ -113,8 +125,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
              f"checkpoint, if any, is unchanged")
 
 
-def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
-    """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used."""
+def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...] = ()) -> dict:
+    """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used. A file
+    without meta and digest that holds the keys `older` (written by an older version) is taken as it is."""
     if path.is_dir() and (path / "manifest.json").exists() and not (path / CHECKPOINT).exists():
         fail(f"{path} holds checkpoints of the older per-agent layout: convert a CQL set with python "
              f"results/convert_set.py {path} <new folder>; a fine-tuned one continues with the code of commit 53ee51c")
@@ -125,6 +138,8 @@ def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 -- truncated zip, pickle error, ...: all mean "corrupted"
         fail(f"checkpoint {path} is corrupted or not a checkpoint ({type(error).__name__})")
+    if older and isinstance(state, dict) and not {"meta", "sha256"} & state.keys() and set(older) <= state.keys():
+        return state
     if not isinstance(state, dict) or not isinstance(state.get("meta"), dict) or \
             state["meta"].get("format") not in formats:
         fail(f"{path} is not a {' or '.join(formats)} checkpoint")
@@ -134,6 +149,8 @@ def load_checkpoint(path: Path, formats: tuple[str, ...]) -> dict:
         intact = False
     if not intact:
         fail(f"checkpoint {path} is corrupted: its contents do not match the digest saved with them")
+    if name := non_finite(state):  # a digest of NaN weights matches too: refused here as at save
+        fail(f"checkpoint {path} holds NaN or inf values in {name}: its run diverged; use an earlier checkpoint")
     return state
 
 
@@ -252,11 +269,9 @@ class Tee:
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
-        try:
+        with contextlib.suppress(OSError):
             self.log.write(text)
             self.log.flush()
-        except OSError:
-            pass
         return self.stream.write(text)
 
     def __getattr__(self, name: str):
@@ -346,8 +361,12 @@ def start_wandb(run, meta: dict):
     """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
     import wandb
 
-    wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
-               name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
+    try:
+        wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
+                   name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
+    except (wandb.errors.Error, OSError) as error:  # no login (UsageError), an unwritable <run-dir>/wandb, ...
+        fail(f"--track: wandb could not start ({getattr(error, 'strerror', None) or str(error).rstrip('.')}): run "
+             f"`wandb login`, or set WANDB_MODE=offline to keep the run in {meta['run_dir']}/wandb and sync it later")
     return wandb
 
 
@@ -377,10 +396,8 @@ def exit_stopped(stop: dict, where: str, save_dir: Path) -> NoReturn:
 
 def duration(seconds: float) -> str:
     """1h02m, 3m05s, 12s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def progress(done: int, total: int, done_at_start: int, started: float, unit: str) -> str:
@@ -413,9 +430,22 @@ def check_video(run, env_id: str = "InvertedPendulum-v5") -> None:
 def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> Path | None:
     """Where --capture-video records evaluation number `evaluation` (0 = the first), at `step`: the last one, and
     every --video-every-th; None when it is not recorded."""
-    if run.capture_video and (last or (run.video_every and evaluation % run.video_every == 0)):
-        return run_dir / "videos" / f"step_{step}"
-    return None
+    recorded = run.capture_video and (last or (run.video_every and evaluation % run.video_every == 0))
+    return run_dir / "videos" / f"step_{step}" if recorded else None
+
+
+def gym_make(env_id: str, **kwargs) -> gym.Env:
+    """gym.make, or one sentence: an unknown env id, or the OpenGL backend that MUJOCO_GL names failing to load, which
+    MuJoCo loads for every env, rendering or not."""
+    try:
+        import mujoco  # noqa: F401
+    except Exception as error:  # noqa: BLE001 -- AttributeError (no libOSMesa), RuntimeError (unknown name), ...
+        fail(f"MuJoCo cannot load the OpenGL backend MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(error).__name__}):"
+             f" install libOSMesa (apt-get install libosmesa6), or use MUJOCO_GL=egl")
+    try:
+        return gym.make(env_id, **kwargs)
+    except (gym.error.Error, ImportError) as error:  # ImportError: v2/v3 envs that need mujoco-py
+        fail(f"unknown or unavailable environment id {env_id!r} ({error})")
 
 
 def lockstep_returns(env_id: str, seeds: list[int], act, video_dir: Path | None = None) -> np.ndarray:
@@ -454,10 +484,7 @@ def cuda_graphed(step, generators=()):
 
 # Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files ---------------------------------------------------
 D4RL_REF_SCORES = {  # D4RL's reference returns (random, expert) per body
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-}
+    "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 D4RL_GYM_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
 D4RL_NAME = re.compile(r"^(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2$")
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
@@ -491,10 +518,12 @@ def read_d4rl_hdf5(path: Path) -> dict[str, np.ndarray]:
 
     try:
         with h5py.File(path, "r") as f:
-            missing = [key for key in ("observations", "actions", "rewards", "terminals") if key not in f]
-            if missing:
+            if missing := [key for key in ("observations", "actions", "rewards", "terminals") if key not in f]:
                 fail(f"{path} is not a D4RL-layout file: it lacks {', '.join(missing)}")
-            data = {key: f[key][()] for key in (*TRANSITION_KEYS, "timeouts") if key in f}
+            data = {key: f[key] for key in (*TRANSITION_KEYS, "timeouts") if key in f}
+            if bad := [key for key, value in data.items() if not isinstance(value, h5py.Dataset) or value.ndim == 0]:
+                fail(f"{path}: {', '.join(bad)} must be arrays, one row per transition, not a group or a single value")
+            data = {key: value[()] for key, value in data.items()}
     except OSError as error:
         fail(f"cannot read {path} as HDF5 ({error})")
     rows = {key: len(value) for key, value in data.items()}
@@ -542,6 +571,8 @@ def read_minari(dataset_id: str):
     if dataset_id.startswith("local/") and not path.exists():
         fail(f"Minari dataset {dataset_id} is not in {minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); "
              f"local/ datasets are made on this machine: {advice}")
+    if path.exists() and not dataset_id.startswith("local/"):  # a remote id, shadowed by what is on this machine
+        print(f"Minari dataset {dataset_id}: read from this machine's copy at {path}, not from Minari's server")
     try:
         dataset = minari.load_dataset(dataset_id, download=not path.exists())
         episodes = list(dataset.iterate_episodes())
@@ -578,10 +609,7 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
     env_id = gym_env or env_id
     if env_id is None:
         fail(f"cannot tell the environment of dataset {name}: pass --gym-env (e.g. Hopper-v5)")
-    try:
-        env = gym.make(env_id)
-    except gym.error.Error as error:
-        fail(f"cannot make gymnasium env {env_id} ({error})")
+    env = gym_make(env_id)
     shapes = {"observations": env.observation_space.shape, "actions": env.action_space.shape, "rewards": (),
               "next_observations": env.observation_space.shape, "terminals": ()}
     low, high = env.action_space.low, env.action_space.high
@@ -602,8 +630,7 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
         if bad.any():
             fail(f"dataset {name}: {key} has {bad.sum():,} rows with NaN or inf values as float32 (the first is row "
                  f"{np.flatnonzero(bad)[0]:,})")
-    bad = np.flatnonzero(~np.isin(data["terminals"], (0.0, 1.0)))
-    if len(bad):
+    if len(bad := np.flatnonzero(~np.isin(data["terminals"], (0.0, 1.0)))):
         fail(f"dataset {name}: terminals must be 0 or 1 (true termination), but {len(bad):,} are not (row "
              f"{bad[0]:,} holds {data['terminals'][bad[0]]:g})")
     outside = ((data["actions"] < low - 1e-4) | (data["actions"] > high + 1e-4)).any(1)

@@ -11,14 +11,14 @@
 #   4. results/plot.py   the figure: the pre-trained ensemble's level, both methods' curves, U, Q^E, beta U / |y|
 #
 # Output: runs/quickstart/ (logs, eval.csv and metrics.csv of every run, fig.png, table.md), checkpoints/quickstart/
-# and the Minari dataset quickstart/inverteddoublependulum/medium-replay-v0 (its own id: --overwrite replaces no
+# and the Minari dataset local/quickstart/inverteddoublependulum/medium-replay-v0 (its own id: --overwrite replaces no
 # dataset of yours). Run it again and it starts over (--overwrite); the SAC run is reused.
 set -euo pipefail
 cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1  # one thread per process: two fine-tuning runs share the 2 cores
 OUT=runs/quickstart
 CKPT=checkpoints/quickstart
-DATA=quickstart/inverteddoublependulum/medium-replay-v0
+DATA=local/quickstart/inverteddoublependulum/medium-replay-v0
 mkdir -p $OUT
 started=$(date +%s)
 

@@ -164,7 +164,7 @@ FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
                       first_epoch_multiplier=">= 1", batch_size=">= 1", gamma="in [0, 1)", tau="in (0, 1]",
                       policy_lr="> 0", critic_lr="> 0", online_buffer_size=">= 1", init_online_fraction="in (0, 1)",
                       priority_temperature="> 0", density_ratio_lr="> 0", density_ratio_hidden_sizes=">= 1"),
-    "run": dict(seed=">= 0", video_every=">= 0", eval_episodes=">= 1", save_every=">= 1"),
+    "run": dict(seed="in [0, 2^32)", video_every=">= 0", eval_episodes=">= 1", save_every=">= 1"),
 }
 
 
@@ -1038,4 +1038,5 @@ def epoch_line(means: dict, speeds: dict, where: str) -> str:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))
+    with plumbing.errors_in_one_sentence():
+        main(tyro.cli(tyro.conf.OmitArgPrefixes[Args]))

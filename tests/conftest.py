@@ -4,6 +4,7 @@ scripts' checkpoint files."""
 
 import csv
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -53,17 +54,19 @@ def script_env(tmp_path_factory) -> dict:
 def run_script(script_env):
     """Run a top-level script as a user would; returns the CompletedProcess (never raises on failure).
 
-    kill_at_rename=(folder, k) runs it under KILL_AT_RENAME. `env` entries override script_env's.
+    kill_at_rename=(folder, k) runs it under KILL_AT_RENAME. `env` entries override script_env's. memory_limit caps
+    its address space (RLIMIT_AS, bytes): an allocation past it fails at once, without using this machine's memory.
     """
 
     def run(script: str, *args: str, env: dict | None = None, timeout: float = 300,
-            kill_at_rename: tuple[Path, int] | None = None) -> subprocess.CompletedProcess:
+            kill_at_rename: tuple[Path, int] | None = None, memory_limit: int | None = None):
         command = [sys.executable, str(REPO / script), *map(str, args)]
         if kill_at_rename is not None:
             folder, k = kill_at_rename
             command[1:1] = ["-c", KILL_AT_RENAME, str(folder), str(k)]
+        limit = memory_limit and (lambda: resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit)))
         return subprocess.run(command, capture_output=True, text=True, env={**script_env, **(env or {})},
-                              timeout=timeout, cwd=script_env["CWD"])
+                              timeout=timeout, cwd=script_env["CWD"], preexec_fn=limit or None)
 
     return run
 

@@ -275,7 +275,8 @@ def test_d4rl_name_found_in_cache_folder(tmp_path, monkeypatch):
     assert plumbing.fetch_d4rl("halfcheetah-medium-expert-v2") == tmp_path / "halfcheetah_medium_expert-v2.hdf5"
 
 
-def test_local_minari_dataset_loads_with_its_flags(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dataset_id", ["local/hopper/test-v0", "mujoco/hopper/test-v0"])
+def test_local_minari_dataset_loads_with_its_flags(tmp_path, monkeypatch, capsys, dataset_id):
     import gymnasium as gym
     import minari
     from minari.data_collector import EpisodeBuffer
@@ -290,9 +291,10 @@ def test_local_minari_dataset_loads_with_its_flags(tmp_path, monkeypatch):
             id=episode, observations=list(obs), actions=list(np.zeros((length, 3), np.float32)),
             rewards=list(np.ones(length)), terminations=[False] * (length - 1) + [episode == 0],
             truncations=[False] * (length - 1) + [episode == 1], infos={}))
-    minari.create_dataset_from_buffers("local/hopper/test-v0", buffers, env="Hopper-v5", ref_min_score=1.0,
-                                       ref_max_score=11.0)
-    data = plumbing.load_offline_data("local/hopper/test-v0")
+    minari.create_dataset_from_buffers(dataset_id, buffers, env="Hopper-v5", ref_min_score=1.0, ref_max_score=11.0)
+    data = plumbing.load_offline_data(dataset_id)
+    said = f"Minari dataset {dataset_id}: read from this machine's copy at {tmp_path / dataset_id}, not from Minari's"
+    assert (said in capsys.readouterr().out) == dataset_id.startswith("mujoco/")  # a remote id that is shadowed
     assert data.terminals.tolist() == [0, 0, 0, 1, 0, 0, 0]
     assert data.next_observations[:, 1].tolist() == [1, 2, 3, 4, 1, 2, 3]
     assert (data.ref_min_score, data.ref_max_score, data.gym_env_id) == (1.0, 11.0, "Hopper-v5")

@@ -447,6 +447,7 @@ def edit_meta(**entries):
     ("other env", "the agents were trained for HalfCheetah-v5 (obs 17, actions 6) but --env"),
     ("more agents than saved", "--num-agents must lie between 1 and the 3 agents of"),
     ("finetuned, not cql", "is not a upq-cql-v3 checkpoint"),
+    ("NaN weights", "holds NaN or inf values in critic.net.4.bias: its run diverged"),  # a digest of NaN matches
 ])
 def test_bad_checkpoints_give_one_sentence_and_overwrite_nothing(run_script, finetuned, tiny_hopper_hdf5,
                                                                  tiny_cql_checkpoints, tmp_path, case, message):
@@ -462,6 +463,8 @@ def test_bad_checkpoints_give_one_sentence_and_overwrite_nothing(run_script, fin
         bad, num_agents = good, "4"
     elif case == "finetuned, not cql":
         bad = root / "upq"  # the folder of a fine-tuning run
+    elif case == "NaN weights":
+        rewrite_checkpoint(good, bad, lambda checkpoint: checkpoint["critic"]["net.4.bias"][0].fill_(float("nan")))
     before = saved_files(root / "off2on")
     result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "10", "--checkpoints",
                         bad, "--num-agents", num_agents, "--save-dir", root / "off2on", "--overwrite",
@@ -471,12 +474,12 @@ def test_bad_checkpoints_give_one_sentence_and_overwrite_nothing(run_script, fin
 
 
 def test_nan_loss_stops_the_run_before_anything_is_saved(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints, tmp_path):
-    def nan_critic(checkpoint):  # agent 0's first critic, its last bias
-        checkpoint["critic"]["net.4.bias"][0].fill_(float("nan"))
+    def huge_critic(checkpoint):  # agent 0's first critic, its last bias: finite, but its square overflows
+        checkpoint["critic"]["net.4.bias"][0].fill_(3e38)
 
-    nan_agent = rewrite_checkpoint(tiny_cql_checkpoints / "checkpoint.pt", tmp_path / "nan.pt", nan_critic)
+    huge_agent = rewrite_checkpoint(tiny_cql_checkpoints / "checkpoint.pt", tmp_path / "huge.pt", huge_critic)
     result = run_script("upq_finetune.py", "--env", tiny_hopper_hdf5, *TINY, "--total-steps", "20", "--save-every", "1",
-                        "--checkpoints", nan_agent, "--num-agents", "2",
+                        "--checkpoints", huge_agent, "--num-agents", "2",
                         "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run")
     assert_refused(result, "non-finite")
     assert not (tmp_path / "save").exists()  # locked for the run, removed at its end: nothing was saved there

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import minari
 import numpy as np
@@ -41,7 +42,7 @@ sys.argv = [script, *sys.argv[3:]]
 sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` does
 runpy.run_path(script, run_name="__main__")
 """
-KILLED_ID = "killed/hopper/random-v0"
+KILLED_ID = "local/killed/hopper/random-v0"
 # The new dataset: one 20-step episode. Written over an old one, its steps are those of WRITE_STEPS.
 NEW_FLAGS = ("--env", "Hopper-v5", "--kind", "random", "--num-steps", "20", "--max-episode-steps", "20", "--seed", "0",
              "--dataset-id", KILLED_ID)
@@ -71,8 +72,8 @@ def minari_root(tmp_path_factory):
 def random_dataset(minari_root):
     """A tiny random-policy Hopper dataset: 300 steps, episodes cut at 20 steps by the time limit."""
     md.main(md.Args(env="Hopper-v5", kind="random", num_steps=300, max_episode_steps=TIME_LIMIT, seed=3,
-                    dataset_id="test/hopper/random-v0"))
-    return minari.load_dataset("test/hopper/random-v0")
+                    dataset_id="local/test/hopper/random-v0"))
+    return minari.load_dataset("local/test/hopper/random-v0")
 
 
 def tiny_sac_args(**overrides) -> md.Args:
@@ -151,36 +152,37 @@ def test_random_episodes_end_exactly_as_gymnasium_reported(random_dataset):
 
 
 def test_same_seed_gives_identical_arrays_and_another_seed_does_not(random_dataset):
-    for seed, dataset_id in ((3, "test/hopper/random-again-v0"), (4, "test/hopper/random-seed4-v0")):
+    for seed, dataset_id in ((3, "local/test/hopper/random-again-v0"), (4, "local/test/hopper/random-seed4-v0")):
         md.main(md.Args(env="Hopper-v5", kind="random", num_steps=300, max_episode_steps=TIME_LIMIT, seed=seed,
                         dataset_id=dataset_id))
-    same, other = minari.load_dataset("test/hopper/random-again-v0"), minari.load_dataset("test/hopper/random-seed4-v0")
+    same = minari.load_dataset("local/test/hopper/random-again-v0")
+    other = minari.load_dataset("local/test/hopper/random-seed4-v0")
     assert_same_episodes(random_dataset, same)
     assert not np.array_equal(random_dataset[0].actions, other[0].actions)
 
 
 def test_existing_dataset_is_refused_without_overwrite_and_replaced_with_it(random_dataset, minari_root, run_script):
-    data_file = minari_root / "test/hopper/random-v0/data/main_data.hdf5"
+    data_file = minari_root / "local/test/hopper/random-v0/data/main_data.hdf5"
     before = data_file.read_bytes()
     result = run_script("make_dataset.py", "--env", "Hopper-v5", "--kind", "random", "--num-steps", "50",
-                        "--dataset-id", "test/hopper/random-v0", env={"MINARI_DATASETS_PATH": str(minari_root)})
+                        "--dataset-id", "local/test/hopper/random-v0", env={"MINARI_DATASETS_PATH": str(minari_root)})
     assert_refused(result, "pass --overwrite to replace it")
     assert len(result.stderr.strip().splitlines()) == 1
     assert data_file.read_bytes() == before
 
-    md.main(md.Args(env="Hopper-v5", kind="random", num_steps=40, seed=0, dataset_id="test/hopper/replaced-v0"))
-    md.main(md.Args(env="Hopper-v5", kind="random", num_steps=60, seed=0, dataset_id="test/hopper/replaced-v0",
+    md.main(md.Args(env="Hopper-v5", kind="random", num_steps=40, seed=0, dataset_id="local/test/hopper/replaced-v0"))
+    md.main(md.Args(env="Hopper-v5", kind="random", num_steps=60, seed=0, dataset_id="local/test/hopper/replaced-v0",
                     overwrite=True))
-    assert minari.load_dataset("test/hopper/replaced-v0").total_steps == 60
+    assert minari.load_dataset("local/test/hopper/replaced-v0").total_steps == 60
 
 
 def test_one_run_at_a_time_per_dataset_and_per_sac_run_while_others_go_side_by_side(tmp_path, monkeypatch):
-    """While a run writes held/hopper/random-v0 and another trains the seed-1 SAC run (here: this test holds their
+    """While a run writes local/held/hopper/random-v0 and another trains the seed-1 SAC run (here: this test holds their
     locks, as running make_dataset.py processes do), a run on that id would delete the first one's writing folder as
     if a kill had left it, and one on that SAC run would train it twice: both are refused. Other ids and seeds of
     the same body go ahead (the README's medium and seed-1 expert side by side)."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    namespace, pid = tmp_path / "held" / "hopper", os.getpid()
+    namespace, pid = tmp_path / "local" / "held" / "hopper", os.getpid()
     writing = namespace / ".random-v0.writing"
     writing.mkdir(parents=True)
     (writing / "episode").write_bytes(b"the first run's")
@@ -190,20 +192,20 @@ def test_one_run_at_a_time_per_dataset_and_per_sac_run_while_others_go_side_by_s
             lock.write(f"{pid}\n")
             lock.flush()
         with pytest.raises(SystemExit) as refused:
-            md.main(md.Args(env="Hopper-v5", kind="random", num_steps=20, dataset_id="held/hopper/random-v0",
+            md.main(md.Args(env="Hopper-v5", kind="random", num_steps=20, dataset_id="local/held/hopper/random-v0",
                             overwrite=True))
-        assert refused.value.code == (f"error: dataset held/hopper/random-v0 is in use by another run (process "
+        assert refused.value.code == (f"error: dataset local/held/hopper/random-v0 is in use by another run (process "
                                       f"{pid}): wait for it to end or choose another --dataset-id")
         assert (writing / "episode").read_bytes() == b"the first run's"
-        md.main(md.Args(env="Hopper-v5", kind="random", num_steps=20, dataset_id="held/hopper/other-v0"))
-        md.main(tiny_sac_args(kind="medium", seed=2, dataset_id="held/hopper/medium-v0"))
+        md.main(md.Args(env="Hopper-v5", kind="random", num_steps=20, dataset_id="local/held/hopper/other-v0"))
+        md.main(tiny_sac_args(kind="medium", seed=2, dataset_id="local/held/hopper/medium-v0"))
         with pytest.raises(SystemExit) as refused:
-            md.main(tiny_sac_args(kind="medium", seed=1, dataset_id="held/hopper/medium-v0", overwrite=True))
+            md.main(tiny_sac_args(kind="medium", seed=1, dataset_id="local/held/hopper/medium-v0", overwrite=True))
         assert refused.value.code == (f"error: the SAC run {namespace / 'sac-seed1.pt'} is in use by another run "
                                       f"(process {pid}): wait for it to end or pass another --seed")
         assert not (namespace / "sac-seed1.pt").exists()
-    assert minari.load_dataset("held/hopper/other-v0").total_steps == 20
-    assert minari.load_dataset("held/hopper/medium-v0").total_steps == 150
+    assert minari.load_dataset("local/held/hopper/other-v0").total_steps == 20
+    assert minari.load_dataset("local/held/hopper/medium-v0").total_steps == 150
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +287,7 @@ def test_partial_dataset_of_a_write_in_place_is_refused_in_one_sentence_and_repl
 @pytest.mark.parametrize("kind", ["random", "medium-expert"])  # medium-expert: its medium part is the damaged one
 def test_incomplete_dataset_or_part_is_refused_and_left_as_it_is(damage, kind, old_and_new, tmp_path, monkeypatch):
     old_root, _ = old_and_new
-    dataset_id = "damaged/hopper/random-v0" if kind == "random" else "damaged/hopper/medium-v0"
+    dataset_id = "local/damaged/hopper/random-v0" if kind == "random" else "local/damaged/hopper/medium-v0"
     folder = tmp_path / dataset_id
     shutil.copytree(old_root / KILLED_ID, folder)
     data = folder / "data"
@@ -300,10 +302,52 @@ def test_incomplete_dataset_or_part_is_refused_and_left_as_it_is(damage, kind, o
     before = files_of(tmp_path)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        md.main(md.Args(env="Hopper-v5", kind=kind, num_steps=20, dataset_id=f"damaged/hopper/{kind}-v0"))
+        md.main(md.Args(env="Hopper-v5", kind=kind, num_steps=20, dataset_id=f"local/damaged/hopper/{kind}-v0"))
     assert exit_info.value.code == (f"error: dataset {dataset_id} at {folder} is incomplete (an interrupted write): "
                                     f"pass --overwrite to make it again")
     assert {name: data for name, data in files_of(tmp_path).items() if not name.endswith(".lock")} == before
+
+
+@pytest.mark.parametrize("case, message", [
+    ("garbage SAC run", "sac-seed1.pt is corrupted or not a checkpoint (UnpicklingError)"),
+    ("full disk at the SAC save", "sac-seed1.pt (No space left on device; it needs about"),
+    ("full disk at the dataset write", f"cannot write dataset {KILLED_ID} (No space left on device; it needs about"),
+])
+def test_a_garbage_sac_run_or_a_full_disk_is_one_sentence_and_the_old_files_stay(case, message, old_and_new, tmp_path,
+                                                                                 monkeypatch):
+    root = tmp_path / "minari"
+    shutil.copytree(old_and_new[0], root)
+    run_path = root / "local/killed/hopper/sac-seed1.pt"
+    if case == "garbage SAC run":  # it was a traceback, as was a full disk
+        run_path.write_bytes(b"not a SAC run")
+    elif case == "full disk at the SAC save":
+        run_path.with_name("sac-seed1.pt.tmp").symlink_to("/dev/full")  # a real ENOSPC
+    else:  # h5py crashes (segfault) when the disk fills as it writes: the free space is checked first
+        monkeypatch.setattr(md.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    def kept():  # (the locks hold the pid of the last run)
+        return {name: data for name, data in files_of(root).items() if not name.endswith(".lock")}
+
+    before = kept()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    with pytest.raises(SystemExit) as refused:
+        md.main(tyro.cli(md.Args, args=[*NEW_FLAGS, "--overwrite"]) if case.endswith("dataset write") else
+                tiny_sac_args(kind="medium", dataset_id="local/killed/hopper/medium-v0"))
+    assert message in refused.value.code and refused.value.code.startswith("error: ")
+    assert kept() == before
+
+
+def test_ctrl_c_is_one_sentence_and_exit_130(script_env, tmp_path):
+    flags = ["--kind", "medium", "--learning-starts", "1000000", "--eval-frequency", "1000000"]
+    process = subprocess.Popen([sys.executable, str(REPO / "make_dataset.py"), *flags], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**script_env, "MINARI_DATASETS_PATH": str(tmp_path)})
+    assert process.stdout.readline().startswith("[SAC] 1,000/1,000,000 steps")  # SAC is training
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C); what was saved is whole, and the same " \
+                                              "command continues"
+    assert [path.name for path in tmp_path.rglob("*") if path.is_file() and path.suffix != ".lock"] == []
 
 
 def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path, run_script):
@@ -317,7 +361,9 @@ def test_unknown_env_exits_non_zero_with_one_sentence_and_no_traceback(tmp_path,
     (["--env", "CartPole-v1"], "CartPole-v1 is not a MuJoCo environment"),
     (["--env", "Pendulum-v1"], "Pendulum-v1 is not a MuJoCo environment"),
     (["--kind", "expertish"], "invalid choice 'expertish'"),
-    (["--dataset-id", "no version"], "Malformed dataset ID"),
+    (["--dataset-id", "no version"], "--dataset-id 'no version' has no version: end it with -v<N>"),
+    (["--dataset-id", "local/hopper/medium", "--kind", "random"], "has no version: end it with -v<N>"),  # a traceback
+    (["--dataset-id", "mujoco/hopper/medium-v0", "--kind", "random"], "datasets made here live under local/"),
     (["--env", "Ant-v5", "--kind", "medium"], "D4RL has no medium level for Ant-v5; pass --target-return"),
 ])
 def test_bad_input_is_a_system_exit_with_a_message(flags, message, minari_root, capsys):
@@ -339,7 +385,8 @@ def test_bad_input_is_a_system_exit_with_a_message(flags, message, minari_root, 
     (["--target-network-frequency", "0"], "--target-network-frequency must be >= 1, not 0"),
     (["--max-episode-steps", "0"], "--max-episode-steps must be >= 1, not 0"),
     (["--learning-starts", "-1"], "--learning-starts must be >= 0, not -1"),
-    (["--seed", "-1"], "--seed must be >= 0, not -1"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32), not -1"),
+    (["--seed", str(2**64)], f"--seed must be in [0, 2^32), not {2**64}"),  # torch.manual_seed's traceback
     (["--gamma", "1.5"], "--gamma must be in [0, 1), not 1.5"),
     (["--gamma", "1"], "--gamma must be in [0, 1), not 1.0"),
     (["--tau", "0"], "--tau must be in (0, 1], not 0.0"),
@@ -469,22 +516,24 @@ def test_actor_update_raises_q_of_its_actions():
 
 
 def test_sac_kinds_medium_replay_and_medium_expert(minari_root):
-    md.main(tiny_sac_args(kind="medium", dataset_id="chain/hopper/medium-v0"))
-    medium = minari.load_dataset("chain/hopper/medium-v0")
+    md.main(tiny_sac_args(kind="medium", dataset_id="local/chain/hopper/medium-v0"))
+    medium = minari.load_dataset("local/chain/hopper/medium-v0")
     assert medium.total_steps == 150 and medium.storage.metadata["kind"] == "medium"
     assert medium.storage.metadata["behaviour_eval_return"] >= -1000.0
-    run_path = minari_root / "chain/hopper/sac-seed1.pt"
+    run_path = minari_root / "local/chain/hopper/sac-seed1.pt"
     assert run_path.exists()  # the behaviour run is saved beside the datasets
 
     # Same seed, fresh directory: the whole SAC path (init, training, roll-out) is reproducible.
-    md.main(tiny_sac_args(kind="medium", dataset_id="again/hopper/medium-v0"))
-    again = minari.load_dataset("again/hopper/medium-v0")
+    md.main(tiny_sac_args(kind="medium", dataset_id="local/again/hopper/medium-v0"))
+    again = minari.load_dataset("local/again/hopper/medium-v0")
     for a, b in zip(medium.iterate_episodes(), again.iterate_episodes(), strict=True):
         np.testing.assert_array_equal(a.observations, b.observations)
         np.testing.assert_array_equal(a.actions, b.actions)
 
-    md.main(tiny_sac_args(kind="medium-replay", dataset_id="chain/hopper/medium-replay-v0"))
-    replay = minari.load_dataset("chain/hopper/medium-replay-v0")
+    older = torch.load(run_path, weights_only=True)  # as make_dataset.py saved it before it had a digest: still read
+    torch.save({key: value for key, value in older.items() if key not in ("meta", "sha256")}, run_path)
+    md.main(tiny_sac_args(kind="medium-replay", dataset_id="local/chain/hopper/medium-replay-v0"))
+    replay = minari.load_dataset("local/chain/hopper/medium-replay-v0")
     assert replay.total_steps == medium.storage.metadata["behaviour_step"]  # every step until medium, no more
     for episode, seed in zip(replay.iterate_episodes(), episode_seeds(replay)):
         flags = gymnasium_flags(replay, episode, seed)
@@ -492,13 +541,13 @@ def test_sac_kinds_medium_replay_and_medium_expert(minari_root):
         np.testing.assert_array_equal(episode.truncations, flags[:, 1])
         assert flags[-1].any()  # training replay holds whole episodes
 
-    medium_file = minari_root / "chain/hopper/medium-v0/data/main_data.hdf5"
+    medium_file = minari_root / "local/chain/hopper/medium-v0/data/main_data.hdf5"
     medium_bytes = medium_file.read_bytes()
-    md.main(tiny_sac_args(kind="medium-expert", dataset_id="chain/hopper/medium-expert-v0"))
+    md.main(tiny_sac_args(kind="medium-expert", dataset_id="local/chain/hopper/medium-expert-v0"))
     assert medium_file.read_bytes() == medium_bytes  # medium reused, not regenerated
-    expert = minari.load_dataset("chain/hopper/expert-v0")
+    expert = minari.load_dataset("local/chain/hopper/expert-v0")
     assert expert.storage.metadata["sac_total_timesteps"] >= 300  # expert continued the same run to its budget
-    combined = minari.load_dataset("chain/hopper/medium-expert-v0")
+    combined = minari.load_dataset("local/chain/hopper/medium-expert-v0")
     assert combined.total_steps == 300
     parts = list(medium.iterate_episodes()) + list(expert.iterate_episodes())
     for a, b in zip(parts, combined.iterate_episodes(), strict=True):
@@ -509,8 +558,8 @@ def test_sac_kinds_medium_replay_and_medium_expert(minari_root):
 def test_medium_target_not_reached_within_budget_is_a_clear_error(minari_root, capsys):
     with pytest.raises(SystemExit, match="raise --total-timesteps"):
         md.main(tiny_sac_args(kind="medium", target_return=1e9, total_timesteps=100,
-                              dataset_id="unreached/hopper/medium-v0"))
-    assert not (minari_root / "unreached/hopper/medium-v0").exists()
+                              dataset_id="local/unreached/hopper/medium-v0"))
+    assert not (minari_root / "local/unreached/hopper/medium-v0").exists()
     eval_lines = [line for line in capsys.readouterr().out.splitlines() if "eval return" in line]
     assert len(eval_lines) >= 2 and "/100 steps (" in eval_lines[0] and "ETA" in eval_lines[0]
     assert "(or sooner: stops at an eval return >= 1e+09)" in eval_lines[0]  # medium stops at its target
@@ -519,7 +568,7 @@ def test_medium_target_not_reached_within_budget_is_a_clear_error(minari_root, c
 
 def test_progress_lines_say_done_of_total_elapsed_speed_and_eta(minari_root, monkeypatch, capsys):
     monkeypatch.setattr(md, "LOG_EVERY_STEPS", 25)  # step lines, not only eval lines, within the tiny budget
-    md.main(tiny_sac_args(kind="expert", dataset_id="progress/hopper/expert-v0"))
+    md.main(tiny_sac_args(kind="expert", dataset_id="local/progress/hopper/expert-v0"))
     out = capsys.readouterr().out.splitlines()
     sac = [line for line in out if line.startswith("[SAC]") and "trained" not in line]
     rollout = [line for line in out if line.startswith("[expert] collected")]

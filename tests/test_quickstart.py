@@ -38,7 +38,7 @@ def parse(program: str, argv: list[str]):
 
 @pytest.mark.parametrize("method", ["off2on", "upq"])
 def test_every_quickstart_command_parses(method):
-    variables = {"DATA": "quickstart/inverteddoublependulum/medium-replay-v0", "CKPT": "checkpoints/quickstart",
+    variables = {"DATA": "local/quickstart/inverteddoublependulum/medium-replay-v0", "CKPT": "checkpoints/quickstart",
                  "OUT": "runs/quickstart", "seed": "1", "method": method}
     commands = python_commands(REPO / "quickstart.sh", variables)
     programs = [program for program, *_ in commands]
@@ -46,7 +46,7 @@ def test_every_quickstart_command_parses(method):
     parsed = {program: parse(program, argv) for program, *argv in commands}
     cql, finetune = parsed["cql_pretrain.py"], parsed[f"{method}_finetune.py"]
     made = parsed["make_dataset.py"]
-    assert cql.run.env == finetune.run.env == made.dataset_id == "quickstart/inverteddoublependulum/medium-replay-v0"
+    assert cql.run.env == finetune.run.env == made.dataset_id == variables["DATA"]
     assert made.env == "InvertedDoublePendulum-v5" and made.kind == "medium-replay"
     assert finetune.run.checkpoints == cql.run.save_dir
     assert parsed["results/plot.py"].ensemble_level and parsed["results/plot.py"].diagnostics

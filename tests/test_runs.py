@@ -574,6 +574,7 @@ SCRIPTS = {"cql_pretrain.py": cql, "off2on_finetune.py": off2on, "upq_finetune.p
     ("upq_finetune.py", ["--beta", "-0.1"], "--beta must be >= 0, not -0.1"),
     ("upq_finetune.py", ["--save-every", "0"], "--save-every must be >= 1, not 0"),
     ("upq_finetune.py", ["--total-steps", "15", "--steps-per-epoch", "10"], "must be a multiple of --steps-per-epoch"),
+    *((script, ["--seed", str(2**64)], f"--seed must be in [0, 2^32), not {2**64}") for script in SCRIPTS),
 ])
 def test_a_bad_number_is_refused_in_one_sentence_before_anything_is_written(script, flags, message, tmp_path):
     module = SCRIPTS[script]
@@ -582,6 +583,17 @@ def test_a_bad_number_is_refused_in_one_sentence_before_anything_is_written(scri
     with pytest.raises(SystemExit) as refused:
         module.main(args)
     assert str(refused.value) == f"error: {message}" or message in str(refused.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_running_out_of_memory_is_one_sentence(run_script, tiny_hopper_hdf5, tmp_path):
+    """100,000 agents of 100,000 units need 440 GB for their first layer, whose allocation fails at once: past the
+    16 GiB address-space limit set here, whatever the machine's overcommit policy, before anything is written."""
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "100000", "--hidden-sizes",
+                        "100000", "--device", "cpu", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run",
+                        memory_limit=16 << 30, timeout=120)
+    assert_refused(result, "out of memory (it tried to allocate 440000000000 bytes): pass a smaller --batch-size or "
+                           "--num-agents")
     assert not any(tmp_path.iterdir())
 
 
@@ -607,6 +619,12 @@ def broken_hdf5(path, case):
         elif case == "terminals":
             del f["terminals"]
             f["terminals"] = np.where(np.arange(30) == 7, 0.5, 0.0)
+        elif case == "0-d rewards":
+            del f["rewards"]
+            f["rewards"] = 1.0
+        elif case == "group":
+            del f["observations"]
+            f.create_group("observations")["x"] = arrays["observations"]
         elif case == "nan":
             observations = f["observations"][()]
             observations[[3, 7], 2] = np.nan
@@ -621,6 +639,8 @@ def broken_hdf5(path, case):
     ("nan", "observations has 3 rows with NaN or inf values as float32 (the first is row 3)"),
     ("action", "2 actions lie outside Hopper-v5's action space [-1, 1] (the first in row 5)"),
     ("terminals", "terminals must be 0 or 1 (true termination), but 1 are not (row 7 holds 0.5)"),
+    ("0-d rewards", "rewards must be arrays, one row per transition, not a group or a single value"),
+    ("group", "observations must be arrays, one row per transition, not a group or a single value"),
 ])
 def test_a_broken_dataset_is_refused_in_one_sentence(tmp_path, case, message):
     broken_hdf5(tmp_path / "hopper_broken.hdf5", case)
@@ -701,6 +721,19 @@ def test_progress_and_duration_by_hand(monkeypatch):
         "0s", "12s", "59s", "1m01s", "3m05s", "1h59m", "10h00m"]
 
 
+@pytest.mark.parametrize("case", ["no login", "unwritable wandb folder"])
+def test_track_without_wandb_login_or_a_writable_folder_is_one_sentence(run_script, tiny_hopper_hdf5, tmp_path, case):
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path)}  # (HOME: no ~/.netrc)
+    if case == "unwritable wandb folder":
+        env = {"WANDB_MODE": "offline"}
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "wandb").write_text("a file where wandb makes its folder")
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "4", "--track",
+                        "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run", env=env)
+    assert_refused(result, "--track: wandb could not start (")
+    assert "run `wandb login`, or set WANDB_MODE=offline" in result.stderr
+
+
 def test_track_with_resume_continues_the_same_wandb_run(tracked):
     root, _ = tracked
     run_id = saved(root / "save")["meta"]["run_id"]
@@ -737,6 +770,24 @@ def test_capture_video_without_a_working_opengl_backend_is_one_sentence(run_scri
     assert_refused(result, "--capture-video needs moviepy (pip install moviepy) and offscreen MuJoCo rendering, "
                            "which failed with MUJOCO_GL=osmesa")
     assert "apt-get install libegl1" in result.stderr and not (tmp_path / "run" / "eval.csv").exists()
+
+
+@pytest.mark.parametrize("script, backend", [
+    *((script, "bogus") for script in [*SCRIPTS, "make_dataset.py"]),
+    pytest.param("cql_pretrain.py", "osmesa", marks=pytest.mark.skipif(renders_offscreen("osmesa"),
+                                                                       reason="OSMesa renders here")),
+])
+def test_an_opengl_backend_that_cannot_load_is_one_sentence_in_every_script(run_script, tiny_hopper_hdf5,
+                                                                            tiny_cql_checkpoints, tmp_path, script,
+                                                                            backend):
+    """MuJoCo loads MUJOCO_GL's backend for every env, rendering or not (here without --capture-video)."""
+    flags = ["--env", tiny_hopper_hdf5, "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"]
+    flags += ["--checkpoints", tiny_cql_checkpoints] if "finetune" in script else []
+    result = run_script(script, *(["--kind", "random", "--num-steps", "10"] if script == "make_dataset.py" else flags),
+                        env={"MUJOCO_GL": backend, "MINARI_DATASETS_PATH": str(tmp_path / "minari")})
+    assert_refused(result, f"MuJoCo cannot load the OpenGL backend MUJOCO_GL={backend} (")
+    assert "install libOSMesa (apt-get install libosmesa6), or use MUJOCO_GL=egl" in result.stderr
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("module", [cql, off2on, upq], ids=["cql", "off2on", "upq"])
