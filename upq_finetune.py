@@ -975,7 +975,7 @@ def run_meta(args: Args, data: plumbing.OfflineData, pretrained: dict, source: s
     """What the checkpoint and config.json record of this run (a resumed run: as saved, with this command's flags)."""
     if saved is not None:
         return {**saved["meta"], "run_dir": str(run_dir), "save_dir": str(save_dir.resolve()),
-                "args": plumbing.flat_args(args)}
+                "data_sha256": data.sha256, "args": plumbing.flat_args(args)}  # (checked: the saved run's data)
     return dict(format=FINETUNED_FORMAT, algorithm=ALGORITHM, version=PROJECT_VERSION, run_id=plumbing.new_run_id(),
                 run_dir=str(run_dir), save_dir=str(save_dir.resolve()), dataset_id=data.dataset_id,
                 data_sha256=data.sha256, gym_env_id=data.gym_env_id, obs_dim=data.observations.shape[1],

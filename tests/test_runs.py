@@ -23,7 +23,7 @@ import cql_pretrain as cql
 import off2on_finetune as off2on
 import plumbing
 import upq_finetune as upq
-from conftest import REPO, assert_refused, read_rows, write_random_hopper_hdf5
+from conftest import REPO, assert_refused, read_rows, rewrite_checkpoint, write_random_hopper_hdf5
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CQL_TINY = ["--num-agents", "2", "--hidden-sizes", "8", "8", "--batch-size", "8", "--num-random", "2",
@@ -411,6 +411,18 @@ def test_a_resume_on_other_data_under_the_same_name_is_refused(run_script, tiny_
     assert_refused(run_script(*common, "20" if "upq" in script else "8", *folders, "--resume"),
                    f"--resume: the saved run trained on other offline data than --env {data} holds now")
     assert (files(tmp_path / "save"), files(tmp_path / "run")) == before
+
+
+def test_a_checkpoint_from_before_the_data_digest_still_resumes(run_script, cql_run, tiny_hopper_hdf5, tmp_path):
+    shutil.copytree(cql_run / "run", tmp_path / "run")
+    (tmp_path / "save").mkdir()
+    rewrite_checkpoint(cql_run / "save" / "checkpoint.pt", tmp_path / "save" / "checkpoint.pt",
+                       lambda checkpoint: checkpoint["meta"].pop("data_sha256"))  # as version 0.3.0 wrote it
+    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, *CQL_TINY, "--num-agents", "3",
+                        "--total-steps", "12", "--resume", "--save-dir", tmp_path / "save", "--run-dir",
+                        tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert saved(tmp_path / "save")["meta"]["step"] == 12
 
 
 def test_finetuning_agents_trained_on_other_data_says_so_first(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints,
