@@ -653,16 +653,16 @@ def start_run(args: Args) -> SimpleNamespace:
                         data=data, meta=meta, nets=nets, optimizers=optimizers, generators=generators,
                         scores=saved["meta"]["normalized_scores"] if saved else None,
                         cuda_graph=run.cuda_graph and device.type == "cuda")
-    first = evaluate(r, 0) if not saved else None
-    stop["armed"] = True  # from here a signal saves the agents and stops the run
-    r.logs = plumbing.open_run_logs(run_dir, {"eval": ["step", "agent", "return", "normalized_score"],
-                                              "metrics": ["step", *METRICS, "updates_per_s"]}, meta.get("step"), meta)
+    r.logs = plumbing.open_run_logs(  # a fresh run's logs are pending until its first save
+        run_dir, {"eval": ["step", "agent", "return", "normalized_score"],
+                  "metrics": ["step", *METRICS, "updates_per_s"]}, meta.get("step"), meta)
     r.wandb = plumbing.start_wandb(run, meta) if run.track else None
     print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns "
           f"{data.ref_source}; {alg.num_agents} agents on {device}; run dir {run_dir}; checkpoint {save_dir}"
           + (f"; resumed at step {meta['step']:,}" if saved else ""))
-    if first:
-        log_evaluation(r, 0, *first)
+    if not saved:
+        log_evaluation(r, 0, *evaluate(r, 0))
+    stop["armed"] = True  # from here a signal saves the agents and stops the run
     return r
 
 

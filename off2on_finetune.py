@@ -887,9 +887,8 @@ def start_run(args: Args) -> SimpleNamespace:
     stop = plumbing.catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
     name = run_name(alg, run, slug)
-    save_dir, run_dir, saved, locks = plumbing.prepare_folders(run, f"checkpoints/{name}__seed{run.seed}",
-                                                      f"runs/{name}__{run.seed}__{int(time.time())}",
-                                                      (FINETUNED_FORMAT,))
+    save_dir, run_dir, saved, locks = plumbing.prepare_folders(
+        run, f"checkpoints/{name}__seed{run.seed}", f"runs/{name}__{run.seed}__{int(time.time())}", (FINETUNED_FORMAT,))
     start, source = pretrained_agents(run, alg.num_agents, slug) if saved is None else (saved, None)
     plumbing.check_video(run)
     data = plumbing.load_offline_data(run.env, run.gym_env)
@@ -903,18 +902,18 @@ def start_run(args: Args) -> SimpleNamespace:
     r = SimpleNamespace(args=args, device=device, stop=stop, save_dir=save_dir, run_dir=run_dir, locks=locks,
                         data=data, meta=meta, nets=nets, optimizers=optimizers, replay=replay, generator=generator,
                         cuda_graph=run.cuda_graph and device.type == "cuda")
-    first = evaluate(r, 0) if not saved else None  # the pre-trained ensemble, the first point of the paper's Fig. 2
-    stop["armed"] = True  # from here a signal saves the run and stops it
-    r.logs = plumbing.open_run_logs(run_dir, {"eval": ["step", "return", "normalized_score"],
-                                     "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
-                           meta.get("env_steps"), meta)
+    r.logs = plumbing.open_run_logs(  # a fresh run's logs are pending until its first save
+        run_dir, {"eval": ["step", "return", "normalized_score"],
+                  "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
+        meta.get("env_steps"), meta)
     r.wandb = plumbing.start_wandb(run, meta) if run.track else None
     print(f"{note}dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference "
           f"returns {data.ref_source}; ensemble of {meta['num_agents']} agents (hidden {meta['hidden_sizes']}) on "
           f"{device}; {'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoint "
           f"{save_dir}" + (f"; resumed at env step {meta['env_steps']:,}" if saved else ""))
-    if first:
-        log_evaluation(r, 0, first)
+    if not saved:  # the pre-trained ensemble, the first point of the paper's Fig. 2
+        log_evaluation(r, 0, evaluate(r, 0))
+    stop["armed"] = True  # from here a signal saves the run and stops it
     return r
 
 
@@ -946,8 +945,10 @@ def check_fit(alg: Algorithm, start: dict, saved: dict | None, data: plumbing.Of
         if alg.total_steps < meta["env_steps"]:
             fail(f"--resume: the saved run is at env step {meta['env_steps']:,}, past --total-steps "
                  f"{alg.total_steps:,}")
-    elif meta["dataset_id"] != data.dataset_id or meta.get("data_sha256", data.sha256) != data.sha256:
+    elif meta["dataset_id"] != data.dataset_id:
         return f"note: the agents were trained on other data ({meta['dataset_id']}) than the offline data here; "
+    elif meta.get("data_sha256", data.sha256) != data.sha256:
+        return f"note: the agents were trained on another version of {data.dataset_id} (its transitions differ); "
     return ""
 
 
@@ -971,7 +972,7 @@ def evaluate(r: SimpleNamespace, step: int) -> tuple[float, float]:
     """pi^E's mean return over --eval-episodes (seeds seed + 10,000 on), and its normalised score."""
     run = r.args.run
     videos = plumbing.video_folder(run, r.run_dir, step // r.args.algorithm.steps_per_epoch, step,
-                          step == r.args.algorithm.total_steps)
+                                   step == r.args.algorithm.total_steps)
     returns = evaluate_ensemble(r.nets["actor"], r.data.gym_env_id, run.eval_episodes, run.seed + 10_000, r.device,
                                 videos)
     return returns.mean(), float(normalized_score(returns.mean(), r.data.ref_min_score, r.data.ref_max_score))

@@ -225,22 +225,22 @@ def prepare_folders(run, default_save_dir: str, default_run_dir: str, formats: t
     return save_dir, run_dir, saved, locks
 
 
-def check_run_dir_holds(run_dir: Path, run_id: str, save_dir: Path) -> None:
-    """--resume: the run dir holds the logs of the checkpoint's run (its config.json carries the run id), or no logs.
-    Logs still pending there with that run id (a kill between the run's first save and their commit) become its."""
-    def run_id_in(path: Path) -> str | None:
-        try:
-            return json.loads(path.read_text()).get("run_id")
-        except (OSError, ValueError, AttributeError):
-            return None
+def run_id_in(config: Path) -> str | None:
+    """The run id a config.json (or config.json.pending) names, if it can be read."""
+    try:
+        return json.loads(config.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
-    if run_id_in(run_dir / f"config.json{PENDING}") == run_id:
-        for path in sorted(run_dir.glob(f"*{PENDING}"), key=lambda path: path.name.startswith("config")):
-            os.replace(path, path.with_name(path.name[: -len(PENDING)]))
+
+def check_run_dir_holds(run_dir: Path, run_id: str, save_dir: Path) -> None:
+    """--resume: the run dir holds the logs of the checkpoint's run (its config.json carries the run id; or they are
+    still pending there, from a kill between the run's first save and their commit), or no logs."""
     held = run_id_in(run_dir / "config.json")
-    if held != run_id and ((run_dir / "config.json").exists() or (run_dir / "eval.csv").exists()):
-        fail(f"--resume: {run_dir} holds the logs of run {held}, not of run {run_id} saved in {save_dir}: pass the "
-             f"--run-dir of that run, or a new folder")
+    if run_id_in(run_dir / f"config.json{PENDING}") != run_id and held != run_id and (
+            (run_dir / "config.json").exists() or (run_dir / "eval.csv").exists()):
+        fail(f"--resume: {run_dir} holds the logs of {f'run {held}' if held else 'another run'}, not of run {run_id} "
+             f"saved in {save_dir}: pass the --run-dir of that run, or a new folder")
 
 
 class CsvLog:
@@ -263,16 +263,21 @@ class CsvLog:
 
 
 class Tee:
-    """The console, also written to the run's train.log; the console still gets everything if train.log cannot."""
+    """The console, also written to the run's train.log; each still gets everything if the other cannot."""
 
     def __init__(self, stream, log):
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
-        with contextlib.suppress(OSError):
-            self.log.write(text)
-            self.log.flush()
-        return self.stream.write(text)
+        for stream in (self.log, self.stream):  # either may fail (a full disk, a closed pipe): the other goes on
+            with contextlib.suppress(OSError, ValueError):
+                stream.write(text)
+                stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
@@ -288,15 +293,23 @@ class RunLogs(dict):
             os.replace(path, path.with_name(path.name[: -len(PENDING)]))
         self.pending = []
 
+    def discard(self) -> None:  # at exit: the logs of a run that ends (refused, failed) before its first save
+        for path in self.pending:
+            path.unlink(missing_ok=True)
+
 
 def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> RunLogs:
     """<run-dir>/train.log (the console, appended on resume), config.json (each resume's own appended), and one
     CsvLog per entry of columns; a resumed run's rows past resume_step (written after its checkpoint) are cut, so
-    every step has one row. Everything is checked before anything is written."""
+    every step has one row. Everything is checked before anything is written; a resumed run first takes its logs
+    still pending there (a kill between its first save and their commit)."""
     config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
               "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     suffix, kept = ("" if resume_step is not None else PENDING), {name: [] for name in columns}
     try:
+        if resume_step is not None and run_id_in(run_dir / f"config.json{PENDING}") == meta["run_id"]:
+            for path in sorted(run_dir.glob(f"*{PENDING}"), key=lambda path: path.name.startswith("config")):
+                os.replace(path, path.with_name(path.name[: -len(PENDING)]))
         for name, header in columns.items():
             if resume_step is not None and (run_dir / f"{name}.csv").exists():
                 with open(run_dir / f"{name}.csv", newline="") as f:
@@ -316,6 +329,7 @@ def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int
         fail(f"cannot write the logs in {run_dir} ({getattr(error, 'strerror', None) or error})")
     names = ["train.log", *(f"{name}.csv" for name in columns), "config.json"]  # config.json last: it names the run
     logs.pending = [run_dir / f"{name}{PENDING}" for name in names] if suffix else []
+    atexit.register(logs.discard)
     sys.stdout, sys.stderr = Tee(sys.stdout, console), Tee(sys.stderr, console)
     return logs
 
@@ -441,7 +455,7 @@ def gym_make(env_id: str, **kwargs) -> gym.Env:
         import mujoco  # noqa: F401
     except Exception as error:  # noqa: BLE001 -- AttributeError (no libOSMesa), RuntimeError (unknown name), ...
         fail(f"MuJoCo cannot load the OpenGL backend MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(error).__name__}):"
-             f" install libOSMesa (apt-get install libosmesa6), or use MUJOCO_GL=egl")
+             f" unset it or use MUJOCO_GL=egl, or install OSMesa (apt-get install libosmesa6) for osmesa")
     try:
         return gym.make(env_id, **kwargs)
     except (gym.error.Error, ImportError) as error:  # ImportError: v2/v3 envs that need mujoco-py

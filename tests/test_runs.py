@@ -744,6 +744,19 @@ def test_track_without_wandb_login_or_a_writable_folder_is_one_sentence(run_scri
                         "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run", env=env)
     assert_refused(result, "--track: wandb could not start (")
     assert "run `wandb login`, or set WANDB_MODE=offline" in result.stderr
+    assert "eval step 0" not in result.stdout  # refused before the step-0 evaluation
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["run"] if case == "unwritable wandb folder" else [])
+    assert not list((tmp_path / "run").glob("*.pending"))  # the refused run's logs go with it
+
+
+def test_a_console_that_goes_away_leaves_the_run_and_its_log_going(script_env, tiny_hopper_hdf5, tmp_path):
+    """As `python cql_pretrain.py ... | head -1`: the console goes, the run ends well and train.log is whole."""
+    process = subprocess.Popen([sys.executable, str(REPO / "cql_pretrain.py"), "--env", tiny_hopper_hdf5, *CQL_TINY,
+                                "--total-steps", "8", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=script_env, cwd=script_env["CWD"])
+    process.stdout.close()
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert "8 steps in" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_track_with_resume_continues_the_same_wandb_run(tracked):
@@ -798,7 +811,7 @@ def test_an_opengl_backend_that_cannot_load_is_one_sentence_in_every_script(run_
     result = run_script(script, *(["--kind", "random", "--num-steps", "10"] if script == "make_dataset.py" else flags),
                         env={"MUJOCO_GL": backend, "MINARI_DATASETS_PATH": str(tmp_path / "minari")})
     assert_refused(result, f"MuJoCo cannot load the OpenGL backend MUJOCO_GL={backend} (")
-    assert "install libOSMesa (apt-get install libosmesa6), or use MUJOCO_GL=egl" in result.stderr
+    assert "unset it or use MUJOCO_GL=egl, or install OSMesa (apt-get install libosmesa6) for osmesa" in result.stderr
     assert not any(tmp_path.iterdir())
 
 
