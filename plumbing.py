@@ -142,7 +142,8 @@ def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...]
         return state
     if not isinstance(state, dict) or not isinstance(state.get("meta"), dict) or \
             state["meta"].get("format") not in formats:
-        fail(f"{path} is not a {' or '.join(formats)} checkpoint")
+        found = state["meta"].get("format") if isinstance(state, dict) and isinstance(state.get("meta"), dict) else None
+        fail(f"{path} is not a {' or '.join(formats)} checkpoint" + (f" (it is a {found} one)" if found else ""))
     try:
         intact = state.pop("sha256", None) == digest(state)
     except (TypeError, ValueError):  # a flipped byte in the pickle can turn a key or a value into another type
