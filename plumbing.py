@@ -284,6 +284,11 @@ class Tee:
         return getattr(self.stream, name)
 
 
+def settle(path: Path) -> None:
+    """A pending log (<name>.pending) renamed into place as <name>."""
+    os.replace(path, path.with_name(path.name[: -len(PENDING)]))
+
+
 class RunLogs(dict):
     """The run's CsvLogs by name. A fresh run writes every log as <name>.pending until its first checkpoint is saved
     (commit renames them into place): until then the folder's earlier logs stay as they were, and a run that dies
@@ -291,7 +296,7 @@ class RunLogs(dict):
 
     def commit(self) -> None:
         for path in self.pending:
-            os.replace(path, path.with_name(path.name[: -len(PENDING)]))
+            settle(path)
         self.pending = []
 
     def discard(self) -> None:  # at exit: the logs of a run that ends (refused, failed) before its first save
@@ -302,25 +307,30 @@ class RunLogs(dict):
 def open_run_logs(run_dir: Path, columns: dict[str, list[str]], resume_step: int | None, meta: dict) -> RunLogs:
     """<run-dir>/train.log (the console, appended on resume), config.json (each resume's own appended), and one
     CsvLog per entry of columns; a resumed run's rows past resume_step (written after its checkpoint) are cut, so
-    every step has one row. Everything is checked before anything is written; a resumed run first takes its logs
-    still pending there (a kill between its first save and their commit)."""
+    every step has one row. Everything is checked before anything is written; a resumed run whose logs are still
+    pending there (a kill between its first save and their commit) reads them and takes them into place."""
     config = {**meta, "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "commit": source_commit(),
               "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     suffix, kept = ("" if resume_step is not None else PENDING), {name: [] for name in columns}
+    adopt = resume_step is not None and run_id_in(run_dir / f"config.json{PENDING}") == meta["run_id"]
+
+    def current(name: str) -> Path:  # a resumed run's log: still pending (adopt), or in place
+        return run_dir / f"{name}{PENDING}" if adopt and (run_dir / f"{name}{PENDING}").exists() else run_dir / name
+
     try:
-        if resume_step is not None and run_id_in(run_dir / f"config.json{PENDING}") == meta["run_id"]:
-            for path in sorted(run_dir.glob(f"*{PENDING}"), key=lambda path: path.name.startswith("config")):
-                os.replace(path, path.with_name(path.name[: -len(PENDING)]))
         for name, header in columns.items():
-            if resume_step is not None and (run_dir / f"{name}.csv").exists():
-                with open(run_dir / f"{name}.csv", newline="") as f:
+            if resume_step is not None and current(f"{name}.csv").exists():
+                with open(current(f"{name}.csv"), newline="") as f:
                     rows = list(csv.reader(f))
                 if rows and rows[0] != header:
-                    fail(f"{run_dir / f'{name}.csv'} has the columns {rows[0]}, not {header}: it is not this run's log")
+                    fail(f"{current(f'{name}.csv')} has the columns {rows[0]}, not {header}: it is not this run's log")
                 kept[name] = [row for row in rows[1:] if len(row) == len(header) and int(row[0]) <= resume_step]
-        if resume_step is not None and (run_dir / "config.json").exists():
-            previous = json.loads((run_dir / "config.json").read_text())
+        if resume_step is not None and current("config.json").exists():
+            previous = json.loads(current("config.json").read_text())
             config = {**previous, "resumed": [*previous.get("resumed", []), {**config, "at_step": resume_step}]}
+        if adopt:  # everything checked: the pending logs take their place, config.json last
+            for path in sorted(run_dir.glob(f"*{PENDING}"), key=lambda path: path.name.startswith("config")):
+                settle(path)
         console = open(run_dir / f"train.log{suffix}", "a" if resume_step is not None else "w")
         (run_dir / "config.json.tmp").write_text(json.dumps(config, indent=1) + "\n")
         os.replace(run_dir / "config.json.tmp", run_dir / f"config.json{suffix}")

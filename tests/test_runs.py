@@ -355,6 +355,12 @@ def test_a_run_killed_between_its_first_save_and_its_logs_resumes_with_them(run_
     # is eval.csv's into place (train.log's was the 4th)
     killed = run_script(*common, "--save-every", "4", kill_at_rename=(tmp_path / "run", 5))
     assert killed.returncode == -signal.SIGKILL and (tmp_path / "run" / "eval.csv.pending").exists()
+    metrics = (tmp_path / "run" / "metrics.csv.pending").read_text()
+    (tmp_path / "run" / "metrics.csv.pending").write_text("step,something_else\n")  # a refused resume moves nothing
+    before = files(tmp_path / "run")
+    assert_refused(run_script(*common, "--resume"), "metrics.csv.pending has the columns ['step', 'something_else']")
+    assert files(tmp_path / "run") == before
+    (tmp_path / "run" / "metrics.csv.pending").write_text(metrics)
     resumed = run_script(*common, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert (tmp_path / "run" / "eval.csv").read_text() == (tmp_path / "straight_run" / "eval.csv").read_text()
