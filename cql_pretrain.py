@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ class Algorithm:
 
 @dataclass
 class Run:
-    """The run: data, checkpoints, folders, device, logging"""
+    """The run: data, seed, evaluation, checkpoints and folders"""
 
     env: str = "hopper-medium-v2"
     """dataset: a D4RL name (hopper-medium-v2, walker2d-medium-replay-v2, ...), a Minari id (mujoco/hopper/medium-v0,
@@ -109,44 +109,26 @@ class Run:
     run_dir: Annotated[str | None, tyro.conf.arg(
         help_behavior_hint="(default: runs/<exp-name>__<env>__<seed>__<time>; with --resume, the saved run's)")] = None
     """where eval.csv, metrics.csv, train.log and config.json go"""
-    resume: bool = False
-    """continue the run saved in --save-dir (the same numbers as an uninterrupted run, on the same kind of device)"""
-    overwrite: bool = False
-    """start anew although --save-dir holds a run (replaced at this run's first save) or --run-dir holds logs"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto = cuda when available"""
     compile: bool = False
     """torch.compile the losses (fuses the elementwise work);
     on 2 CPU cores, N = 4: +30% updates/s after ~1 min of compilation"""
     cuda_graph: bool = True
     """on cuda, record the whole update (sampling, noise, losses, Adam, target update),
     once per phase, as a CUDA graph and replay it"""
-    capture_video: bool = False
-    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL);
-    MuJoCo renders offscreen through MUJOCO_GL (egl unless set)"""
-    video_every: int = 0
-    """with --capture-video, also record every this many evaluations (0: only the last)"""
-    torch_deterministic: bool = True
-    """torch.backends.cudnn.deterministic (CleanRL); CPU runs are deterministic either way"""
-    track: bool = False
-    """log to Weights & Biases (WANDB_MODE=offline works); --resume continues the same wandb run"""
-    wandb_project_name: str = "upq"
-    """wandb project (CleanRL)"""
-    wandb_entity: str | None = None
-    """wandb team or user (CleanRL)"""
 
 
 @dataclass
 class Args:
     algorithm: Algorithm = field(default_factory=Algorithm)
     run: Run = field(default_factory=Run)
+    common: plumbing.Common = field(default_factory=plumbing.Common)
 
 
 FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
     "algorithm": dict(num_agents=">= 1", total_steps=">= 1", batch_size=">= 1", hidden_sizes=">= 1",
                       gamma="in [0, 1)", tau="in (0, 1]", critic_lr="> 0", policy_lr="> 0", min_q_weight=">= 0",
                       num_random=">= 1", cql_temperature="> 0", bc_steps=">= 0"),
-    "run": dict(seed="in [0, 2^32)", video_every=">= 0", eval_every=">= 1", eval_episodes=">= 1", save_every=">= 1",
+    "run": dict(seed="in [0, 2^32)", eval_every=">= 1", eval_episodes=">= 1", save_every=">= 1",
                 log_every=">= 1"),
 }
 
@@ -161,7 +143,6 @@ def check_cql_flags(alg: Algorithm, run: Run) -> None:
 
 PROJECT_VERSION = "0.4.0"
 CQL_FORMAT = "upq-cql-v3"  # what this script writes and the fine-tuning scripts read
-CUDA_GRAPH_WARMUP = 3  # eager updates at the start of each phase (BC warm-up, CQL) before it is recorded (CUDA graph)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -485,7 +466,8 @@ def normalized_score(returns, ref_min_score: float | None, ref_max_score: float 
 def evaluate(r: SimpleNamespace, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Each agent's returns [N, episodes] and their ensemble pi^E's [episodes], from the seeds seed + 10,000 on."""
     alg, run = r.args.algorithm, r.args.run
-    videos = plumbing.video_folder(run, r.run_dir, -(-step // run.eval_every), step, step == alg.total_steps)
+    last = step == alg.total_steps
+    videos = plumbing.video_folder(r.args.common, r.run_dir, -(-step // run.eval_every), step, last)
     return (evaluate_agents(r.nets["actor"], r.data.gym_env_id, alg.num_agents, run.eval_episodes, run.seed + 10_000,
                             r.device, videos),
             evaluate_ensemble(r.nets["actor"], r.data.gym_env_id, run.eval_episodes, run.seed + 10_000, r.device))
@@ -538,14 +520,8 @@ def build_agents(alg: Algorithm, run: Run, data: plumbing.OfflineData, device, s
                     net.load_state_dict(saved[name])
                 elif net is not None:
                     net.copy_(saved[name])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(saved["optimizers"][name])
-            for group in opt.param_groups:  # this run's device settings, not the saving run's
-                group.update(foreach=None, fused=True, capturable=device.type == "cuda")
-        for generator, state in zip(generators, saved["generators"]):
-            if state.numel() != generator.get_state().numel():  # CPU and CUDA states differ
-                fail("the agents were saved on another kind of device: resume on that --device")
-            generator.set_state(state)
+        plumbing.restore_optimizers(optimizers, saved["optimizers"], device)
+        plumbing.restore_generators(generators, saved["generators"])
     return nets, optimizers, generators
 
 
@@ -570,12 +546,12 @@ def check_cql_resumable(alg: Algorithm, saved: dict, save_dir: Path) -> bool:
 
 def graphed_phases(train_step, start_step: int, bc_steps: int, cuda_graph: bool, generators):
     """train_step(step) as the loop calls it. With cuda_graph each phase (behaviour cloning, then CQL) runs
-    CUDA_GRAPH_WARMUP eager steps, is then recorded once as a CUDA graph and replayed to its end."""
+    plumbing.CUDA_GRAPH_WARMUP eager steps, is then recorded once as a CUDA graph and replayed to its end."""
     graphs = {}  # behaviour cloning on/off -> the recorded update of that phase
 
     def update(step: int):
         cloning = step < bc_steps
-        if cuda_graph and step - max(start_step, 0 if cloning else bc_steps) == CUDA_GRAPH_WARMUP:
+        if cuda_graph and step - max(start_step, 0 if cloning else bc_steps) == plumbing.CUDA_GRAPH_WARMUP:
             graphs[cloning] = plumbing.cuda_graphed(functools.partial(train_step, step), generators)
         return graphs[cloning]() if cloning in graphs else train_step(step)
 
@@ -628,27 +604,23 @@ def start_run(args: Args) -> SimpleNamespace:
     --total-steps ends here."""
     alg, run = args.algorithm, args.run
     check_cql_flags(alg, run)
-    device = plumbing.pick_device(run.device, run.torch_deterministic)
+    device = plumbing.pick_device(args.common.device, args.common.torch_deterministic)
     stop = plumbing.catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
     save_dir, run_dir, saved, locks = plumbing.prepare_folders(
-        run, f"checkpoints/{slug}__seed{run.seed}", f"runs/{run.exp_name}__{slug}__{run.seed}__{int(time.time())}",
-        (CQL_FORMAT,))
+        args, f"checkpoints/{slug}__seed{run.seed}", f"{run.exp_name}__{slug}__{run.seed}", (CQL_FORMAT,))
     if saved and check_cql_resumable(alg, saved, save_dir):
         raise SystemExit(0)
-    plumbing.check_video(run)
+    plumbing.check_video(args.common)
     data = plumbing.load_offline_data(run.env, run.gym_env)
     alg.target_entropy = -float(data.actions.shape[1]) if alg.target_entropy is None else alg.target_entropy
     if saved:
         plumbing.check_resumed_flags(args, saved["meta"]["args"])
         plumbing.check_resumed_data(saved["meta"], data)
     nets, optimizers, generators = build_agents(alg, run, data, device, saved)
-    meta = dict(format=CQL_FORMAT, version=PROJECT_VERSION, run_id=saved["meta"]["run_id"] if saved else
-                plumbing.new_run_id(), run_dir=str(run_dir), dataset_id=data.dataset_id, data_sha256=data.sha256,
-                gym_env_id=data.gym_env_id, obs_dim=data.observations.shape[1], act_dim=data.actions.shape[1],
-                hidden_sizes=list(alg.hidden_sizes), num_agents=alg.num_agents,
-                seeds=[run.seed + k for k in range(alg.num_agents)], save_dir=str(save_dir.resolve()),
-                args=plumbing.flat_args(args), **({"step": saved["meta"]["step"]} if saved else {}))
+    meta = plumbing.run_meta(args, data, run_dir, save_dir, saved, format=CQL_FORMAT, version=PROJECT_VERSION,
+                             hidden_sizes=list(alg.hidden_sizes), num_agents=alg.num_agents,
+                             seeds=[run.seed + k for k in range(alg.num_agents)])
     r = SimpleNamespace(args=args, device=device, stop=stop, save_dir=save_dir, run_dir=run_dir, locks=locks,
                         data=data, meta=meta, nets=nets, optimizers=optimizers, generators=generators,
                         scores=saved["meta"]["normalized_scores"] if saved else None,
@@ -656,7 +628,7 @@ def start_run(args: Args) -> SimpleNamespace:
     r.logs = plumbing.open_run_logs(  # a fresh run's logs are pending until its first save
         run_dir, {"eval": ["step", "agent", "return", "normalized_score"],
                   "metrics": ["step", *METRICS, "updates_per_s"]}, meta.get("step"), meta)
-    r.wandb = plumbing.start_wandb(run, meta) if run.track else None
+    r.wandb = plumbing.start_wandb(args.common, meta) if args.common.track else None
     print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns "
           f"{data.ref_source}; {alg.num_agents} agents on {device}; run dir {run_dir}; checkpoint {save_dir}"
           + (f"; resumed at step {meta['step']:,}" if saved else ""))
@@ -685,16 +657,13 @@ def log_evaluation(r: SimpleNamespace, step: int, returns: np.ndarray, ensemble:
 def log_training(r: SimpleNamespace, loss, metrics: dict, done: int, last_line, where: str) -> None:
     """The training line, a metrics.csv row and wandb; stops the run if the loss is no longer finite."""
     values = {key: value.detach().cpu().numpy() for key, value in metrics.items()}
-    if not np.isfinite(loss.item()):
-        fail(f"the loss became {loss.item()} at step {done:,}; {r.save_dir / CHECKPOINT} was left as it was")
+    plumbing.check_finite({"loss": loss.item()}, ("loss",), f"at step {done:,}", r.save_dir)
     speed = (done - last_line[1]) / (time.perf_counter() - last_line[0])
     print(f"step {where} | critic loss {values['critic_loss'].mean():.3f} actor loss {values['actor_loss'].mean():.3f} "
           f"Q {values['q_data'].mean():.2f} gap {values['cql_gap'].mean():.2f} alpha {values['alpha'].mean():.4f} "
           f"| {speed:.1f} updates/s", flush=True)
-    r.logs["metrics"].write([done, *(f"{values[key].mean():.6g}" for key in METRICS), f"{speed:.2f}"])
-    if r.wandb:
-        r.wandb.log({f"train/{key}": float(value.mean()) for key, value in values.items()} | {"updates_per_s": speed},
-                    step=done)
+    plumbing.log_metrics(r, [done, *(f"{values[key].mean():.6g}" for key in METRICS), f"{speed:.2f}"],
+                         {key: float(value.mean()) for key, value in values.items()} | {"updates_per_s": speed})
 
 
 def save_agents(r: SimpleNamespace, step: int) -> None:

@@ -25,7 +25,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -71,6 +71,38 @@ def check_flags(args, ranges: dict[str, str]) -> None:
             shown = " ".join(map(str, values)) or "(nothing)"
             each = " each, at least one value" if isinstance(value, tuple) else ""
             fail(f"--{name.replace('_', '-')} must be {allowed}{each}, not {shown}")
+
+
+@dataclass
+class Common:
+    """Resuming, the device, videos and Weights & Biases (the same flags in every training script)"""
+
+    resume: bool = False
+    """continue the run saved in --save-dir (the same numbers as an uninterrupted run, on the same kind of device)"""
+    overwrite: bool = False
+    """start anew although --save-dir holds a run (replaced at this run's first save) or --run-dir holds logs"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available (the envs step on the CPU)"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic (CleanRL); CPU runs are deterministic either way"""
+    capture_video: bool = False
+    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL);
+    MuJoCo renders offscreen through MUJOCO_GL (egl unless set)"""
+    video_every: int = 0
+    """with --capture-video, also record every this many evaluations (0: only the last)"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works); --resume continues the same wandb run"""
+    wandb_project_name: str = "upq"
+    """wandb project (CleanRL)"""
+    wandb_entity: str | None = None
+    """wandb team or user (CleanRL)"""
+
+
+def check_finite(values: dict[str, float], losses: tuple[str, ...], where: str, save_dir: Path) -> None:
+    """Stop in one sentence when one of the `losses` in `values` is NaN or inf; the last checkpoint stays as it was."""
+    if not all(math.isfinite(values[name]) for name in losses):
+        shown = ", ".join(f"{name} {values[name]}" for name in losses)
+        fail(f"a loss became non-finite {where} ({shown}); {save_dir / CHECKPOINT} was left as it was")
 
 
 def pick_device(name: str, deterministic: bool) -> torch.device:
@@ -155,6 +187,22 @@ def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...]
     return state
 
 
+def restore_optimizers(optimizers: dict, states: dict, device: torch.device) -> None:
+    """--resume: the saved Adam moments and step counts, with this run's device settings (fused, capturable on cuda)."""
+    for name, opt in optimizers.items():
+        opt.load_state_dict(states[name])
+        for group in opt.param_groups:
+            group.update(foreach=None, fused=True, capturable=device.type == "cuda")
+
+
+def restore_generators(generators: list, states: list) -> None:
+    """--resume: the saved random streams (a CPU and a CUDA generator's states differ in size)."""
+    for generator, state in zip(generators, states):
+        if state.numel() != generator.get_state().numel():
+            fail("the run was saved on another kind of device: resume on that --device")
+        generator.set_state(state)
+
+
 def hold_lock(path: Path, what: str, advice: str):
     """Hold an OS lock (flock) on the file `path`, this process's pid inside, while the process lives; the OS drops it
     when the process ends, however it ends. If another process holds it: "<what> is in use by another run (process
@@ -193,34 +241,35 @@ def remove_if_unused(folder: Path, created: list[Path]) -> None:
                 path.rmdir()
 
 
-def prepare_folders(run, default_save_dir: str, default_run_dir: str, formats: tuple[str, ...]):
-    """--save-dir and --run-dir, locked for this run and checked before anything is loaded: a fresh run refuses a
-    checkpoint or an eval.csv already there unless --overwrite (the checkpoint is replaced at the first save);
-    --resume loads the checkpoint and defaults the run dir to the saved run's. Returns (save dir, run dir, the saved
-    state or None, the locks to keep)."""
+def prepare_folders(args, default_save_dir: str, run_name: str, formats: tuple[str, ...]):
+    """--save-dir and --run-dir (default runs/<run_name>__<unix time>), locked for this run and checked before anything
+    is loaded: a fresh run refuses a checkpoint or an eval.csv already there unless --overwrite (the checkpoint is
+    replaced at the first save); --resume loads the checkpoint and defaults the run dir to the saved run's. Returns
+    (save dir, run dir, the saved state or None, the locks to keep)."""
+    run, common = args.run, args.common
     if not re.fullmatch(r"[\w.+=,@-]{1,100}", run.exp_name, re.ASCII) or run.exp_name in (".", ".."):
         fail(f"--exp-name {run.exp_name!r} must be a plain name: 1 to 100 letters, digits and ._+=,@- (no path "
              f"separator, not . or ..)")
-    if run.resume and run.overwrite:
+    if common.resume and common.overwrite:
         fail("--resume and --overwrite exclude each other")
     save_dir = Path(run.save_dir or default_save_dir)
     locks = [lock_folder(save_dir, "--save-dir")]
     exists = (save_dir / CHECKPOINT).exists() or (save_dir / "manifest.json").exists()
-    if run.resume and not exists:
+    if common.resume and not exists:
         fail(f"--resume: {save_dir} holds no checkpoint to continue")
-    if exists and not run.resume and not run.overwrite:
+    if exists and not common.resume and not common.overwrite:
         fail(f"{save_dir} already holds a checkpoint: pass --resume to continue it, --overwrite to replace it, "
              f"or another --save-dir")
-    saved = load_checkpoint(save_dir, formats) if run.resume else None
+    saved = load_checkpoint(save_dir, formats) if common.resume else None
     if saved and not run.run_dir and saved["meta"].get("save_dir", str(save_dir.resolve())) != str(save_dir.resolve()):
         fail(f"--resume: {save_dir} holds a copy of the run saved in {saved['meta']['save_dir']}, whose logs are in "
              f"{saved['meta']['run_dir']}: pass --run-dir (that folder to continue them there, or a new one)")
-    run_dir = Path(run.run_dir or (saved["meta"]["run_dir"] if saved else default_run_dir))
+    run_dir = Path(run.run_dir or (saved["meta"]["run_dir"] if saved else f"runs/{run_name}__{int(time.time())}"))
     if run_dir.resolve() != save_dir.resolve():
         locks.append(lock_folder(run_dir, "--run-dir"))
     if saved:
         check_run_dir_holds(run_dir, saved["meta"]["run_id"], save_dir)
-    if not run.resume and (run_dir / "eval.csv").exists() and not run.overwrite:
+    if not common.resume and (run_dir / "eval.csv").exists() and not common.overwrite:
         fail(f"{run_dir / 'eval.csv'} already exists: pass --resume to continue that run, --overwrite to start it "
              f"anew, or another --run-dir")
     return save_dir, run_dir, saved, locks
@@ -350,6 +399,32 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def run_meta(args, data, run_dir: Path, save_dir: Path, saved: dict | None, **fields) -> dict:
+    """What the checkpoint and config.json record of the run: a fresh run's new id, folders, data, flags and `fields`
+    (format, algorithm, version, the networks); a resumed run's as saved, with this command's folders and flags."""
+    now = dict(run_dir=str(run_dir), save_dir=str(save_dir.resolve()), data_sha256=data.sha256, args=flat_args(args))
+    if saved is not None:  # (its data checked: check_resumed_data)
+        return {**saved["meta"], **now}
+    return dict(**fields, run_id=new_run_id(), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
+                obs_dim=data.observations.shape[1], act_dim=data.actions.shape[1], offline_size=len(data.rewards),
+                **now)
+
+
+def log_score(r, step: int, score: tuple[float, float], line_end: str = "") -> None:
+    """An evaluation of pi^E at env step `step`, (mean return, normalised score): a row of eval.csv, a line, wandb."""
+    r.logs["eval"].write([step, f"{score[0]:.3f}", f"{score[1]:.3f}"])
+    print(f"env steps {step:,}: return {score[0]:.1f} normalized {score[1]:.1f}{line_end}", flush=True)
+    if r.wandb:
+        r.wandb.log({"eval/return": score[0], "eval/normalized_score": score[1]}, step=step)
+
+
+def log_metrics(r, row: list, values: dict[str, float]) -> None:
+    """A row of metrics.csv (its first column the step), and `values` to wandb as train/<name>."""
+    r.logs["metrics"].write(row)
+    if r.wandb:
+        r.wandb.log({f"train/{key}": value for key, value in values.items()}, step=int(row[0]))
+
+
 def finish_run(r, summary: str) -> None:
     """The run's last line: what it did (summary), and where its evaluations are."""
     if r.wandb:
@@ -368,7 +443,8 @@ def source_commit() -> str | None:
 
 def flat_args(args) -> dict:
     """Every flag's value, the algorithm's and the run's, as plain JSON types."""
-    values = {**dataclasses.asdict(args.algorithm), **dataclasses.asdict(args.run)}
+    values = {**dataclasses.asdict(args.algorithm), **dataclasses.asdict(args.run),
+              **dataclasses.asdict(args.common)}
     return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
 
 
@@ -382,13 +458,13 @@ def check_resumed_flags(args, saved_args: dict) -> None:
                  f"a resumed run keeps every flag that shapes its numbers (--total-steps may grow)")
 
 
-def start_wandb(run, meta: dict):
+def start_wandb(common: Common, meta: dict):
     """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
     import wandb
 
     try:
-        wandb.init(project=run.wandb_project_name, entity=run.wandb_entity, config=meta["args"], id=meta["run_id"],
-                   name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
+        wandb.init(project=common.wandb_project_name, entity=common.wandb_entity, config=meta["args"],
+                   id=meta["run_id"], name=Path(meta["run_dir"]).name, resume="allow", dir=meta["run_dir"])
     except (wandb.errors.Error, OSError) as error:  # no login (UsageError), an unwritable <run-dir>/wandb, ...
         fail(f"--track: wandb could not start ({getattr(error, 'strerror', None) or str(error).rstrip('.')}): run "
              f"`wandb login`, or set WANDB_MODE=offline to keep the run in {meta['run_dir']}/wandb and sync it later")
@@ -434,10 +510,11 @@ def progress(done: int, total: int, done_at_start: int, started: float, unit: st
             f"{speed:.1f} {unit}/s, ETA {eta}")
 
 
-def check_video(run, env_id: str = "InvertedPendulum-v5") -> None:
+def check_video(common: Common, env_id: str = "InvertedPendulum-v5") -> None:
     """--capture-video: MuJoCo must render offscreen here (MUJOCO_GL, egl unless set) and moviepy, which gymnasium's
     RecordVideo writes with, must be installed; else one sentence on what to install."""
-    if not run.capture_video:
+    check_flags(common, {"video_every": ">= 0"})
+    if not common.capture_video:
         return
     os.environ.setdefault("MUJOCO_GL", "egl")
     try:
@@ -452,10 +529,11 @@ def check_video(run, env_id: str = "InvertedPendulum-v5") -> None:
              f"libegl1) and set MUJOCO_GL=egl, or OSMesa (apt-get install libosmesa6) and set MUJOCO_GL=osmesa")
 
 
-def video_folder(run, run_dir: Path, evaluation: int, step: int, last: bool) -> Path | None:
+def video_folder(common: Common, run_dir: Path, evaluation: int, step: int, last: bool) -> Path | None:
     """Where --capture-video records evaluation number `evaluation` (0 = the first), at `step`: the last one, and
     every --video-every-th; None when it is not recorded."""
-    recorded = run.capture_video and (last or (run.video_every and evaluation % run.video_every == 0))
+    every = common.video_every
+    recorded = common.capture_video and (last or (every and evaluation % every == 0))
     return run_dir / "videos" / f"step_{step}" if recorded else None
 
 
@@ -505,6 +583,25 @@ def cuda_graphed(step, generators=()):
     with torch.cuda.graph(graph):
         outputs = step()
     return lambda: graph.replay() or outputs
+
+
+CUDA_GRAPH_WARMUP = 3  # eager updates before an update step is recorded as a CUDA graph
+
+
+def train_epoch(update, num_updates: int, cuda_graph: bool, stop: dict, report) -> tuple[dict, int]:
+    """num_updates calls of update() -> dict of scalar tensors, recorded as a CUDA graph after CUDA_GRAPH_WARMUP eager
+    ones if cuda_graph, fewer if a stop signal comes. Returns each metric's mean over the updates done (the only
+    host-device sync) and their number; report(done) runs about once a minute."""
+    sums, last_line, done = 0, time.perf_counter(), 0
+    while done < num_updates and not stop["signal"]:
+        if done == CUDA_GRAPH_WARMUP and cuda_graph:
+            update = cuda_graphed(update)
+        metrics = update()
+        sums, done = sums + torch.stack(list(metrics.values())), done + 1
+        if time.perf_counter() - last_line > 60:  # a progress line at least every minute on a slow machine
+            last_line = time.perf_counter()
+            report(done)
+    return (dict(zip(metrics, (sums / done).tolist())) if done else {}), done
 
 
 # Offline data: D4RL names, Minari ids, D4RL-layout .hdf5 files ---------------------------------------------------
@@ -678,3 +775,40 @@ def check_resumed_data(meta: dict, data: OfflineData) -> None:
         fail(f"--resume: the saved run trained on other offline data than --env {data.dataset_id} holds now (the "
              f"dataset was made again or changed); resume on the data it trained on, or start a new run")
 
+
+
+# Fine-tuning pre-trained agents (off2on_finetune.py, upq_finetune.py) ---------------------------------------------
+def load_pretrained(checkpoints: str | None, default: str, formats: tuple[str, ...],
+                    num_agents: int | None) -> tuple[dict, str]:
+    """cql_pretrain.py's agents named by --checkpoints (a folder or its checkpoint.pt; `default` when not given), and
+    that name."""
+    source = Path(checkpoints or default)
+    if not checkpoints and not source.exists():
+        fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> or pass --checkpoints")
+    pretrained = load_checkpoint(source, formats)
+    if num_agents is not None and num_agents > pretrained["meta"]["num_agents"]:
+        fail(f"--num-agents must lie between 1 and the {pretrained['meta']['num_agents']} agents of {source}, "
+             f"not {num_agents}")
+    return pretrained, str(source)
+
+
+def check_fit(start: dict, saved: dict | None, data: OfflineData, num_agents: int | None, total_steps: int) -> str:
+    """The agents `start` were made for this env; a resumed run (saved) keeps its agents, schedule and replay.
+    Returns a note for the first log line when the agents were trained on other data than `data`."""
+    meta, obs_dim, act_dim = start["meta"], data.observations.shape[1], data.actions.shape[1]
+    if (meta["gym_env_id"], meta["obs_dim"], meta["act_dim"]) != (data.gym_env_id, obs_dim, act_dim):
+        fail(f"the agents were trained for {meta['gym_env_id']} (obs {meta['obs_dim']}, actions {meta['act_dim']}) "
+             f"but --env {data.dataset_id} is {data.gym_env_id} (obs {obs_dim}, actions {act_dim})")
+    if saved is not None:
+        if num_agents not in (None, meta["num_agents"]):
+            fail(f"--resume: the saved run fine-tunes {meta['num_agents']} agents, not --num-agents {num_agents}")
+        if meta["offline_size"] != len(data.rewards):
+            fail(f"--resume: the saved run replays {meta['offline_size']:,} offline transitions, --env "
+                 f"{data.dataset_id} holds {len(data.rewards):,}")
+        if total_steps < meta["env_steps"]:
+            fail(f"--resume: the saved run is at env step {meta['env_steps']:,}, past --total-steps {total_steps:,}")
+    elif meta["dataset_id"] != data.dataset_id:
+        return f"note: the agents were trained on other data ({meta['dataset_id']}) than the offline data here; "
+    elif meta.get("data_sha256", data.sha256) != data.sha256:
+        return f"note: the agents were trained on another version of {data.dataset_id} (its transitions differ); "
+    return ""

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Literal
+from typing import Annotated
 
 import gymnasium as gym
 import numpy as np
@@ -102,7 +102,7 @@ class Algorithm:
 
 @dataclass
 class Run:
-    """The run: data, checkpoints, folders, device, logging"""
+    """The run: data, seed, evaluation, checkpoints and folders"""
 
     env: str = "hopper-medium-v2"
     """offline dataset replayed beside the online data:
@@ -130,33 +130,15 @@ class Run:
         help_behavior_hint="(default: runs/<exp-name>__<env>__beta<beta>__<seed>__<time>; with --resume, the "
                            "saved run's)")] = None
     """where eval.csv, metrics.csv, train.log and config.json go"""
-    resume: bool = False
-    """continue the run saved in --save-dir (same numbers as an uninterrupted run, on the same kind of device)"""
-    overwrite: bool = False
-    """start anew although --save-dir holds a run (replaced at this run's first save) or --run-dir holds logs"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto = cuda when available; the envs always step on the CPU"""
     cuda_graph: bool = True
     """on cuda, record each epoch's update step once as a CUDA graph and replay it (the same kernels, less overhead)"""
-    capture_video: bool = False
-    """record the episodes of the last evaluation to <run-dir>/videos/ with gymnasium's RecordVideo (CleanRL);
-    MuJoCo renders offscreen through MUJOCO_GL (egl unless set)"""
-    video_every: int = 0
-    """with --capture-video, also record every this many evaluations (0: only the last)"""
-    torch_deterministic: bool = True
-    """torch.backends.cudnn.deterministic (CleanRL); CPU runs are deterministic either way"""
-    track: bool = False
-    """log to Weights & Biases (WANDB_MODE=offline works); --resume continues the same wandb run"""
-    wandb_project_name: str = "upq"
-    """wandb project (CleanRL)"""
-    wandb_entity: str | None = None
-    """wandb team or user (CleanRL)"""
 
 
 @dataclass
 class Args:
     algorithm: Algorithm = field(default_factory=Algorithm)
     run: Run = field(default_factory=Run)
+    common: plumbing.Common = field(default_factory=plumbing.Common)
 
 
 FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
@@ -164,7 +146,7 @@ FLAG_RANGES_OF = {  # allowed values of the numeric flags (check_flags)
                       first_epoch_multiplier=">= 1", batch_size=">= 1", gamma="in [0, 1)", tau="in (0, 1]",
                       policy_lr="> 0", critic_lr="> 0", online_buffer_size=">= 1", init_online_fraction="in (0, 1)",
                       priority_temperature="> 0", density_ratio_lr="> 0", density_ratio_hidden_sizes=">= 1"),
-    "run": dict(seed="in [0, 2^32)", video_every=">= 0", eval_episodes=">= 1", save_every=">= 1"),
+    "run": dict(seed="in [0, 2^32)", eval_episodes=">= 1", save_every=">= 1"),
 }
 
 
@@ -190,7 +172,6 @@ CQL_FORMAT = "upq-cql-v3"  # what cql_pretrain.py writes
 FINETUNED_FORMAT = "upq-finetune-v3"  # what this script writes: the fine-tuned agents and all --resume needs
 SUM_TREE_FANOUT = 64  # children per sum-tree node: 4 levels for ~1M transitions instead of 20
 LOG_STD_RANGE = (-20.0, 2.0)  # each member's log-std clamp while fine-tuning (Off2OnRL official; CQL: [-5, 2])
-CUDA_GRAPH_WARMUP = 3  # eager updates at the start of every epoch before the step is recorded as a CUDA graph
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -816,14 +797,9 @@ def build_run(alg: Algorithm, run: Run, start: dict, saved: dict | None, data: p
             nets["log_alpha"].copy_(saved["log_alpha"])
         if density_ratio is not None:
             density_ratio.load_state_dict(saved["density_ratio"])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(saved["optimizers"][name])
-            for group in opt.param_groups:  # the saved run may have used the other device
-                group["capturable"] = device.type == "cuda"
+        plumbing.restore_optimizers(optimizers, saved["optimizers"], device)
         replay.load_state_dict(saved["replay"])
-        if saved["generator"].numel() != generator.get_state().numel():  # CPU and CUDA states differ
-            fail("the run was saved on another kind of device: resume on that --device")
-        generator.set_state(saved["generator"])
+        plumbing.restore_generators([generator], [saved["generator"]])
     return nets, optimizers, replay, generator
 
 
@@ -833,22 +809,6 @@ def build_run(alg: Algorithm, run: Run, start: dict, saved: dict | None, data: p
 def updates_due(env_steps: int, alg: Algorithm) -> int:
     """Gradient steps done once the epoch ending at env_steps is trained (epoch 0 does --first-epoch-multiplier x)."""
     return env_steps + alg.steps_per_epoch * (alg.first_epoch_multiplier - 1) if env_steps else 0
-
-
-def train_epoch(update, num_updates: int, cuda_graph: bool, stop: dict, report) -> tuple[dict, int]:
-    """num_updates calls of update(), recorded as a CUDA graph after CUDA_GRAPH_WARMUP eager ones if cuda_graph (again
-    every epoch: the online buffer's size changed), fewer if a stop signal comes. Returns each metric's mean over the
-    updates done (the epoch's only host-device sync) and their number; report(done) runs about once a minute."""
-    sums, last_line, done = 0, time.perf_counter(), 0
-    while done < num_updates and not stop["signal"]:
-        if done == CUDA_GRAPH_WARMUP and cuda_graph:
-            update = plumbing.cuda_graphed(update)
-        metrics = update()
-        sums, done = sums + torch.stack(list(metrics.values())), done + 1
-        if time.perf_counter() - last_line > 60:  # a progress line at least every minute on a slow machine
-            last_line = time.perf_counter()
-            report(done)
-    return (dict(zip(metrics, (sums / done).tolist())) if done else {}), done
 
 
 def main(args: Args) -> None:
@@ -873,19 +833,21 @@ def main(args: Args) -> None:
             env_steps += len(transitions)
         # Train: as many gradient steps as env steps (x --first-epoch-multiplier in epoch 0), Eqs. (2)-(7)
         timer = time.perf_counter()
-        means, done = train_epoch(update, updates_due(env_steps, alg) - grad_steps, r.cuda_graph, r.stop,
-                                  lambda done: print(f"  training: {where(done)}", flush=True))
+        means, done = plumbing.train_epoch(update, updates_due(env_steps, alg) - grad_steps, r.cuda_graph, r.stop,
+                                           lambda done: print(f"  training: {where(done)}", flush=True))
         grad_steps += done
         if r.stop["signal"]:
             save_run(r, env_steps, grad_steps)
             plumbing.exit_stopped(r.stop, f"env step {env_steps:,} (gradient step {grad_steps:,})", r.save_dir)
         # Evaluate pi^E, log, save
-        check_finite(means, env_steps, r.save_dir)
+        plumbing.check_finite(means, ("critic_loss", "actor_loss", "ratio_loss"),
+                              f"in the epoch ending at env step {env_steps:,}", r.save_dir)
         speeds = dict(updates_per_s=done / (time.perf_counter() - timer),
                       env_steps_per_s=alg.steps_per_epoch / (time.perf_counter() - cycle_start))
         cycle_start = time.perf_counter()
-        log_evaluation(r, env_steps, evaluate(r, env_steps), epoch_line(means, speeds, where()))
-        log_metrics(r, env_steps, grad_steps, means, speeds)
+        plumbing.log_score(r, env_steps, evaluate(r, env_steps), epoch_line(means, speeds, where()))
+        plumbing.log_metrics(r, [env_steps, grad_steps, *(f"{means[k]:.6g}" for k in METRICS),
+                                 *(f"{v:.2f}" for v in speeds.values())], {**means, **speeds})
         if env_steps % (run.save_every * alg.steps_per_epoch) == 0 or env_steps == alg.total_steps:
             save_run(r, env_steps, grad_steps)
     env.close()
@@ -902,22 +864,27 @@ def start_run(args: Args) -> SimpleNamespace:
     the ensemble and its replay, the logs (pending until the first save), wandb, and the step-0 evaluation."""
     alg, run = args.algorithm, args.run
     check_finetune_flags(alg, run)
-    device = plumbing.pick_device(run.device, run.torch_deterministic)
+    device = plumbing.pick_device(args.common.device, args.common.torch_deterministic)
     stop = plumbing.catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
     name = run_name(alg, run, slug)
     save_dir, run_dir, saved, locks = plumbing.prepare_folders(
-        run, f"checkpoints/{name}__seed{run.seed}", f"runs/{name}__{run.seed}__{int(time.time())}", (FINETUNED_FORMAT,))
-    start, source = pretrained_agents(run, alg.num_agents, slug) if saved is None else (saved, None)
-    plumbing.check_video(run)
+        args, f"checkpoints/{name}__seed{run.seed}", f"{name}__{run.seed}", (FINETUNED_FORMAT,))
+    start, source = (saved, None) if saved else plumbing.load_pretrained(
+        run.checkpoints, f"checkpoints/{slug}__seed1", (CQL_FORMAT,), alg.num_agents)
+    plumbing.check_video(args.common)
     data = plumbing.load_offline_data(run.env, run.gym_env)
     alg.target_entropy = -float(data.actions.shape[1]) if alg.target_entropy is None else alg.target_entropy
-    note = check_fit(alg, start, saved, data)
+    note = plumbing.check_fit(start, saved, data, alg.num_agents, alg.total_steps)
     if saved:
         plumbing.check_resumed_flags(args, saved["meta"]["args"])
         plumbing.check_resumed_data(saved["meta"], data)
     nets, optimizers, replay, generator = build_run(alg, run, start, saved, data, device)
-    meta = run_meta(args, data, start, source, run_dir, save_dir, saved)
+    meta = plumbing.run_meta(args, data, run_dir, save_dir, saved, format=FINETUNED_FORMAT, algorithm=ALGORITHM,
+                             version=PROJECT_VERSION, hidden_sizes=start["meta"]["hidden_sizes"],
+                             num_agents=alg.num_agents or start["meta"]["num_agents"],
+                             pretrained=None if saved else dict(path=source, run_id=start["meta"]["run_id"],
+                                                                step=start["meta"]["step"]))  # (resumed: as saved)
     r = SimpleNamespace(args=args, device=device, stop=stop, save_dir=save_dir, run_dir=run_dir, locks=locks,
                         data=data, meta=meta, nets=nets, optimizers=optimizers, replay=replay, generator=generator,
                         cuda_graph=run.cuda_graph and device.type == "cuda")
@@ -925,97 +892,25 @@ def start_run(args: Args) -> SimpleNamespace:
         run_dir, {"eval": ["step", "return", "normalized_score"],
                   "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
         meta.get("env_steps"), meta)
-    r.wandb = plumbing.start_wandb(run, meta) if run.track else None
+    r.wandb = plumbing.start_wandb(args.common, meta) if args.common.track else None
     print(f"{note}dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference "
           f"returns {data.ref_source}; ensemble of {meta['num_agents']} agents (hidden {meta['hidden_sizes']}) on "
           f"{device}; {'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoint "
           f"{save_dir}" + (f"; resumed at env step {meta['env_steps']:,}" if saved else ""))
     if not saved:  # the pre-trained ensemble, the first point of the paper's Fig. 2
-        log_evaluation(r, 0, evaluate(r, 0))
+        plumbing.log_score(r, 0, evaluate(r, 0))
     stop["armed"] = True  # from here a signal saves the run and stops it
     return r
-
-
-def pretrained_agents(run: Run, num_agents: int | None, slug: str) -> tuple[dict, str]:
-    """cql_pretrain.py's checkpoint named by --checkpoints (a folder or its checkpoint.pt), and that name."""
-    source = Path(run.checkpoints or f"checkpoints/{slug}__seed1")
-    if not run.checkpoints and not source.exists():
-        fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> or pass --checkpoints")
-    pretrained = plumbing.load_checkpoint(source, (CQL_FORMAT,))
-    if num_agents is not None and num_agents > pretrained["meta"]["num_agents"]:
-        fail(f"--num-agents must lie between 1 and the {pretrained['meta']['num_agents']} agents of {source}, "
-             f"not {num_agents}")
-    return pretrained, str(source)
-
-
-def check_fit(alg: Algorithm, start: dict, saved: dict | None, data: plumbing.OfflineData) -> str:
-    """The agents were made for this env; a resumed run keeps its agents, schedule and replay. Returns a note for the
-    first log line when the agents were trained on other data than the offline data here."""
-    meta, obs_dim, act_dim = start["meta"], data.observations.shape[1], data.actions.shape[1]
-    if (meta["gym_env_id"], meta["obs_dim"], meta["act_dim"]) != (data.gym_env_id, obs_dim, act_dim):
-        fail(f"the agents were trained for {meta['gym_env_id']} (obs {meta['obs_dim']}, actions {meta['act_dim']}) "
-             f"but --env {data.dataset_id} is {data.gym_env_id} (obs {obs_dim}, actions {act_dim})")
-    if saved is not None:
-        if alg.num_agents not in (None, meta["num_agents"]):
-            fail(f"--resume: the saved run fine-tunes {meta['num_agents']} agents, not --num-agents {alg.num_agents}")
-        if meta["offline_size"] != len(data.rewards):
-            fail(f"--resume: the saved run replays {meta['offline_size']:,} offline transitions, --env "
-                 f"{data.dataset_id} holds {len(data.rewards):,}")
-        if alg.total_steps < meta["env_steps"]:
-            fail(f"--resume: the saved run is at env step {meta['env_steps']:,}, past --total-steps "
-                 f"{alg.total_steps:,}")
-    elif meta["dataset_id"] != data.dataset_id:
-        return f"note: the agents were trained on other data ({meta['dataset_id']}) than the offline data here; "
-    elif meta.get("data_sha256", data.sha256) != data.sha256:
-        return f"note: the agents were trained on another version of {data.dataset_id} (its transitions differ); "
-    return ""
-
-
-def run_meta(args: Args, data: plumbing.OfflineData, pretrained: dict, source: str | None, run_dir: Path,
-             save_dir: Path, saved) -> dict:
-    """What the checkpoint and config.json record of this run (a resumed run: as saved, with this command's flags)."""
-    if saved is not None:
-        return {**saved["meta"], "run_dir": str(run_dir), "save_dir": str(save_dir.resolve()),
-                "data_sha256": data.sha256, "args": plumbing.flat_args(args)}  # (checked: the saved run's data)
-    return dict(format=FINETUNED_FORMAT, algorithm=ALGORITHM, version=PROJECT_VERSION, run_id=plumbing.new_run_id(),
-                run_dir=str(run_dir), save_dir=str(save_dir.resolve()), dataset_id=data.dataset_id,
-                data_sha256=data.sha256, gym_env_id=data.gym_env_id, obs_dim=data.observations.shape[1],
-                act_dim=data.actions.shape[1], hidden_sizes=pretrained["meta"]["hidden_sizes"],
-                num_agents=args.algorithm.num_agents or pretrained["meta"]["num_agents"],
-                offline_size=len(data.rewards),
-                pretrained=dict(path=source, run_id=pretrained["meta"]["run_id"], step=pretrained["meta"]["step"]),
-                args=plumbing.flat_args(args))
 
 
 def evaluate(r: SimpleNamespace, step: int) -> tuple[float, float]:
     """pi^E's mean return over --eval-episodes (seeds seed + 10,000 on), and its normalised score."""
     run = r.args.run
-    videos = plumbing.video_folder(run, r.run_dir, step // r.args.algorithm.steps_per_epoch, step,
+    videos = plumbing.video_folder(r.args.common, r.run_dir, step // r.args.algorithm.steps_per_epoch, step,
                                    step == r.args.algorithm.total_steps)
     returns = evaluate_ensemble(r.nets["actor"], r.data.gym_env_id, run.eval_episodes, run.seed + 10_000, r.device,
                                 videos)
     return returns.mean(), float(normalized_score(returns.mean(), r.data.ref_min_score, r.data.ref_max_score))
-
-
-def log_evaluation(r: SimpleNamespace, step: int, result: tuple[float, float], train_log: str = "") -> None:
-    r.logs["eval"].write([step, f"{result[0]:.3f}", f"{result[1]:.3f}"])
-    print(f"env steps {step:,}: return {result[0]:.1f} normalized {result[1]:.1f}{train_log}", flush=True)
-    if r.wandb:
-        r.wandb.log({"eval/return": result[0], "eval/normalized_score": result[1]}, step=step)
-
-
-def log_metrics(r: SimpleNamespace, env_steps: int, grad_steps: int, means: dict, speeds: dict) -> None:
-    r.logs["metrics"].write([env_steps, grad_steps, *(f"{means[k]:.6g}" for k in METRICS),
-                             *(f"{v:.2f}" for v in speeds.values())])
-    if r.wandb:
-        r.wandb.log({f"train/{key}": value for key, value in {**means, **speeds}.items()}, step=env_steps)
-
-
-def check_finite(means: dict, env_steps: int, save_dir: Path) -> None:
-    if not all(math.isfinite(means[key]) for key in ("critic_loss", "actor_loss", "ratio_loss")):
-        fail(f"a loss became non-finite in the epoch ending at env step {env_steps:,} (critic {means['critic_loss']}, "
-             f"actor {means['actor_loss']}, density ratio {means['ratio_loss']}); {save_dir / CHECKPOINT} was left "
-             f"as it was")
 
 
 def save_run(r: SimpleNamespace, env_steps: int, grad_steps: int) -> None:

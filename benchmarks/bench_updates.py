@@ -175,7 +175,7 @@ def measure_cql(args, device, num_agents: int, compile_losses: bool = False, gra
 
     step = eager
     if graph and device.type == "cuda":
-        for _ in range(cql.CUDA_GRAPH_WARMUP):
+        for _ in range(plumbing.CUDA_GRAPH_WARMUP):
             eager()
         step = plumbing.cuda_graphed(eager, generators)
     rate = time_it(lambda i: step(), device, args.warmup, args.steps, args.min_seconds)
@@ -225,7 +225,7 @@ def measure_finetune(args, device, num_agents: int, script: str):
 
     step = eager
     if device.type == "cuda":
-        for _ in range(module.CUDA_GRAPH_WARMUP):
+        for _ in range(plumbing.CUDA_GRAPH_WARMUP):
             eager()
         step = plumbing.cuda_graphed(eager)
     rate = time_it(lambda i: step(), device, args.warmup, args.steps, args.min_seconds)

@@ -560,8 +560,7 @@ class CountingEnv:
         return np.full(11, self.t, np.float32), 1.0, self.t == self.length, False, {}
 
 
-@BOTH
-def test_an_epochs_logged_metrics_are_the_means_over_its_updates(script):
+def test_an_epochs_logged_metrics_are_the_means_over_its_updates():
     calls, stop = [], {"signal": None}
 
     def update():  # step k = 1, 2, ... returns k and k^2; a stop signal arrives during the third
@@ -570,10 +569,10 @@ def test_an_epochs_logged_metrics_are_the_means_over_its_updates(script):
             stop["signal"] = 15
         return {"k": torch.tensor(float(len(calls))), "k2": torch.tensor(float(len(calls) ** 2))}
 
-    assert script.train_epoch(update, 4, False, stop, print) == ({"k": 2.5, "k2": 7.5}, 4)  # (1+2+3+4)/4, 30/4
+    assert plumbing.train_epoch(update, 4, False, stop, print) == ({"k": 2.5, "k2": 7.5}, 4)  # (1+2+3+4)/4, 30/4
     calls.clear()
     stop["after_three"] = True  # the signal ends the epoch after the update that was running: 3 done, not 4
-    means, done = script.train_epoch(update, 4, False, stop, print)
+    means, done = plumbing.train_epoch(update, 4, False, stop, print)
     assert done == 3 and means == pytest.approx({"k": 2.0, "k2": 14 / 3}, rel=1e-6)  # (1+4+9)/3 in float32
 
 

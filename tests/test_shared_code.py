@@ -20,7 +20,6 @@ PURPOSELY_DIFFERENT = {
     "main": [{CQL}, {OFF2ON, UPQ}, {DATASET}],  # fine-tuning: one loop for both methods
     "start_run": [{CQL}, {OFF2ON, UPQ}],  # ... set up in one call
     "evaluate": [{CQL}, {OFF2ON, UPQ}, {DATASET}],  # CQL: every agent and pi^E; fine-tuning: pi^E; SAC's own
-    "log_evaluation": [{CQL}, {OFF2ON, UPQ}],
     "ALGORITHM": [{OFF2ON}, {UPQ}],
     "finetune_losses": [{OFF2ON}, {UPQ}],  # the UPQ change: Eqs. (4)-(5)
     "loss_hyperparameters": [{OFF2ON}, {UPQ}],  # ... its beta

@@ -45,7 +45,7 @@ def test_every_generated_command_parses(path):
     parsed = [parse(args=argv) for argv in commands]
     for args in parsed:
         assert plumbing.D4RL_NAME.match(args.run.env), args.run.env
-        assert args.run.track
+        assert args.common.track
     if path.stem == "table2_beta":
         assert {args.algorithm.beta for args in parsed} == {0.1, 0.01, 0.001, 0.0001}
     if hasattr(module, "run_name"):  # fine-tuning: every run of the sweep gets folders of its own by default
