@@ -17,6 +17,8 @@ replay, and the actor at every evaluation) is saved beside the datasets, e.g.
 `--kind medium`, and `--kind medium-replay` only reads it. Output root: Minari's own
 (MINARI_DATASETS_PATH, default ~/.minari/datasets). A dataset is written beside its place and renamed there
 when whole: a killed run leaves the old dataset or the new one, never a part of one (write_dataset).
+The policy a medium or expert dataset rolls out can be kept as a small file (--export-policy) and rolled out again
+without SAC (--behaviour-policy): with the same --seed and --num-steps, the same transitions.
 
 Example:
     python make_dataset.py --env Hopper-v5 --kind medium --num-steps 200000
@@ -79,6 +81,12 @@ class Args:
     """seed of env resets, actions and SAC; same seed and flags give identical datasets"""
     overwrite: bool = False
     """replace a dataset with this id (else refuse), kept until the new one is whole; never retrains a saved SAC run"""
+    export_policy: Optional[str] = None
+    """--kind medium or expert: write the behaviour policy that kind rolls out (SAC trained as far as it needs, or
+    read from its saved run) to this file, weights only (~300 KB), and stop without writing a dataset"""
+    behaviour_policy: Optional[str] = None
+    """--kind medium or expert: roll out this policy (a file --export-policy wrote) instead of training SAC;
+    with the --seed and --num-steps that made a dataset, it makes the same transitions again"""
     max_episode_steps: Annotated[Optional[int], tyro.conf.arg(
         help_behavior_hint="(default: the env's own, 1000 for the MuJoCo locomotion envs)")] = None
     """time limit of an episode"""
@@ -124,6 +132,7 @@ D4RL_MEDIUM_RETURN = {"hopper": 1422.0, "halfcheetah": 4770.0, "walker2d": 3000.
 COLLECT_SEED_OFFSET, TRAIN_SEED_OFFSET, EVAL_SEED_OFFSET = 0, 1_000_000, 2_000_000
 # The SAC run file is plumbing's checkpoint file (written whole or not at all, its digest checked at load).
 SAC_FORMAT = "make-dataset-sac-v1"
+POLICY_FORMAT = "make-dataset-policy-v1"  # --export-policy: the behaviour actor and how it was chosen
 # Hyperparameters a saved SAC run must share with the current flags to be resumed.
 RUN_KEYS = ("env", "seed", "max_episode_steps", "eval_frequency", "eval_episodes", "gamma", "tau",
             "batch_size", "learning_starts", "policy_lr", "q_lr", "policy_frequency",
@@ -601,7 +610,24 @@ def make_episodes(args: Args, kind: str, run_path: Path, target_return: Optional
         env.action_space.seed(args.seed)
         episodes = collect_episodes(args, lambda obs: env.action_space.sample(), args.num_steps, "random")
         return episodes, "uniform random policy", {}
-    run = train_behaviour(args, run_path, target_return if kind in ("medium", "medium-replay") else None)
+    if args.behaviour_policy:
+        chosen, metadata = read_policy(args, kind)
+    else:
+        run = train_behaviour(args, run_path, target_return if kind in ("medium", "medium-replay") else None)
+        chosen, metadata = choose_policy(args, kind, run, run_path, target_return)
+    if kind == "medium-replay":
+        return replay_episodes(args, run["replay"], chosen["step"]), "SAC (CleanRL), replay until medium", metadata
+    env = make_env(args)
+    actor = Actor(env.observation_space.shape[0], env.action_space.low, env.action_space.high)
+    actor.load_state_dict(chosen["actor"])
+    print(f"rolling out the SAC policy of step {chosen['step']} (eval return {chosen['mean_return']:.1f})", flush=True)
+    episodes = collect_episodes(args, actor_policy(actor, args.seed + COLLECT_SEED_OFFSET), args.num_steps, kind)
+    return episodes, f"SAC (CleanRL), {kind} policy", metadata
+
+
+def choose_policy(args: Args, kind: str, run: dict, run_path: Path, target_return: Optional[float]):
+    """The evaluation of the SAC run whose actor a kind rolls out (expert: the best; medium and medium-replay: the
+    first that reaches the target), and the dataset metadata that records it."""
     if kind == "expert":
         chosen = max(run["evaluations"], key=lambda e: e["mean_return"])
     else:
@@ -616,14 +642,38 @@ def make_episodes(args: Args, kind: str, run_path: Path, target_return: Optional
                 "behaviour_eval_return_std": chosen["std_return"], "behaviour_run": str(run_path),
                 "target_return": target_return if kind != "expert" else None,
                 "sac_total_timesteps": run["global_step"]}
-    if kind == "medium-replay":
-        return replay_episodes(args, run["replay"], chosen["step"]), "SAC (CleanRL), replay until medium", metadata
+    return chosen, metadata
+
+
+def export_policy(args: Args, run_path: Path, target_return: Optional[float]) -> None:
+    """--export-policy: the actor --kind rolls out, with its evaluation and the dataset metadata, as one file."""
+    run = train_behaviour(args, run_path, target_return if args.kind == "medium" else None)
+    chosen, metadata = choose_policy(args, args.kind, run, run_path, target_return)
     env = make_env(args)
-    actor = Actor(env.observation_space.shape[0], env.action_space.low, env.action_space.high)
-    actor.load_state_dict(chosen["actor"])
-    print(f"rolling out the SAC policy of step {chosen['step']} (eval return {chosen['mean_return']:.1f})", flush=True)
-    episodes = collect_episodes(args, actor_policy(actor, args.seed + COLLECT_SEED_OFFSET), args.num_steps, kind)
-    return episodes, f"SAC (CleanRL), {kind} policy", metadata
+    save_checkpoint(Path(args.export_policy), dict(
+        meta=dict(format=POLICY_FORMAT, env=args.env, kind=args.kind, seed=args.seed,
+                  max_episode_steps=env.spec.max_episode_steps, obs_dim=env.observation_space.shape[0],
+                  act_dim=env.action_space.shape[0], **metadata),
+        evaluation={key: chosen[key] for key in ("step", "mean_return", "std_return")}, actor=chosen["actor"]))
+    print(f"wrote the {args.kind} behaviour policy (SAC step {chosen['step']:,}, eval return "
+          f"{chosen['mean_return']:.1f}) to {args.export_policy}; make the dataset with --behaviour-policy "
+          f"{args.export_policy} --seed {args.seed}", flush=True)
+
+
+def read_policy(args: Args, kind: str):
+    """--behaviour-policy: the saved actor as choose_policy gives it, checked against the env and kind asked for."""
+    saved = load_checkpoint(Path(args.behaviour_policy), (POLICY_FORMAT,))
+    meta, env = saved["meta"], make_env(args)
+    made_for = (meta["env"], meta["max_episode_steps"], meta["kind"])
+    if made_for != (args.env, env.spec.max_episode_steps, kind):
+        fail(f"{args.behaviour_policy} is the {meta['kind']} policy of {meta['env']} with time limit "
+             f"{meta['max_episode_steps']}, not the {kind} policy of {args.env} with time limit "
+             f"{env.spec.max_episode_steps}")
+    if meta["seed"] != args.seed:
+        print(f"note: {args.behaviour_policy} was exported by the run with --seed {meta['seed']}; this rollout's "
+              f"episodes start from --seed {args.seed}", flush=True)
+    metadata = {key: value for key, value in meta.items() if key.startswith(("behaviour_", "sac_", "target_"))}
+    return {**saved["evaluation"], "actor": saved["actor"]}, {**metadata, "behaviour_policy": args.behaviour_policy}
 
 
 def load_episodes(args: Args, dataset_id: str) -> list[EpisodeBuffer]:
@@ -663,13 +713,21 @@ def main(args: Args) -> None:
     except ValueError as error:
         fail(str(error))
     target_return = args.target_return if args.target_return is not None else D4RL_MEDIUM_RETURN.get(body)
-    if target_return is None and args.kind != "random" and args.kind != "expert":
+    if target_return is None and args.kind not in ("random", "expert") and not args.behaviour_policy:
         fail(f"D4RL has no medium level for {args.env}; pass --target-return")
     # medium-expert is made of the medium and expert datasets: each reused if whole, else made
     parts = ({part: gen_dataset_id(namespace, part, version) for part in ("medium", "expert")}
              if args.kind == "medium-expert" else {})
+    if args.export_policy and args.behaviour_policy:
+        fail("--export-policy and --behaviour-policy exclude each other")
+    if (args.export_policy or args.behaviour_policy) and args.kind not in ("medium", "expert"):
+        fail(f"--{'export' if args.export_policy else 'behaviour'}-policy goes with --kind medium or expert (the "
+             f"kinds that roll out one policy), not {args.kind}")
     run_path = get_dataset_path(dataset_id).parent / f"sac-seed{args.seed}.pt"
-    _locks = lock_dataset_files([dataset_id, *parts.values()], run_path if args.kind != "random" else None)
+    uses_sac = args.kind != "random" and not args.behaviour_policy
+    _locks = lock_dataset_files([dataset_id, *parts.values()], run_path if uses_sac else None)
+    if args.export_policy:
+        return export_policy(args, run_path, target_return)
     if existing_dataset(dataset_id, args.overwrite) and not args.overwrite:
         fail(f"dataset {dataset_id} already exists at {get_dataset_path(dataset_id)}; pass --overwrite to replace it")
     reused = {part: existing_dataset(part_id, args.overwrite) for part, part_id in parts.items()}

@@ -555,6 +555,35 @@ def test_sac_kinds_medium_replay_and_medium_expert(minari_root):
         np.testing.assert_array_equal(a.truncations, b.truncations)
 
 
+def test_an_exported_behaviour_policy_makes_the_same_dataset_again_without_sac(minari_root, tmp_path, capsys):
+    made = tiny_sac_args(kind="medium", dataset_id="local/policy/hopper/medium-v0")
+    md.main(made)
+    policy = tmp_path / "medium-policy.pt"
+    md.main(tiny_sac_args(kind="medium", dataset_id="local/policy/hopper/medium-v0", export_policy=str(policy)))
+    assert policy.stat().st_size < 400_000  # weights only: ~70k float32 parameters of a 2x256 actor
+    run_file = minari_root / "local/policy/hopper/sac-seed1.pt"
+    run_file.rename(tmp_path / "sac-run.pt")  # no SAC run to read: the policy file alone makes the data
+    md.main(tiny_sac_args(kind="medium", dataset_id="local/policy/hopper/again-v0", behaviour_policy=str(policy)))
+    assert not run_file.exists()
+    first, again = (minari.load_dataset(f"local/policy/hopper/{name}-v0") for name in ("medium", "again"))
+    assert_same_episodes(first, again)
+    for key in ("behaviour_step", "behaviour_eval_return", "target_return", "sac_total_timesteps"):
+        assert again.storage.metadata[key] == first.storage.metadata[key], key
+
+    capsys.readouterr()
+    for flags, message in (
+            (dict(kind="expert"), "is the medium policy of Hopper-v5 with time limit 30, not the expert policy"),
+            (dict(kind="expert", max_episode_steps=40), "with time limit 30, not the expert policy of Hopper-v5 with "
+                                                        "time limit 40"),
+            (dict(kind="random"), "--behaviour-policy goes with --kind medium or expert"),
+            (dict(export_policy=str(tmp_path / "x.pt")), "--export-policy and --behaviour-policy exclude each other")):
+        with pytest.raises(SystemExit) as refused:
+            md.main(tiny_sac_args(dataset_id="local/policy/hopper/refused-v0", behaviour_policy=str(policy),
+                                  **flags))
+        assert message in str(refused.value.code), flags
+    assert not (minari_root / "local/policy/hopper/refused-v0").exists() and not (tmp_path / "x.pt").exists()
+
+
 def test_medium_target_not_reached_within_budget_is_a_clear_error(minari_root, capsys):
     with pytest.raises(SystemExit, match="raise --total-timesteps"):
         md.main(tiny_sac_args(kind="medium", target_return=1e9, total_timesteps=100,
