@@ -604,7 +604,7 @@ def start_run(args: Args) -> SimpleNamespace:
     --total-steps ends here."""
     alg, run = args.algorithm, args.run
     check_cql_flags(alg, run)
-    device = plumbing.pick_device(args.common.device, args.common.torch_deterministic)
+    device = plumbing.pick_device(args.common)
     stop = plumbing.catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
     save_dir, run_dir, saved, locks = plumbing.prepare_folders(
@@ -614,9 +614,7 @@ def start_run(args: Args) -> SimpleNamespace:
     plumbing.check_video(args.common)
     data = plumbing.load_offline_data(run.env, run.gym_env)
     alg.target_entropy = -float(data.actions.shape[1]) if alg.target_entropy is None else alg.target_entropy
-    if saved:
-        plumbing.check_resumed_flags(args, saved["meta"]["args"])
-        plumbing.check_resumed_data(saved["meta"], data)
+    plumbing.check_resumed(args, saved, data)
     nets, optimizers, generators = build_agents(alg, run, data, device, saved)
     meta = plumbing.run_meta(args, data, run_dir, save_dir, saved, format=CQL_FORMAT, version=PROJECT_VERSION,
                              hidden_sizes=list(alg.hidden_sizes), num_agents=alg.num_agents,
@@ -628,7 +626,7 @@ def start_run(args: Args) -> SimpleNamespace:
     r.logs = plumbing.open_run_logs(  # a fresh run's logs are pending until its first save
         run_dir, {"eval": ["step", "agent", "return", "normalized_score"],
                   "metrics": ["step", *METRICS, "updates_per_s"]}, meta.get("step"), meta)
-    r.wandb = plumbing.start_wandb(args.common, meta) if args.common.track else None
+    r.wandb = plumbing.start_wandb(args.common, meta)
     print(f"dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference returns "
           f"{data.ref_source}; {alg.num_agents} agents on {device}; run dir {run_dir}; checkpoint {save_dir}"
           + (f"; resumed at step {meta['step']:,}" if saved else ""))

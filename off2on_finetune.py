@@ -845,7 +845,7 @@ def start_run(args: Args) -> SimpleNamespace:
     the ensemble and its replay, the logs (pending until the first save), wandb, and the step-0 evaluation."""
     alg, run = args.algorithm, args.run
     check_finetune_flags(alg, run)
-    device = plumbing.pick_device(args.common.device, args.common.torch_deterministic)
+    device = plumbing.pick_device(args.common)
     stop = plumbing.catch_stop_signals()  # until it is armed, a signal ends the run at once with nothing written
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)
     name = run_name(alg, run, slug)
@@ -857,9 +857,7 @@ def start_run(args: Args) -> SimpleNamespace:
     data = plumbing.load_offline_data(run.env, run.gym_env)
     alg.target_entropy = -float(data.actions.shape[1]) if alg.target_entropy is None else alg.target_entropy
     note = plumbing.check_fit(start, saved, data, alg.num_agents, alg.total_steps)
-    if saved:
-        plumbing.check_resumed_flags(args, saved["meta"]["args"])
-        plumbing.check_resumed_data(saved["meta"], data)
+    plumbing.check_resumed(args, saved, data)
     nets, optimizers, replay, generator = build_run(alg, run, start, saved, data, device)
     meta = plumbing.run_meta(args, data, run_dir, save_dir, saved, format=FINETUNED_FORMAT, algorithm=ALGORITHM,
                              version=PROJECT_VERSION, hidden_sizes=start["meta"]["hidden_sizes"],
@@ -873,7 +871,7 @@ def start_run(args: Args) -> SimpleNamespace:
         run_dir, {"eval": ["step", "return", "normalized_score"],
                   "metrics": ["step", "grad_steps", *METRICS, "updates_per_s", "env_steps_per_s"]},
         meta.get("env_steps"), meta)
-    r.wandb = plumbing.start_wandb(args.common, meta) if args.common.track else None
+    r.wandb = plumbing.start_wandb(args.common, meta)
     print(f"{note}dataset {data.dataset_id}: {len(data.rewards):,} transitions, env {data.gym_env_id}, reference "
           f"returns {data.ref_source}; ensemble of {meta['num_agents']} agents (hidden {meta['hidden_sizes']}) on "
           f"{device}; {'balanced' if alg.balanced_replay else 'uniform'} replay; run dir {run_dir}; checkpoint "

@@ -105,9 +105,9 @@ def check_finite(values: dict[str, float], losses: tuple[str, ...], where: str, 
         fail(f"a loss became non-finite {where} ({shown}); {save_dir / CHECKPOINT} was left as it was")
 
 
-def pick_device(name: str, deterministic: bool) -> torch.device:
+def pick_device(common: Common) -> torch.device:
     """--device auto: cuda when torch sees one, else cpu; --torch-deterministic sets cudnn's flag (CleanRL)."""
-    torch.backends.cudnn.deterministic = deterministic
+    name, torch.backends.cudnn.deterministic = common.device, common.torch_deterministic
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
@@ -247,6 +247,7 @@ def prepare_folders(args, default_save_dir: str, run_name: str, formats: tuple[s
     replaced at the first save); --resume loads the checkpoint and defaults the run dir to the saved run's. Returns
     (save dir, run dir, the saved state or None, the locks to keep)."""
     run, common = args.run, args.common
+    check_flags(common, {"video_every": ">= 0"})
     if not re.fullmatch(r"[\w.+=,@-]{1,100}", run.exp_name, re.ASCII) or run.exp_name in (".", ".."):
         fail(f"--exp-name {run.exp_name!r} must be a plain name: 1 to 100 letters, digits and ._+=,@- (no path "
              f"separator, not . or ..)")
@@ -448,18 +449,26 @@ def flat_args(args) -> dict:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
 
 
-def check_resumed_flags(args, saved_args: dict) -> None:
-    """--resume: every flag that shapes the run's numbers (the algorithm's but --total-steps and --num-agents, and
-    the data, env, seed and evaluation episodes) is the saved run's; the first that differs is refused."""
-    now = flat_args(args)
+def check_resumed(args, saved: dict | None, data: OfflineData) -> None:
+    """--resume (saved: the checkpoint): every flag that shapes the run's numbers (the algorithm's but --total-steps
+    and --num-agents, and the data, env, seed and evaluation episodes) is the saved run's, and so are the offline
+    transitions (checkpoints before 0.4.0 hold no digest of them); the first that differs is refused."""
+    if saved is None:
+        return
+    now, saved_args = flat_args(args), saved["meta"]["args"]
     for key in ["env", "gym_env", "seed", "eval_episodes", *(f.name for f in dataclasses.fields(args.algorithm))]:
         if key not in ("total_steps", "num_agents") and key in saved_args and now[key] != saved_args[key]:
             fail(f"--resume: the saved run has --{key.replace('_', '-')} {saved_args[key]}, this command {now[key]}; "
                  f"a resumed run keeps every flag that shapes its numbers (--total-steps may grow)")
+    if saved["meta"].get("data_sha256", data.sha256) != data.sha256:
+        fail(f"--resume: the saved run trained on other offline data than --env {data.dataset_id} holds now (the "
+             f"dataset was made again or changed); resume on the data it trained on, or start a new run")
 
 
 def start_wandb(common: Common, meta: dict):
-    """Weights & Biases, with the run's id: a resumed run continues the same wandb run."""
+    """--track: Weights & Biases, with the run's id (a resumed run continues the same wandb run); else None."""
+    if not common.track:
+        return None
     import wandb
 
     try:
@@ -513,7 +522,6 @@ def progress(done: int, total: int, done_at_start: int, started: float, unit: st
 def check_video(common: Common, env_id: str = "InvertedPendulum-v5") -> None:
     """--capture-video: MuJoCo must render offscreen here (MUJOCO_GL, egl unless set) and moviepy, which gymnasium's
     RecordVideo writes with, must be installed; else one sentence on what to install."""
-    check_flags(common, {"video_every": ">= 0"})
     if not common.capture_video:
         return
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -767,13 +775,6 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
         sha.update(np.ascontiguousarray(data[key]))
     return OfflineData(**data, dataset_id=name, gym_env_id=env_id, ref_min_score=ref_min, ref_max_score=ref_max,
                        ref_source=ref_source, sha256=sha.hexdigest())
-
-
-def check_resumed_data(meta: dict, data: OfflineData) -> None:
-    """--resume: the saved run trained on these very transitions (checkpoints before 0.4.0 hold no digest)."""
-    if meta.get("data_sha256", data.sha256) != data.sha256:
-        fail(f"--resume: the saved run trained on other offline data than --env {data.dataset_id} holds now (the "
-             f"dataset was made again or changed); resume on the data it trained on, or start a new run")
 
 
 

@@ -593,6 +593,7 @@ SCRIPTS = {"cql_pretrain.py": cql, "off2on_finetune.py": off2on, "upq_finetune.p
     ("upq_finetune.py", ["--save-every", "0"], "--save-every must be >= 1, not 0"),
     ("upq_finetune.py", ["--total-steps", "15", "--steps-per-epoch", "10"], "must be a multiple of --steps-per-epoch"),
     *((script, ["--seed", str(2**64)], f"--seed must be in [0, 2^32), not {2**64}") for script in SCRIPTS),
+    *((script, ["--video-every", "-1"], "--video-every must be >= 0, not -1") for script in SCRIPTS),  # plumbing's
 ])
 def test_a_bad_number_is_refused_in_one_sentence_before_anything_is_written(script, flags, message, tmp_path):
     module = SCRIPTS[script]
