@@ -54,6 +54,7 @@ from minari.storage import get_dataset_path
 from plumbing import (
     D4RL_REF_SCORES,
     check_flags,
+    digest,
     duration,
     errors_in_one_sentence,
     fail,
@@ -80,10 +81,11 @@ class Args:
     seed: int = 0
     """seed of env resets, actions and SAC; same seed and flags give identical datasets"""
     overwrite: bool = False
-    """replace a dataset with this id (else refuse), kept until the new one is whole; never retrains a saved SAC run"""
+    """replace a dataset with this id (else refuse), kept until the new one is whole, or the --export-policy file;
+    never retrains a saved SAC run"""
     export_policy: Optional[str] = None
-    """--kind medium or expert: write the behaviour policy that kind rolls out (SAC trained as far as it needs, or
-    read from its saved run) to this file, weights only (~300 KB), and stop without writing a dataset"""
+    """--kind medium or expert: write the behaviour policy that kind rolls out to this file, weights only (~300 KB),
+    and stop without writing a dataset (SAC is trained as far as it needs, or read from its saved run)"""
     behaviour_policy: Optional[str] = None
     """--kind medium or expert: roll out this policy (a file --export-policy wrote) instead of training SAC;
     with the --seed and --num-steps that made a dataset, it makes the same transitions again"""
@@ -533,6 +535,7 @@ def lock_dataset_files(dataset_ids: list[str], run_path: Optional[Path]) -> list
         fail(f"cannot write in {folder} ({error.strerror or error}): set MINARI_DATASETS_PATH to a writable folder")
     return locks
 
+
 def is_complete(path: Path) -> bool:
     """Whether a dataset folder holds a whole dataset of this script: Minari's metadata with its episode count, which
     Minari writes after the episodes, and the 'kind' that write_dataset adds last."""
@@ -603,15 +606,16 @@ def write_dataset(args: Args, dataset_id: str, episodes: list, kind: str, algori
     return dataset
 
 
-def make_episodes(args: Args, kind: str, run_path: Path, target_return: Optional[float]):
-    """Episodes, algorithm name and extra metadata of one of the kinds random, medium, medium-replay, expert."""
+def make_episodes(args: Args, kind: str, run_path: Path, target_return: Optional[float], policy=None):
+    """Episodes, algorithm name and extra metadata of one of the kinds random, medium, medium-replay, expert; a
+    medium or expert policy given (read_policy) is rolled out without SAC."""
     if kind == "random":
         env = make_env(args)
         env.action_space.seed(args.seed)
         episodes = collect_episodes(args, lambda obs: env.action_space.sample(), args.num_steps, "random")
         return episodes, "uniform random policy", {}
-    if args.behaviour_policy:
-        chosen, metadata = read_policy(args, kind)
+    if policy is not None:
+        chosen, metadata = policy
     else:
         run = train_behaviour(args, run_path, target_return if kind in ("medium", "medium-replay") else None)
         chosen, metadata = choose_policy(args, kind, run, run_path, target_return)
@@ -660,9 +664,24 @@ def export_policy(args: Args, run_path: Path, target_return: Optional[float]) ->
           f"{args.export_policy} --seed {args.seed}", flush=True)
 
 
+def check_policy_flags(args: Args):
+    """--export-policy and --behaviour-policy, checked before anything is written; the policy to roll out, or None."""
+    export = Path(args.export_policy) if args.export_policy else None
+    if export and args.behaviour_policy:
+        fail("--export-policy and --behaviour-policy exclude each other")
+    if (export or args.behaviour_policy) and args.kind not in ("medium", "expert"):
+        fail(f"--{'export' if export else 'behaviour'}-policy goes with --kind medium or expert (the kinds that roll "
+             f"out one policy), not {args.kind}")
+    if export and export.exists() and not args.overwrite:
+        fail(f"--export-policy {export} already exists: pass --overwrite to replace it, or another file")
+    if export and not export.absolute().parent.is_dir():
+        fail(f"--export-policy {export}: the folder {export.parent} does not exist")
+    return read_policy(args, args.kind) if args.behaviour_policy else None
+
+
 def read_policy(args: Args, kind: str):
     """--behaviour-policy: the saved actor as choose_policy gives it, checked against the env and kind asked for."""
-    saved = load_checkpoint(Path(args.behaviour_policy), (POLICY_FORMAT,))
+    saved = load_checkpoint(Path(args.behaviour_policy), (POLICY_FORMAT,), flag="--behaviour-policy")
     meta, env = saved["meta"], make_env(args)
     made_for = (meta["env"], meta["max_episode_steps"], meta["kind"])
     if made_for != (args.env, env.spec.max_episode_steps, kind):
@@ -673,7 +692,8 @@ def read_policy(args: Args, kind: str):
         print(f"note: {args.behaviour_policy} was exported by the run with --seed {meta['seed']}; this rollout's "
               f"episodes start from --seed {args.seed}", flush=True)
     metadata = {key: value for key, value in meta.items() if key.startswith(("behaviour_", "sac_", "target_"))}
-    return {**saved["evaluation"], "actor": saved["actor"]}, {**metadata, "behaviour_policy": args.behaviour_policy}
+    metadata.update(behaviour_policy=str(Path(args.behaviour_policy).resolve()), behaviour_policy_sha256=digest(saved))
+    return {**saved["evaluation"], "actor": saved["actor"]}, metadata
 
 
 def load_episodes(args: Args, dataset_id: str) -> list[EpisodeBuffer]:
@@ -718,11 +738,7 @@ def main(args: Args) -> None:
     # medium-expert is made of the medium and expert datasets: each reused if whole, else made
     parts = ({part: gen_dataset_id(namespace, part, version) for part in ("medium", "expert")}
              if args.kind == "medium-expert" else {})
-    if args.export_policy and args.behaviour_policy:
-        fail("--export-policy and --behaviour-policy exclude each other")
-    if (args.export_policy or args.behaviour_policy) and args.kind not in ("medium", "expert"):
-        fail(f"--{'export' if args.export_policy else 'behaviour'}-policy goes with --kind medium or expert (the "
-             f"kinds that roll out one policy), not {args.kind}")
+    policy = check_policy_flags(args)
     run_path = get_dataset_path(dataset_id).parent / f"sac-seed{args.seed}.pt"
     uses_sac = args.kind != "random" and not args.behaviour_policy
     _locks = lock_dataset_files([dataset_id, *parts.values()], run_path if uses_sac else None)
@@ -753,7 +769,7 @@ def main(args: Args) -> None:
         write_dataset(args, dataset_id, episodes[0] + episodes[1], "medium-expert", "SAC (CleanRL), medium + expert",
                       reference_scores(args, body, run_path), metadata)
     else:
-        episodes, algorithm, metadata = make_episodes(args, args.kind, run_path, target_return)
+        episodes, algorithm, metadata = make_episodes(args, args.kind, run_path, target_return, policy)
         write_dataset(args, dataset_id, episodes, args.kind, algorithm, reference_scores(args, body, run_path),
                       metadata)
 

@@ -152,20 +152,22 @@ def save_checkpoint(path: Path, state: dict) -> None:
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         temporary.unlink(missing_ok=True)
         needed = sum(t.nbytes for _, t in tensors_in(state)) / 1e6
+        folder = next(folder for folder in path.absolute().parents if folder.is_dir())  # (path's own may not exist)
         fail(f"cannot write {path} ({getattr(error, 'strerror', None) or 'write failed'}; it needs about "
-             f"{needed:,.1f} MB, {shutil.disk_usage(path.parent).free / 1e6:,.1f} MB are free there); the previous "
+             f"{needed:,.1f} MB, {shutil.disk_usage(folder).free / 1e6:,.1f} MB are free there); the previous "
              f"checkpoint, if any, is unchanged")
 
 
-def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...] = ()) -> dict:
-    """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used. A file
-    without meta and digest that holds the keys `older` (written by an older version) is taken as it is."""
+def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...] = (), flag: str = "") -> dict:
+    """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used (naming
+    `flag`, the flag that gave the path, when given). A file without meta and digest that holds the keys `older`
+    (written by an older version) is taken as it is."""
     if path.is_dir() and (path / "manifest.json").exists() and not (path / CHECKPOINT).exists():
         fail(f"{path} holds checkpoints of the older per-agent layout: convert a CQL set with python "
              f"results/convert_set.py {path} <new folder>; a fine-tuned one continues with the code of commit 53ee51c")
     path = path / CHECKPOINT if path.is_dir() else path
     if not path.is_file():
-        fail(f"checkpoint {path} does not exist")
+        fail(f"{flag or 'checkpoint'} {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 -- truncated zip, pickle error, ...: all mean "corrupted"
@@ -175,7 +177,8 @@ def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...]
     if not isinstance(state, dict) or not isinstance(state.get("meta"), dict) or \
             state["meta"].get("format") not in formats:
         found = state["meta"].get("format") if isinstance(state, dict) and isinstance(state.get("meta"), dict) else None
-        fail(f"{path} is not a {' or '.join(formats)} checkpoint" + (f" (it is a {found} one)" if found else ""))
+        fail(f"{flag} {path} is not a {' or '.join(formats)} checkpoint".lstrip() + (f" (it is a {found} one)"
+                                                                                     if found else ""))
     try:
         intact = state.pop("sha256", None) == digest(state)
     except (TypeError, ValueError):  # a flipped byte in the pickle can turn a key or a value into another type
@@ -404,7 +407,7 @@ def run_meta(args, data, run_dir: Path, save_dir: Path, saved: dict | None, **fi
     """What the checkpoint and config.json record of the run: a fresh run's new id, folders, data, flags and `fields`
     (format, algorithm, version, the networks); a resumed run's as saved, with this command's folders and flags."""
     now = dict(run_dir=str(run_dir), save_dir=str(save_dir.resolve()), data_sha256=data.sha256, args=flat_args(args))
-    if saved is not None:  # (its data checked: check_resumed_data)
+    if saved is not None:  # (its flags and data checked: check_resumed)
         return {**saved["meta"], **now}
     return dict(**fields, run_id=new_run_id(), dataset_id=data.dataset_id, gym_env_id=data.gym_env_id,
                 obs_dim=data.observations.shape[1], act_dim=data.actions.shape[1], offline_size=len(data.rewards),
@@ -412,7 +415,8 @@ def run_meta(args, data, run_dir: Path, save_dir: Path, saved: dict | None, **fi
 
 
 def log_score(r, step: int, score: tuple[float, float], line_end: str = "") -> None:
-    """An evaluation of pi^E at env step `step`, (mean return, normalised score): a row of eval.csv, a line, wandb."""
+    """An evaluation at env step `step`, (mean return, normalised score): a row of r.logs["eval"], a line, r.wandb
+    (r: a script's run, as its start_run makes it)."""
     r.logs["eval"].write([step, f"{score[0]:.3f}", f"{score[1]:.3f}"])
     print(f"env steps {step:,}: return {score[0]:.1f} normalized {score[1]:.1f}{line_end}", flush=True)
     if r.wandb:
@@ -420,7 +424,7 @@ def log_score(r, step: int, score: tuple[float, float], line_end: str = "") -> N
 
 
 def log_metrics(r, row: list, values: dict[str, float]) -> None:
-    """A row of metrics.csv (its first column the step), and `values` to wandb as train/<name>."""
+    """A row of r.logs["metrics"] (its first column the step), and `values` to r.wandb as train/<name>."""
     r.logs["metrics"].write(row)
     if r.wandb:
         r.wandb.log({f"train/{key}": value for key, value in values.items()}, step=int(row[0]))
@@ -499,8 +503,8 @@ def catch_stop_signals() -> dict:
 
 def exit_stopped(stop: dict, where: str, save_dir: Path) -> NoReturn:
     name = signal.Signals(stop["signal"]).name
-    print(f"{name} at {where}: saved the run to {save_dir / CHECKPOINT}; continue with the same command and --resume",
-          flush=True)
+    print(f"{name} at {where}: saved the run to {save_dir / CHECKPOINT}; continue with the same command and --resume "
+          f"(in place of --overwrite, if it had it)", flush=True)
     raise SystemExit(128 + stop["signal"])
 
 
@@ -633,7 +637,7 @@ class OfflineData:
     ref_min_score: float | None
     ref_max_score: float | None
     ref_source: str
-    sha256: str  # of the transitions as loaded: a resume on other data is refused (check_resumed_data)
+    sha256: str  # of the transitions as loaded: a resume on other data is refused (check_resumed)
 
 
 def body_of(name: str) -> str | None:
@@ -777,7 +781,6 @@ def load_offline_data(name: str, gym_env: str | None = None) -> OfflineData:
                        ref_source=ref_source, sha256=sha.hexdigest())
 
 
-
 # Fine-tuning pre-trained agents (off2on_finetune.py, upq_finetune.py) ---------------------------------------------
 def load_pretrained(checkpoints: str | None, default: str, formats: tuple[str, ...],
                     num_agents: int | None) -> tuple[dict, str]:
@@ -786,7 +789,7 @@ def load_pretrained(checkpoints: str | None, default: str, formats: tuple[str, .
     source = Path(checkpoints or default)
     if not checkpoints and not source.exists():
         fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> or pass --checkpoints")
-    pretrained = load_checkpoint(source, formats)
+    pretrained = load_checkpoint(source, formats, flag="--checkpoints" if checkpoints else "")
     if num_agents is not None and num_agents > pretrained["meta"]["num_agents"]:
         fail(f"--num-agents must lie between 1 and the {pretrained['meta']['num_agents']} agents of {source}, "
              f"not {num_agents}")

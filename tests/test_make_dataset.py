@@ -555,7 +555,7 @@ def test_sac_kinds_medium_replay_and_medium_expert(minari_root):
         np.testing.assert_array_equal(a.truncations, b.truncations)
 
 
-def test_an_exported_behaviour_policy_makes_the_same_dataset_again_without_sac(minari_root, tmp_path, capsys):
+def test_an_exported_behaviour_policy_makes_the_same_dataset_again_without_sac(minari_root, tmp_path):
     made = tiny_sac_args(kind="medium", dataset_id="local/policy/hopper/medium-v0")
     md.main(made)
     policy = tmp_path / "medium-policy.pt"
@@ -570,18 +570,27 @@ def test_an_exported_behaviour_policy_makes_the_same_dataset_again_without_sac(m
     for key in ("behaviour_step", "behaviour_eval_return", "target_return", "sac_total_timesteps"):
         assert again.storage.metadata[key] == first.storage.metadata[key], key
 
-    capsys.readouterr()
+    assert again.storage.metadata["behaviour_policy"] == str(policy.resolve())
+
+    before = files_of(minari_root)
     for flags, message in (
             (dict(kind="expert"), "is the medium policy of Hopper-v5 with time limit 30, not the expert policy"),
             (dict(kind="expert", max_episode_steps=40), "with time limit 30, not the expert policy of Hopper-v5 with "
                                                         "time limit 40"),
+            (dict(env="Walker2d-v5"), "is the medium policy of Hopper-v5"),
             (dict(kind="random"), "--behaviour-policy goes with --kind medium or expert"),
+            (dict(behaviour_policy=str(tmp_path / "none.pt")), f"--behaviour-policy {tmp_path / 'none.pt'} does not "
+                                                               f"exist"),
+            (dict(behaviour_policy=None, export_policy=str(policy)), f"--export-policy {policy} already exists: pass "
+                                                                     f"--overwrite"),
+            (dict(behaviour_policy=None, export_policy=str(tmp_path / "no" / "x.pt")), "the folder"),
             (dict(export_policy=str(tmp_path / "x.pt")), "--export-policy and --behaviour-policy exclude each other")):
         with pytest.raises(SystemExit) as refused:
-            md.main(tiny_sac_args(dataset_id="local/policy/hopper/refused-v0", behaviour_policy=str(policy),
-                                  **flags))
+            md.main(tiny_sac_args(**{"dataset_id": "local/policy/hopper/refused-v0", "behaviour_policy": str(policy),
+                                     **flags}))
         assert message in str(refused.value.code), flags
-    assert not (minari_root / "local/policy/hopper/refused-v0").exists() and not (tmp_path / "x.pt").exists()
+    assert files_of(minari_root) == before and sorted(path.name for path in tmp_path.iterdir()) == [
+        "medium-policy.pt", "sac-run.pt"]  # no lock, folder or file left by a refused command
 
 
 def test_medium_target_not_reached_within_budget_is_a_clear_error(minari_root, capsys):
