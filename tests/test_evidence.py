@@ -1,8 +1,11 @@
 """results/convert_set.py turns a CQL set of the older per-agent layout into the one checkpoint.pt; results/evidence/
 final_eval.py scores fine-tuned runs as they evaluate themselves."""
 
+import importlib
 import importlib.util
 import json
+import re
+import subprocess
 import sys
 
 import pytest
@@ -182,3 +185,15 @@ def test_final_eval_takes_each_globs_folders_in_numeric_order(tmp_path):
     (tmp_path / "off2on_seed3.log").write_text("")  # a file beside the folders is not a set
     folders = final_eval.set_folders([str(tmp_path / "off2on_seed*")])
     assert [folder.name for folder in folders] == ["off2on_seed1", "off2on_seed2", "off2on_seed10"]
+
+
+def test_run_sh_parses_and_its_inline_python_imports_names_that_exist():
+    """STAGE=data once imported read_minari from cql_pretrain.py after it had moved to plumbing.py."""
+    script = REPO / "results/evidence/run.sh"
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    imports = re.findall(r"^from (\w+) import (\w+)", script.read_text(), re.MULTILINE)
+    assert ("plumbing", "read_minari") in imports
+    for module, name in imports:
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+    for name in re.findall(r"\$POLICIES/([\w.-]+)", script.read_text()):  # the committed behaviour policies
+        assert (REPO / "results/medium_expert/policies" / name).is_file(), name

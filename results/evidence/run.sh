@@ -29,7 +29,8 @@
 #
 # KIND=medium-expert OUT=results/medium_expert runs the same stages on Hopper medium-expert (issue "Test the paper
 # where it claims most"): STAGE=data makes D4RL's medium and expert halves side by side (SAC seed 0 to the medium
-# level; SAC seed 1 for 150k steps, its best evaluation rolled out), 1M transitions each, then their union.
+# level; SAC seed 1 for 150k steps, its best evaluation rolled out), 1M transitions each, then their union;
+# with POLICIES=results/medium_expert/policies it rolls out the two saved behaviour policies instead (no SAC).
 #
 # Everything lands in $OUT (default results/evidence/): the agents (cql_agents/checkpoint.pt) and one folder per run with its
 # eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside git ($CKPT, default
@@ -48,7 +49,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 case ${STAGE:?STAGE=data, cql or finetune} in
 data)
-  if [[ $KIND == medium-expert ]]; then  # the two halves in parallel, one core each, then their union
+  if [[ $KIND == medium-expert && -n ${POLICIES:-} ]]; then  # the halves rolled out from the saved policies
+    python make_dataset.py --env Hopper-v5 --kind medium --seed 0 \
+      --behaviour-policy "$POLICIES/hopper-medium-seed0.pt" &
+    medium=$!
+    python make_dataset.py --env Hopper-v5 --kind expert --seed 1 --behaviour-policy "$POLICIES/hopper-expert-seed1.pt"
+    wait $medium
+  elif [[ $KIND == medium-expert ]]; then  # the two halves in parallel, one core each, then their union
     python make_dataset.py --env Hopper-v5 --kind medium --seed 0 &
     medium=$!
     python make_dataset.py --env Hopper-v5 --kind expert --seed 1 --total-timesteps 150000
@@ -60,7 +67,7 @@ import sys
 
 import h5py
 
-from cql_pretrain import read_minari  # the transitions exactly as the training scripts read a Minari dataset
+from plumbing import read_minari  # the transitions exactly as the training scripts read a Minari dataset
 
 data = read_minari(f"local/hopper/{sys.argv[2]}-v0")[0]
 with h5py.File(sys.argv[1], "w") as f:
