@@ -98,7 +98,7 @@ class Run:
     eval_episodes: int = 5
     """deterministic evaluation episodes per agent, and for their ensemble pi^E"""
     save_every: int = 50_000
-    """write the checkpoint every this many gradient steps (and at the end, and on Ctrl-C)"""
+    """write the checkpoint every this many gradient steps (and at the end, and on Ctrl-C or SIGTERM)"""
     log_every: int = 1_000
     """a training line (and a metrics.csv row) every this many gradient steps, and at least every minute"""
     exp_name: str = "cql_pretrain"

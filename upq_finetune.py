@@ -119,7 +119,7 @@ class Run:
     """deterministic episodes of tanh(mean of pi^E) before fine-tuning and after every epoch;
     Off2OnRL official: 5,000 steps"""
     save_every: int = 10
-    """save the fine-tuned agents every this many epochs (and at the end, and on Ctrl-C)"""
+    """save the fine-tuned agents every this many epochs (and at the end, and on Ctrl-C or SIGTERM)"""
     exp_name: str = "upq"
     """prefix of the run's name (CleanRL; beta in it, so a beta sweep's runs never meet):
     runs/<exp-name>__<env>__beta<beta>__<seed>__<time> and checkpoints/<exp-name>__<env>__beta<beta>__seed<seed>"""
@@ -870,6 +870,9 @@ def start_run(args: Args) -> SimpleNamespace:
     name = run_name(alg, run, slug)
     save_dir, run_dir, saved, locks = plumbing.prepare_folders(
         args, f"checkpoints/{name}__seed{run.seed}", f"{name}__{run.seed}", (FINETUNED_FORMAT,))
+    if saved and saved["meta"]["grad_steps"] == updates_due(alg.total_steps, alg):  # its last epoch trained
+        print(f"the run in {save_dir} is already at --total-steps {alg.total_steps:,}: nothing to do")
+        raise SystemExit(0)
     start, source = (saved, None) if saved else plumbing.load_pretrained(
         run.checkpoints, f"checkpoints/{slug}__seed1", (CQL_FORMAT,), alg.num_agents)
     plumbing.check_video(args.common)

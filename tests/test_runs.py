@@ -223,6 +223,19 @@ def test_overwrite_and_refusals_never_delete_what_the_run_did_not_write(run_scri
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.parametrize("script", ["cql_pretrain.py", "upq_finetune.py"])
+def test_resuming_a_finished_run_does_nothing_and_writes_nothing(run_script, tiny_hopper_hdf5, tiny_cql_checkpoints,
+                                                                 tmp_path, script):
+    flags = (["--env", tiny_hopper_hdf5, *CQL_TINY, "--total-steps", "4"] if script == "cql_pretrain.py" else
+             ["--env", tiny_hopper_hdf5, "--checkpoints", tiny_cql_checkpoints, *UPQ_TINY, "--total-steps", "20"])
+    folders = ["--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"]
+    assert run_script(script, *flags, *folders).returncode == 0
+    before = {folder: files(tmp_path / folder) for folder in ("save", "run")}
+    result = run_script(script, *flags, *folders, "--resume")
+    assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr
+    assert {folder: files(tmp_path / folder) for folder in ("save", "run")} == before  # logs and config.json too
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--gamma", "0.5"], "--resume: the saved run has --gamma 0.99, this command 0.5; a resumed run keeps every flag"),
     (["--hidden-sizes", "16", "16"], "the saved run has --hidden-sizes [8, 8], this command [16, 16]"),
