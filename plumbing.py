@@ -158,10 +158,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
              f"checkpoint, if any, is unchanged")
 
 
-def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...] = (), flag: str = "") -> dict:
+def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...] = (), flag: str = "",
+                    advice: str = "") -> dict:
     """A checkpoint this project wrote, its digest verified, or one clear sentence on why it cannot be used (naming
-    `flag`, the flag that gave the path, when given). A file without meta and digest that holds the keys `older`
-    (written by an older version) is taken as it is."""
+    `flag`, the flag that gave the path, when given; `advice` ends the sentence for a file of another format). A file
+    without meta and digest that holds the keys `older` (written by an older version) is taken as it is."""
     if path.is_dir() and (path / "manifest.json").exists() and not (path / CHECKPOINT).exists():
         fail(f"{path} holds checkpoints of the older per-agent layout: convert a CQL set with python "
              f"results/convert_set.py {path} <new folder>; a fine-tuned one continues with the code of commit 53ee51c")
@@ -178,7 +179,7 @@ def load_checkpoint(path: Path, formats: tuple[str, ...], older: tuple[str, ...]
             state["meta"].get("format") not in formats:
         found = state["meta"].get("format") if isinstance(state, dict) and isinstance(state.get("meta"), dict) else None
         fail(f"{flag} {path} is not a {' or '.join(formats)} checkpoint".lstrip() + (f" (it is a {found} one)"
-                                                                                     if found else ""))
+                                                                                     if found else "") + advice)
     try:
         intact = state.pop("sha256", None) == digest(state)
     except (TypeError, ValueError):  # a flipped byte in the pickle can turn a key or a value into another type
@@ -789,7 +790,9 @@ def load_pretrained(checkpoints: str | None, default: str, formats: tuple[str, .
     source = Path(checkpoints or default)
     if not checkpoints and not source.exists():
         fail(f"no checkpoints at {source}: pre-train with python cql_pretrain.py --env <dataset> or pass --checkpoints")
-    pretrained = load_checkpoint(source, formats, flag="--checkpoints" if checkpoints else "")
+    pretrained = load_checkpoint(source, formats, flag="--checkpoints" if checkpoints else "",
+                                 advice=": pass the --save-dir of cql_pretrain.py (a fine-tuned run continues from "
+                                        "its own --save-dir with --resume)")
     if num_agents is not None and num_agents > pretrained["meta"]["num_agents"]:
         fail(f"--num-agents must lie between 1 and the {pretrained['meta']['num_agents']} agents of {source}, "
              f"not {num_agents}")

@@ -446,7 +446,8 @@ def edit_meta(**entries):
     ("edited", "is corrupted: its contents do not match the digest"),
     ("other env", "the agents were trained for HalfCheetah-v5 (obs 17, actions 6) but --env"),
     ("more agents than saved", "--num-agents must lie between 1 and the 3 agents of"),
-    ("finetuned, not cql", "is not a upq-cql-v3 checkpoint (it is a upq-finetune-v3 one)"),
+    ("finetuned, not cql", "is not a upq-cql-v3 checkpoint (it is a upq-finetune-v3 one): pass the --save-dir of "
+                           "cql_pretrain.py (a fine-tuned run continues from its own --save-dir with --resume)"),
     ("NaN weights", "holds NaN or inf values in critic.net.4.bias: its run diverged"),  # a digest of NaN matches
 ])
 def test_bad_checkpoints_give_one_sentence_and_overwrite_nothing(run_script, finetuned, tiny_hopper_hdf5,
