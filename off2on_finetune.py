@@ -832,9 +832,9 @@ def main(args: Args) -> None:
         if env_steps % (run.save_every * alg.steps_per_epoch) == 0 or env_steps == alg.total_steps:
             save_run(r, env_steps, grad_steps)
     env.close()
-    plumbing.finish_run(r, f"{env_steps:,} env steps, {grad_steps:,} gradient steps in "
-                           f"{plumbing.duration(time.perf_counter() - started)}; saved {n} fine-tuned agents to "
-                           f"{r.save_dir / CHECKPOINT}")
+    session = f"{grad_steps - grad_steps_at_start:,} in {plumbing.duration(time.perf_counter() - started)}"
+    plumbing.finish_run(r, f"at env step {env_steps:,}, gradient step {grad_steps:,} ({session}); saved {n} fine-tuned "
+                           f"agents to {r.save_dir / CHECKPOINT}")
 
 
 # =============================================================================================================
