@@ -617,8 +617,7 @@ def make_episodes(args: Args, kind: str, run_path: Path, target_return: Optional
     if policy is not None:
         chosen, metadata = policy
     else:
-        run = train_behaviour(args, run_path, target_return if kind in ("medium", "medium-replay") else None)
-        chosen, metadata = choose_policy(args, kind, run, run_path, target_return)
+        run, chosen, metadata = sac_policy(args, kind, run_path, target_return)
     if kind == "medium-replay":
         return replay_episodes(args, run["replay"], chosen["step"]), "SAC (CleanRL), replay until medium", metadata
     env = make_env(args)
@@ -629,9 +628,10 @@ def make_episodes(args: Args, kind: str, run_path: Path, target_return: Optional
     return episodes, f"SAC (CleanRL), {kind} policy", metadata
 
 
-def choose_policy(args: Args, kind: str, run: dict, run_path: Path, target_return: Optional[float]):
-    """The evaluation of the SAC run whose actor a kind rolls out (expert: the best; medium and medium-replay: the
-    first that reaches the target), and the dataset metadata that records it."""
+def sac_policy(args: Args, kind: str, run_path: Path, target_return: Optional[float]):
+    """The SAC run, trained as far as `kind` needs; the evaluation whose actor the kind rolls out (expert: the best;
+    medium and medium-replay: the first that reaches the target); and the dataset metadata that records it."""
+    run = train_behaviour(args, run_path, target_return if kind in ("medium", "medium-replay") else None)
     if kind == "expert":
         chosen = max(run["evaluations"], key=lambda e: e["mean_return"])
     else:
@@ -646,13 +646,12 @@ def choose_policy(args: Args, kind: str, run: dict, run_path: Path, target_retur
                 "behaviour_eval_return_std": chosen["std_return"], "behaviour_run": str(run_path),
                 "target_return": target_return if kind != "expert" else None,
                 "sac_total_timesteps": run["global_step"]}
-    return chosen, metadata
+    return run, chosen, metadata
 
 
 def export_policy(args: Args, run_path: Path, target_return: Optional[float]) -> None:
     """--export-policy: the actor --kind rolls out, with its evaluation and the dataset metadata, as one file."""
-    run = train_behaviour(args, run_path, target_return if args.kind == "medium" else None)
-    chosen, metadata = choose_policy(args, args.kind, run, run_path, target_return)
+    _, chosen, metadata = sac_policy(args, args.kind, run_path, target_return)
     env = make_env(args)
     save_checkpoint(Path(args.export_policy), dict(
         meta=dict(format=POLICY_FORMAT, env=args.env, kind=args.kind, seed=args.seed,
@@ -676,17 +675,17 @@ def check_policy_flags(args: Args):
         fail(f"--export-policy {export} already exists: pass --overwrite to replace it, or another file")
     if export and not export.absolute().parent.is_dir():
         fail(f"--export-policy {export}: the folder {export.parent} does not exist")
-    return read_policy(args, args.kind) if args.behaviour_policy else None
+    return read_policy(args) if args.behaviour_policy else None
 
 
-def read_policy(args: Args, kind: str):
-    """--behaviour-policy: the saved actor as choose_policy gives it, checked against the env and kind asked for."""
+def read_policy(args: Args):
+    """--behaviour-policy: the saved actor as sac_policy gives it, checked against --env and --kind."""
     saved = load_checkpoint(Path(args.behaviour_policy), (POLICY_FORMAT,), flag="--behaviour-policy")
     meta, env = saved["meta"], make_env(args)
     made_for = (meta["env"], meta["max_episode_steps"], meta["kind"])
-    if made_for != (args.env, env.spec.max_episode_steps, kind):
+    if made_for != (args.env, env.spec.max_episode_steps, args.kind):
         fail(f"{args.behaviour_policy} is the {meta['kind']} policy of {meta['env']} with time limit "
-             f"{meta['max_episode_steps']}, not the {kind} policy of {args.env} with time limit "
+             f"{meta['max_episode_steps']}, not the {args.kind} policy of {args.env} with time limit "
              f"{env.spec.max_episode_steps}")
     if meta["seed"] != args.seed:
         print(f"note: {args.behaviour_policy} was exported by the run with --seed {meta['seed']}; this rollout's "
