@@ -6,9 +6,11 @@
         --table results/evidence/stats.md --csv results/evidence/stats.csv
 
 Each --series is TASK:LABEL=GLOB, as results/plot.py's PANEL:LABEL=GLOB; every eval.csv the glob matches is one
-seed (a fine-tuning run). A seed gives two numbers, both from results/plot.py: its final score (the mean of its
-last --final-evals evaluations) and its early-drop minimum (its lowest score at env steps 1 .. --early-steps). For
-each label and each of the two, a score matrix [num_seeds, num_tasks] gives the mean and the interquartile mean
+seed (a fine-tuning run). A seed gives three numbers: its final score (the mean of its last --final-evals
+evaluations) and its early-drop minimum (its lowest score at env steps 1 .. --early-steps), both from
+results/plot.py, and its early drop (that minimum minus its score at step 0, the pre-trained ensemble's on the
+run's own evaluation seeds: negative when fine-tuning first lost ground). For each label and each of the three, a
+score matrix [num_seeds, num_tasks] gives the mean and the interquartile mean
 (IQM: the mean of the middle half of all its scores, scipy's trim_mean at 0.25), each with a 95% stratified
 bootstrap CI (rliable.library.get_interval_estimates, percentile method; seeds are resampled within each task);
 and each other label against --baseline gives the probability of improvement P(X > Y) + P(X = Y) / 2 over pairs
@@ -55,7 +57,8 @@ class Args:
     """write the same numbers to this CSV file, one estimate a row, 4 decimals"""
 
 
-MEASURES = ("final", "early_min")  # a seed's final score, its early-drop minimum
+MEASURES = ("final", "early_min", "early_drop")  # a seed's final score, early-drop minimum, and drop from step 0
+HEADINGS = {"final": "final", "early_min": "early-drop min", "early_drop": "drop from step 0"}
 
 
 def mean_and_iqm(scores: np.ndarray) -> np.ndarray:
@@ -105,9 +108,13 @@ def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]
                 raise SystemExit(f"error: {path} is not a fine-tuning run's eval.csv with evaluations")
             if plot.early_minimum(steps, scores, args.early_steps) is None:
                 raise SystemExit(f"error: {path} has no evaluation at env steps 1-{args.early_steps:,}")
+            if steps[0] != 0:
+                raise SystemExit(f"error: {path} has no evaluation at env step 0 (the pre-trained start)")
             curves.append((steps, scores))
         values["final", label, task] = [plot.final_score(scores, False, args.final_evals) for _, scores in curves]
         values["early_min", label, task] = [plot.early_minimum(*curve, args.early_steps) for curve in curves]
+        values["early_drop", label, task] = [low - scores[0] for low, (_, scores) in
+                                             zip(values["early_min", label, task], curves)]
         ends[task].update(int(steps[-1]) for steps, _ in curves)
         runs[label, task] = [Path(path).parent.name for path in files]
         tasks += [task] if task not in tasks else []
@@ -129,7 +136,7 @@ def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]
 
 def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.ndarray]],
                   runs: dict[tuple[str, str], list[str]]) -> str:
-    """Compute every estimate, write the CSV and return the markdown (ending with every seed's two numbers)."""
+    """Compute every estimate, write the CSV and return the markdown (ending with every seed's three numbers)."""
     rows = []  # measure, statistic, method, n, versus, n_versus, estimate, ci_low, ci_high
     summary = {}  # (label, measure) -> "mean [lo, hi]" and "IQM [lo, hi]" cells
     for measure, by_label in scores.items():
@@ -156,27 +163,31 @@ def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.n
 
     labels = list(scores["final"])
     n = {label: len(scores["final"][label]) for label in labels}
-    header = (f"{', '.join(tasks)}: per seed, the final score (mean of its last {args.final_evals} evaluations) and "
-              f"the early-drop minimum (its lowest score at env steps 1-{args.early_steps:,}). Point estimate and 95% "
-              f"stratified-bootstrap CI (rliable {version('rliable')}, percentile, {args.reps:,} resamples, "
-              f"numpy seed {args.seed}); n = seeds{' per task' if len(tasks) > 1 else ''}.")
-    columns = ("| method | n | final: mean [95% CI] | final: IQM [95% CI] | early-drop min: mean [95% CI] "
-               "| early-drop min: IQM [95% CI] |")
-    lines = [header, "", columns, "| --- | --- | --- | --- | --- | --- |"]
+    header = (f"{', '.join(tasks)}: per seed, the final score (mean of its last {args.final_evals} evaluations), "
+              f"the early-drop minimum (its lowest score at env steps 1-{args.early_steps:,}) and the drop from step "
+              f"0 (that minimum minus the seed's step-0 score). Point estimate and 95% stratified-bootstrap CI "
+              f"(rliable {version('rliable')}, percentile, {args.reps:,} resamples, numpy seed {args.seed}); n = "
+              f"seeds{' per task' if len(tasks) > 1 else ''}.")
+    columns = "".join(f" {HEADINGS[measure]}: {statistic} [95% CI] |" for measure in MEASURES
+                      for statistic in ("mean", "IQM"))
+    lines = [header, "", f"| method | n |{columns}", "|" + " --- |" * (2 + 2 * len(MEASURES))]
     lines += [f"| {label} | {n[label]} | " + " | ".join(summary[label, measure, statistic] for measure in MEASURES
                                                         for statistic in ("mean", "IQM")) + " |" for label in labels]
     others = [label for label in labels if label != args.baseline]
     if others:
         poi = (f"Probability of improvement over {args.baseline}, P(X > Y) + P(X = Y) / 2 over pairs of seeds (0.5: "
-               "neither ahead; for the early-drop minimum, above 0.5: a shallower drop), with its 95% CI:")
-        lines += ["", poi, "", "| method | n vs n | final score | early-drop minimum |", "| --- | --- | --- | --- |"]
-        lines += [f"| {label} | {n[label]} vs {n[args.baseline]} | {summary[label, 'final', 'poi']} | "
-                  f"{summary[label, 'early_min', 'poi']} |" for label in others]
+               "neither ahead; for the early-drop minimum and the drop, above 0.5: a shallower drop), with its 95% "
+               "CI:")
+        lines += ["", poi, "", "| method | n vs n | final score | early-drop minimum | drop from step 0 |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {label} | {n[label]} vs {n[args.baseline]} | "
+                  + " | ".join(summary[label, measure, "poi"] for measure in MEASURES) + " |" for label in others]
     lines += ["", "Per seed, the numbers the estimates above come from (each run named by its folder):", "",
-              "| method | task | run | final score | early-drop minimum |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {label} | {task} | {run} | {scores['final'][label][seed, t]:.1f} | "
-              f"{scores['early_min'][label][seed, t]:.1f} |" for label in labels for t, task in enumerate(tasks)
-              for seed, run in enumerate(runs[label, task])]
+              "| method | task | run | final score | early-drop minimum | drop from step 0 |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {label} | {task} | {run} | "
+              + " | ".join(f"{scores[measure][label][seed, t]:.1f}" for measure in MEASURES) + " |"
+              for label in labels for t, task in enumerate(tasks) for seed, run in enumerate(runs[label, task])]
     return "\n".join(lines) + "\n"
 
 

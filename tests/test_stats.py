@@ -55,11 +55,12 @@ def test_intervals_hold_the_estimate_and_repeat_with_the_same_seed_only():
 
 def test_table_from_eval_csv_files(tmp_path):
     # steps 0, 1k, 2k, 3k; with --final-evals 2 and --early-steps 2000: final = mean of the 2k and 3k scores, early
-    # minimum = the lower of the 1k and 2k scores (step 0, the pre-trained start, and step 3k lie outside)
-    for seed, scores in enumerate([[50, 10, 20, 30], [50, 12, 30, 40], [50, 14, 40, 50], [50, 16, 60, 70]]):
+    # minimum = the lower of the 1k and 2k scores (step 0, the pre-trained start, and step 3k lie outside), drop =
+    # that minimum minus the seed's own step-0 score
+    for seed, scores in enumerate([[50, 10, 20, 30], [52, 12, 30, 40], [54, 14, 40, 50], [56, 16, 60, 70]]):
         write_eval(tmp_path / f"off2on_seed{seed}" / "eval.csv", scores)  # finals 25 35 45 65, early 10 12 14 16
     for seed, scores in enumerate([[50, 4, 70, 80], [50, 6, 80, 90], [50, 7, 90, 100], [50, 7, 100, 110]]):
-        write_eval(tmp_path / f"upq_seed{seed}" / "eval.csv", scores)  # finals 75 85 95 105, early 4 6 7 7
+        write_eval(tmp_path / f"upq_seed{seed}" / "eval.csv", scores)  # ... 75 85 95 105, 4 6 7 7, -46 -44 -43 -43
     for seed in range(4):
         write_eval(tmp_path / f"flat_seed{seed}" / "eval.csv", [50, 20, 50, 50])  # final 50, early 20 on every seed
     args = stats.Args(series=[f"hopper:{label}={tmp_path}/{name}_seed*/eval.csv"
@@ -71,21 +72,26 @@ def test_table_from_eval_csv_files(tmp_path):
     lines = table.splitlines()
     assert "rliable 1.2.0, percentile, 300 resamples, numpy seed 3" in lines[0]
     number = r"(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]"
-    cells = re.fullmatch(rf"\| Off2OnRL \| 4 \| {number} \| {number} \| {number} \| {number} \|", lines[4])
+    cells = re.fullmatch(r"\| Off2OnRL \| 4 \|" + rf" {number} \|" * 6, lines[4])
     points = [float(value) for value in cells.groups()[::3]]
-    assert points == [42.5, 40.0, 13.0, 13.0]  # means of 25 35 45 65 and 10 12 14 16; IQMs: 35 45 and 12 14
+    # means of 25 35 45 65 and 10 12 14 16; IQMs: 35 45 and 12 14; each seed 40 below its own step-0 score
+    assert points == [42.5, 40.0, 13.0, 13.0, -40.0, -40.0]
     assert lines[5].startswith("| UPQ | 4 | 90.0 [") and "| 6.0 [" in lines[5] and "| 6.5 [" in lines[5]
-    assert lines[6] == "| flat | 4 | 50.0 [50.0, 50.0] | 50.0 [50.0, 50.0] | 20.0 [20.0, 20.0] | 20.0 [20.0, 20.0] |"
+    upq = re.fullmatch(r"\| UPQ \| 4 \|" + rf" {number} \|" * 6, lines[5]).groups()[::3]
+    assert [float(value) for value in upq[4:]] == [-44.0, -43.5]  # drops -46 -44 -43 -43; IQM: -44 and -43
+    assert lines[6] == "| flat | 4 |" + " 50.0 [50.0, 50.0] |" * 2 + " 20.0 [20.0, 20.0] |" * 2 + \
+        " -30.0 [-30.0, -30.0] |" * 2
     assert lines[8].startswith("Probability of improvement over Off2OnRL")
     # every UPQ final above every Off2OnRL final, every UPQ minimum below; flat's 50 beats 3 of the 4 finals
-    assert lines[12] == "| UPQ | 4 vs 4 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] |"
-    assert lines[13].startswith("| flat | 4 vs 4 | 0.75 [") and lines[13].endswith("| 1.00 [1.00, 1.00] |")
+    assert lines[12] == "| UPQ | 4 vs 4 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00] |"
+    assert lines[13].startswith("| flat | 4 vs 4 | 0.75 [") and lines[13].endswith(" 1.00 [1.00, 1.00] |" * 2)
     assert "final,P(X > baseline),UPQ,4,Off2OnRL,4,1.0000,1.0000,1.0000\n" in rows
     assert "early_min,IQM,flat,4,,,20.0000,20.0000,20.0000\n" in rows
     assert lines[15] == "Per seed, the numbers the estimates above come from (each run named by its folder):"
-    assert lines[19:23] == [f"| Off2OnRL | hopper | off2on_seed{seed} | {final:.1f} | {early:.1f} |"
+    assert lines[19:23] == [f"| Off2OnRL | hopper | off2on_seed{seed} | {final:.1f} | {early:.1f} | -40.0 |"
                             for seed, final, early in zip(range(4), (25, 35, 45, 65), (10, 12, 14, 16))]
-    assert lines[23] == "| UPQ | hopper | upq_seed0 | 75.0 | 4.0 |" and len(lines) == 19 + 12
+    assert lines[23] == "| UPQ | hopper | upq_seed0 | 75.0 | 4.0 | -46.0 |" and len(lines) == 19 + 12
+    assert "early_drop,mean,flat,4,,,-30.0000,-30.0000,-30.0000\n" in rows
     stats.main(args)  # the same seed: the same bytes
     assert Path(args.table).read_text() == table and Path(args.csv).read_text() == rows
 
@@ -96,6 +102,7 @@ def test_table_from_eval_csv_files(tmp_path):
     ("no baseline", "--baseline 'Off2OnRL' is none of the labels"),
     ("unfinished", "end at different env steps (2000, 3000)"),
     ("no early evaluation", "has no evaluation at env steps 1-500"),
+    ("no step 0", "has no evaluation at env step 0 (the pre-trained start)"),
     ("pre-training file", "is not a fine-tuning run's eval.csv"),
     ("other columns", "is not an eval.csv with numbers in columns step and normalized_score"),
 ])
@@ -113,6 +120,8 @@ def test_bad_input_is_refused(tmp_path, case, message):
         series = series[1:]
     elif case == "unfinished":  # a run still going: its last evaluation at 2k, the others' at 3k
         write_eval(tmp_path / "b" / "s2" / "eval.csv", [50, 10, 20])
+    elif case == "no step 0":  # the drop is measured from the run's own step-0 score
+        write_eval(tmp_path / "b" / "s2" / "eval.csv", [10, 20, 30], steps=(1000, 2000, 3000))
     elif case == "pre-training file":
         (tmp_path / "b" / "s2" / "eval.csv").write_text("step,agent,return,normalized_score\n0,0,1,1.0\n")
     elif case == "other columns":

@@ -26,15 +26,18 @@
 #   STEPS=200000 SUB=budget200k/ SEEDS="1 2 3" METHODS="off2on upq:0.001" STAGE=finetune bash results/evidence/run.sh
 #                                                 # the paper's online budget (200 epochs): runs in $OUT/budget200k/
 #                                                 # (PLOT_METHODS="off2on upq:0.001": the figure's and tables' methods)
+#   EARLY=10000 STAGE=analysis bash results/evidence/run.sh
+#                                                 # the figure and tables again, the early drop over env steps 1-10k
 #
 # KIND=medium-expert OUT=results/medium_expert runs the same stages on Hopper medium-expert (issue "Test the paper
 # where it claims most"): STAGE=data makes D4RL's medium and expert halves side by side (SAC seed 0 to the medium
 # level; SAC seed 1 for 150k steps, its best evaluation rolled out), 1M transitions each, then their union;
 # with POLICIES=results/medium_expert/policies it rolls out the two saved behaviour policies instead (no SAC).
 #
-# Everything lands in $OUT (default results/evidence/): the agents (cql_agents/checkpoint.pt) and one folder per run with its
-# eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside git ($CKPT, default
-# runs/evidence).
+# Everything lands in $OUT (default results/evidence/): the agents (cql_agents/checkpoint.pt) and one folder per run
+# with its eval.csv, metrics.csv, config.json and train.log; the fine-tuned checkpoints stay outside git ($CKPT,
+# default runs/evidence). STAGE=analysis makes the figure and tables alone, from the runs in $OUT and the checkpoints
+# in $CKPT, and starts no run (e.g. this commit's analysis of runs made by an earlier fixed commit).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 KIND=${KIND:-medium-replay}   # the D4RL-style dataset: medium-replay or medium-expert
@@ -44,10 +47,11 @@ TASK="Hopper $KIND"
 CKPT=${CKPT:-runs/$(basename "$OUT")}
 STEPS=${STEPS:-20000}   # env steps of fine-tuning (the paper: 200,000)
 SUB=${SUB:-}            # a subfolder of $OUT and $CKPT for the runs (e.g. budget200k/)
+EARLY=${EARLY:-5000}    # the early drop: each run's lowest score at env steps 1 .. $EARLY
 read -r -a extra <<< "${EXTRA:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-case ${STAGE:?STAGE=data, cql or finetune} in
+case ${STAGE:?STAGE=data, cql, finetune or analysis} in
 data)
   if [[ $KIND == medium-expert && -n ${POLICIES:-} ]]; then  # the halves rolled out from the saved policies
     python make_dataset.py --env Hopper-v5 --kind medium --seed 0 \
@@ -82,25 +86,27 @@ cql)
     --eval-every 5000 \
     --save-every 1000 --log-every 1000 --save-dir $OUT/cql_agents --run-dir $OUT/cql "${extra[@]}"
   ;;
-finetune)
-  jobs=()
+finetune|analysis)  # analysis: the figure and tables alone, from the runs already in $OUT (it starts none)
   RUNS=$OUT/$SUB
-  mkdir -p "$CKPT/$SUB" "$RUNS"
-  for seed in ${SEEDS:-1 2 3}; do
-    for method in ${METHODS:-off2on upq:0.1 upq:0.01 upq:0.001}; do
-      name=$SUB${method/:/_beta}_seed$seed
-      grep -q "^$STEPS," "$OUT/$name/eval.csv" 2>/dev/null && continue  # done: its last evaluation is logged
-      script=${method%%:*}_finetune.py
-      flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
-      if [[ -f $CKPT/$name/checkpoint.pt ]]; then flags+=(--resume)  # a run stopped or cut short continues
-      elif [[ -f $OUT/$name/eval.csv ]]; then flags+=(--overwrite); fi  # one killed before its first save restarts
-      python "$script" --env "$DATA" --checkpoints $OUT/cql_agents --seed $seed --total-steps "$STEPS" "${flags[@]}" \
-        --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" >> "$CKPT/$name.log" 2>&1 &
-      jobs+=($!)
-      if (( ${#jobs[@]} >= ${JOBS:-2} )); then wait "${jobs[0]}"; jobs=("${jobs[@]:1}"); fi
+  if [[ $STAGE == finetune ]]; then
+    jobs=()
+    mkdir -p "$CKPT/$SUB" "$RUNS"
+    for seed in ${SEEDS:-1 2 3}; do
+      for method in ${METHODS:-off2on upq:0.1 upq:0.01 upq:0.001}; do
+        name=$SUB${method/:/_beta}_seed$seed
+        grep -q "^$STEPS," "$OUT/$name/eval.csv" 2>/dev/null && continue  # done: its last evaluation is logged
+        script=${method%%:*}_finetune.py
+        flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
+        if [[ -f $CKPT/$name/checkpoint.pt ]]; then flags+=(--resume)  # a run stopped or cut short continues
+        elif [[ -f $OUT/$name/eval.csv ]]; then flags+=(--overwrite); fi  # killed before its first save: anew
+        python "$script" --env "$DATA" --checkpoints $OUT/cql_agents --seed $seed --total-steps "$STEPS" \
+          "${flags[@]}" --save-dir "$CKPT/$name" --run-dir "$OUT/$name" "${extra[@]}" >> "$CKPT/$name.log" 2>&1 &
+        jobs+=($!)
+        if (( ${#jobs[@]} >= ${JOBS:-2} )); then wait "${jobs[0]}"; jobs=("${jobs[@]:1}"); fi
+      done
     done
-  done
-  for job in "${jobs[@]}"; do wait "$job"; done
+    for job in "${jobs[@]}"; do wait "$job"; done
+  fi
   series=("$TASK:CQL agents=$OUT/cql/eval.csv"); sets=()
   for method in ${PLOT_METHODS:-off2on upq:0.1 upq:0.01 upq:0.001}; do  # the methods of the figure and tables
     label=Off2OnRL; [[ $method == upq:* ]] && label="UPQ beta ${method#upq:}"
@@ -108,9 +114,10 @@ finetune)
     sets+=("$CKPT/$SUB${method/:/_beta}_seed*")
   done
   python results/plot.py --figure "${RUNS}fig2.png" --table "${RUNS}table.md" --ensemble-level --diagnostics \
-    --final-evals 5 --early-steps 5000 --series "${series[@]}"
+    --final-evals 5 --early-steps "$EARLY" --series "${series[@]}"
   python results/evidence/final_eval.py --episodes 100 --csv "${RUNS}final_eval.csv" --table "${RUNS}final_eval.md" \
     --sets "${sets[@]}"
-  python results/stats.py --table "${RUNS}stats.md" --csv "${RUNS}stats.csv" --series "${series[@]:1}"  # rliable
+  python results/stats.py --early-steps "$EARLY" --table "${RUNS}stats.md" --csv "${RUNS}stats.csv" \
+    --series "${series[@]:1}"  # rliable
   ;;
 esac
