@@ -1,12 +1,16 @@
 """Convert a CQL checkpoint set of the older per-agent layout (manifest.json and agent_k.pt, as cql_pretrain.py wrote
-them before commit d784d18) into the one checkpoint.pt that cql_pretrain.py now writes and fine-tuning starts from.
+them before commit d784d18) into the one checkpoint.pt that cql_pretrain.py now writes and fine-tuning starts from;
+or strip such a checkpoint.pt to its weights, the form results/ commits agents in.
 
     python results/convert_set.py OLD_FOLDER NEW_FOLDER [--weights-only]
+    python results/convert_set.py CQL_SAVE_DIR NEW_FOLDER --weights-only
 
 Agent k's slices go back to their rows of the ensemble tensors: actor member k, critic (and target) members 2k and
 2k + 1, temperature entry k, the same rows of each Adam moment; its random stream becomes generators[k]. A full set
 gives a checkpoint that cql_pretrain.py --resume continues, a weights-only set (or --weights-only) one without the
 Adam moments and random streams, which fine-tuning reads alike. Fine-tuned sets of the older layout are refused.
+A checkpoint.pt of the current layout keeps its meta and weights, byte for byte, without its Adam moments and random
+streams.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cql_pretrain import CQL_FORMAT  # noqa: E402
-from plumbing import CHECKPOINT, fail, save_checkpoint  # noqa: E402
+from plumbing import CHECKPOINT, fail, load_checkpoint, save_checkpoint  # noqa: E402
 
 OLD_SET, OLD_AGENT = "upq-checkpoint-set-v1", "upq-cql-agent-v2"
 PER_AGENT_META = ("agent", "seed", "normalized_score", "grad_steps")  # the new meta keeps `seeds` and `step`
@@ -63,15 +67,26 @@ def read_old_set(folder: Path) -> list[dict]:
 def convert(old: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OLD")],
             new: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="NEW")],
             weights_only: bool = False) -> None:
-    """Write NEW/checkpoint.pt from the older set in OLD.
+    """Write NEW/checkpoint.pt from the older set in OLD, or from OLD's checkpoint.pt with --weights-only.
 
     Args:
-        old: a folder with manifest.json and agent_0.pt ... agent_{N-1}.pt (cql_pretrain.py's older --save-dir)
+        old: a folder with manifest.json and agent_0.pt ... agent_{N-1}.pt (cql_pretrain.py's older --save-dir);
+            with --weights-only, also a --save-dir of cql_pretrain.py now (its checkpoint.pt)
         new: the folder for checkpoint.pt (created; it must not hold a checkpoint yet)
         weights_only: leave out the Adam moments and random streams (what only cql_pretrain.py --resume needs)
     """
     if (new / CHECKPOINT).exists() or (new / "manifest.json").exists():
         fail(f"{new} already holds a checkpoint; convert into a new folder")
+    if (old / CHECKPOINT).exists() and not (old / "manifest.json").exists():
+        if not weights_only:
+            fail(f"{old / CHECKPOINT} has the current layout already; --weights-only strips it to its weights")
+        state = load_checkpoint(old, (CQL_FORMAT,), flag="OLD")  # (its digest checked)
+        state = {key: value for key, value in state.items() if key not in ("optimizers", "generators")}
+        new.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(new / CHECKPOINT, state)
+        print(f"wrote the weights of the {state['meta']['num_agents']} agents of run {state['meta']['run_id']} at "
+              f"step {state['meta']['step']:,} from {old / CHECKPOINT} to {new / CHECKPOINT}")
+        return
     agents = read_old_set(old)
     metas = [agent["meta"] for agent in agents]
     meta = {key: value for key, value in metas[0].items() if key not in PER_AGENT_META}

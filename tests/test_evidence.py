@@ -84,9 +84,14 @@ def test_convert_joins_the_agents_back_into_the_checkpoint_they_were_cut_from(sa
     write_old_set(saved, tmp_path / "old_weights", weights_only=True)
     convert_set.convert(tmp_path / "old_weights", tmp_path / "new_from_weights")
     weights = {key: value for key, value in saved.items() if key not in ("optimizers", "generators")}
-    for folder in ("new_weights", "new_from_weights"):
+    # ... and so does the checkpoint.pt of the current layout, stripped (its meta and weights byte for byte)
+    convert_set.convert(tmp_path / "new", tmp_path / "stripped", weights_only=True)
+    for folder in ("new_weights", "new_from_weights", "stripped"):
         loaded = plumbing.load_checkpoint(tmp_path / folder, (cql.CQL_FORMAT,))
         assert plumbing.digest(loaded) == plumbing.digest(weights)
+    with pytest.raises(SystemExit, match="has the current layout already; --weights-only strips it"):
+        convert_set.convert(tmp_path / "new", tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_converted_weights_only_checkpoint_cannot_be_resumed_and_convert_refuses(run_script, saved, tiny_hopper_hdf5,
@@ -103,7 +108,7 @@ def test_converted_weights_only_checkpoint_cannot_be_resumed_and_convert_refuses
     assert (tmp_path / "new" / cql.CHECKPOINT).read_bytes() == written
 
     with pytest.raises(SystemExit, match="not a checkpoint set of the older layout"):
-        convert_set.convert(tmp_path / "new", tmp_path / "elsewhere")  # a checkpoint of the new layout
+        convert_set.convert(tmp_path, tmp_path / "elsewhere")  # a folder of neither layout
     agent = torch.load(tmp_path / "old" / "agent_1.pt", weights_only=True)
     torch.save({**agent, "meta": {**agent["meta"], "step": 40}}, tmp_path / "old" / "agent_1.pt")
     with pytest.raises(SystemExit, match="not agents 0 to 2 of one run at one step"):
