@@ -1,10 +1,14 @@
 """Shared fixtures and helpers: tiny datasets made here (nothing is downloaded), a runner for the scripts (also one
 that kills a run at a chosen file rename), the checks every bad-input test makes, and reading and editing the
-scripts' checkpoint files."""
+scripts' checkpoint files. Under pytest-xdist (-n 2) the two tiny session fixtures are made once for both workers,
+and the tests that share a module's training run go to one worker (xdist_group; pyproject.toml sets --dist
+loadgroup), which makes that run once."""
 
 import csv
+import fcntl
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,21 +146,51 @@ def write_random_hopper_hdf5(path: Path, num_steps: int, max_episode_steps: int,
     return arrays
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name` of this test session, filled by make(folder) once: under pytest-xdist every worker gets the
+    same folder, the first to ask makes it and the others wait for it (a test must not change what it holds)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # (the parent: this session's, shared)
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.made").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # (what a failed make left)
+            folder.mkdir()
+            make(folder)
+            (root / f"{name}.made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_hopper_hdf5(tmp_path_factory) -> Path:
     """1,500 random Hopper-v5 transitions in D4RL layout, episodes cut at 20 steps (so both flags occur)."""
-    path = tmp_path_factory.mktemp("d4rl") / "hopper_tiny-v2.hdf5"
-    write_random_hopper_hdf5(path, num_steps=1500, max_episode_steps=20)
-    return path
+    name = "hopper_tiny-v2.hdf5"
+    return made_once(tmp_path_factory, "d4rl", lambda folder: write_random_hopper_hdf5(
+        folder / name, num_steps=1500, max_episode_steps=20)) / name
 
 
 @pytest.fixture(scope="session")
 def tiny_cql_checkpoints(run_script, tiny_hopper_hdf5, tmp_path_factory) -> Path:
     """The --save-dir of a 50-step cql_pretrain.py run of three agents (hidden 32 32) on tiny_hopper_hdf5: a folder
     holding its checkpoint.pt (its run dir, with eval.csv, is the folder's sibling `run`)."""
-    root = tmp_path_factory.mktemp("cql_agents")
-    result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "3", "--total-steps", "50",
-                        "--hidden-sizes", "32", "32", "--batch-size", "32", "--eval-episodes", "1",
-                        "--save-dir", root / "agents", "--run-dir", root / "run")
-    assert result.returncode == 0, result.stderr
-    return root / "agents"
+
+    def train(root: Path) -> None:
+        result = run_script("cql_pretrain.py", "--env", tiny_hopper_hdf5, "--num-agents", "3", "--total-steps", "50",
+                            "--hidden-sizes", "32", "32", "--batch-size", "32", "--eval-episodes", "1",
+                            "--save-dir", root / "agents", "--run-dir", root / "run")
+        assert result.returncode == 0, result.stderr
+
+    return made_once(tmp_path_factory, "cql_agents", train) / "agents"
+
+
+SHARED_RUNS = ("trained", "finetuned", "cql_run", "tracked", "old_and_new", "random_dataset")  # module fixtures
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
+def pytest_collection_modifyitems(items) -> None:
+    """Each test that uses one of the SHARED_RUNS (a module-scoped fixture that trains or makes data) joins its
+    xdist_group, so that under -n 2 one worker makes the run, once."""
+    for item in items:
+        if shared := [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))

@@ -126,18 +126,18 @@ def test_sigterm_in_the_middle_of_an_epoch_saves_and_the_resume_trains_the_rest(
                                                                                 tiny_hopper_hdf5,
                                                                                 tiny_cql_checkpoints, tmp_path):
     args = ["--env", tiny_hopper_hdf5, *UPQ_TINY, "--checkpoints", tiny_cql_checkpoints, "--total-steps", "20",
-            "--first-epoch-multiplier", "300", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"]
+            "--first-epoch-multiplier", "100", "--save-dir", tmp_path / "save", "--run-dir", tmp_path / "run"]
     code, stdout, stderr = interrupt("upq_finetune.py", args, tmp_path / "run", "env steps 0:", signal.SIGTERM,
                                      script_env)
     assert code == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     assert "SIGTERM at env step 10" in stdout
     meta = saved(tmp_path / "save")["meta"]
-    assert meta["env_steps"] == 10 and 0 < meta["grad_steps"] < 3000
+    assert meta["env_steps"] == 10 and 0 < meta["grad_steps"] < 1000  # (1,000 updates in epoch 0: a few seconds)
     assert [row["step"] for row in read_rows(tmp_path / "run" / "eval.csv")] == ["0"]
     finish = run_script("upq_finetune.py", *args, "--resume")
     assert finish.returncode == 0, finish.stderr
     assert [row["step"] for row in read_rows(tmp_path / "run" / "eval.csv")] == ["0", "10", "20"]
-    assert saved(tmp_path / "save")["meta"]["grad_steps"] == 3000 + 10
+    assert saved(tmp_path / "save")["meta"]["grad_steps"] == 1000 + 10
     straight = run_script("upq_finetune.py", *args[:-4], "--save-dir", tmp_path / "straight", "--run-dir",
                           tmp_path / "straight_run")  # the same run, never stopped: the resume repeats it exactly
     assert straight.returncode == 0, straight.stderr
