@@ -5,20 +5,19 @@
                  "Hopper medium-replay:UPQ beta 0.1=results/evidence/upq_beta0.1_seed*/eval.csv" \
         --table results/evidence/stats.md --csv results/evidence/stats.csv
 
-Each --series is TASK:LABEL=GLOB, as results/plot.py's PANEL:LABEL=GLOB; every eval.csv the glob matches is one
-seed (a fine-tuning run). A seed gives three numbers: its final score (the mean of its last --final-evals
-evaluations) and its early-drop minimum (its lowest score at env steps 1 .. --early-steps), both from
-results/plot.py, and its early drop (that minimum minus its score at step 0, the pre-trained ensemble's on the
-run's own evaluation seeds: negative when fine-tuning first lost ground). For each label and each of the three, a
-score matrix [num_seeds, num_tasks] gives the mean and the interquartile mean
-(IQM: the mean of the middle half of all its scores, scipy's trim_mean at 0.25), each with a 95% stratified
-bootstrap CI (rliable.library.get_interval_estimates, percentile method; seeds are resampled within each task);
-and each other label against --baseline gives the probability of improvement P(X > Y) + P(X = Y) / 2 over pairs
-of their seeds (rliable.metrics.probability_of_improvement, averaged over tasks), with its CI from the two
-labels' seeds resampled independently. rliable 1.2.0 draws its resamples from numpy's global generator
-(np.random.choice) whatever random_state it is given, so every estimate seeds that generator with --seed first
-(and puts its state back after): each interval depends only on its own data and --seed, and the table is the same
-byte for byte from run to run.
+Each --series is TASK:LABEL=GLOB, as results/plot.py's PANEL:LABEL=GLOB; every eval.csv the glob matches is one seed
+(a fine-tuning run). A seed gives three numbers: its final score (the mean of its last --final-evals evaluations),
+its early-drop minimum (its lowest score at env steps 1 .. --early-steps), both from results/plot.py, and its drop
+from step 0 (that minimum minus its score at step 0, the pre-trained ensemble's on the run's own evaluation seeds:
+negative when fine-tuning first lost ground). For each label and each of the three, a score matrix
+[num_seeds, num_tasks] gives the mean and the interquartile mean (IQM: the mean of the middle half of all its
+scores, scipy's trim_mean at 0.25), each with a 95% stratified bootstrap CI (rliable.library.get_interval_estimates,
+percentile method; seeds are resampled within each task); and each other label against --baseline gives the
+probability of improvement P(X > Y) + P(X = Y) / 2 over pairs of their seeds
+(rliable.metrics.probability_of_improvement, averaged over tasks), with its CI from the two labels' seeds resampled
+independently. rliable 1.2.0 draws its resamples from numpy's global generator (np.random.choice) whatever
+random_state it is given, so every estimate seeds that generator with --seed first (and puts its state back after):
+each interval depends only on its own data and --seed, and the table is the same byte for byte from run to run.
 """
 
 from __future__ import annotations
