@@ -56,8 +56,7 @@ class Args:
     """write the same numbers to this CSV file, one estimate a row, 4 decimals"""
 
 
-MEASURES = ("final", "early_min", "early_drop")  # a seed's final score, early-drop minimum, and drop from step 0
-HEADINGS = {"final": "final", "early_min": "early-drop min", "early_drop": "drop from step 0"}
+MEASURES = {"final": "final", "early_min": "early-drop min", "early_drop": "drop from step 0"}  # name: table heading
 
 
 def mean_and_iqm(scores: np.ndarray) -> np.ndarray:
@@ -167,7 +166,7 @@ def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.n
               f"0 (that minimum minus the seed's step-0 score). Point estimate and 95% stratified-bootstrap CI "
               f"(rliable {version('rliable')}, percentile, {args.reps:,} resamples, numpy seed {args.seed}); n = "
               f"seeds{' per task' if len(tasks) > 1 else ''}.")
-    columns = "".join(f" {HEADINGS[measure]}: {statistic} [95% CI] |" for measure in MEASURES
+    columns = "".join(f" {heading}: {statistic} [95% CI] |" for heading in MEASURES.values()
                       for statistic in ("mean", "IQM"))
     lines = [header, "", f"| method | n |{columns}", "|" + " --- |" * (2 + 2 * len(MEASURES))]
     lines += [f"| {label} | {n[label]} | " + " | ".join(summary[label, measure, statistic] for measure in MEASURES
