@@ -82,25 +82,27 @@ def convert(old: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OL
             fail(f"{old / CHECKPOINT} has the current layout already; --weights-only strips it to its weights")
         state = load_checkpoint(old, (CQL_FORMAT,), flag="OLD")  # (its digest checked)
         state = {key: value for key, value in state.items() if key not in ("optimizers", "generators")}
-        new.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(new / CHECKPOINT, state)
-        print(f"wrote the weights of the {state['meta']['num_agents']} agents of run {state['meta']['run_id']} at "
-              f"step {state['meta']['step']:,} from {old / CHECKPOINT} to {new / CHECKPOINT}")
-        return
+    else:
+        state = join_old_set(old, weights_only)
+    new.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(new / CHECKPOINT, state)
+    meta = state["meta"]
+    print(f"converted {meta['num_agents']} agents of run {meta['run_id']} at step {meta['step']:,} from {old} to "
+          f"{new / CHECKPOINT} ({'with' if 'optimizers' in state else 'without'} Adam moments and random streams)")
+
+
+def join_old_set(old: Path, weights_only: bool) -> dict:
+    """The checkpoint.pt state of the older set in OLD: its agents' rows joined along the ensemble axis."""
     agents = read_old_set(old)
     metas = [agent["meta"] for agent in agents]
     meta = {key: value for key, value in metas[0].items() if key not in PER_AGENT_META}
     meta.update(format=CQL_FORMAT, num_agents=len(agents), seeds=[m["seed"] for m in metas])
     state = {"meta": meta, **{name: concat([agent[name] for agent in agents]) if name in agents[0] else None
                               for name in ("actor", "critic", "target_critic", "log_alpha", "log_alpha_prime")}}
-    full = not weights_only and all("optimizers" in agent for agent in agents)
-    if full:
+    if not weights_only and all("optimizers" in agent for agent in agents):
         state.update(optimizers=concat([agent["optimizers"] for agent in agents]),
                      generators=[agent["generator_state"] for agent in agents])
-    new.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(new / CHECKPOINT, state)
-    print(f"converted {len(agents)} agents of run {meta['run_id']} at step {meta['step']:,} from {old} to "
-          f"{new / CHECKPOINT} ({'with' if full else 'without'} Adam moments and random streams)")
+    return state
 
 
 if __name__ == "__main__":
