@@ -71,12 +71,16 @@ def convert(old: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OL
 
     Args:
         old: a folder with manifest.json and agent_0.pt ... agent_{N-1}.pt (cql_pretrain.py's older --save-dir);
-            with --weights-only, also a --save-dir of cql_pretrain.py now (its checkpoint.pt)
+            with --weights-only, also a --save-dir of cql_pretrain.py now, or the checkpoint.pt in it
         new: the folder for checkpoint.pt (created; it must not hold a checkpoint yet)
         weights_only: leave out the Adam moments and random streams (what only cql_pretrain.py --resume needs)
     """
     if (new / CHECKPOINT).exists() or (new / "manifest.json").exists():
         fail(f"{new} already holds a checkpoint; convert into a new folder")
+    old = old.parent if old.is_file() and old.name == CHECKPOINT else old  # (the checkpoint.pt itself)
+    if not (old / CHECKPOINT).exists() and not (old / "manifest.json").exists():
+        fail(f"OLD {old} holds neither {CHECKPOINT} (a --save-dir of cql_pretrain.py, for --weights-only) nor "
+             f"manifest.json (a set of the older per-agent layout)")
     if (old / CHECKPOINT).exists() and not (old / "manifest.json").exists():
         if not weights_only:
             fail(f"{old / CHECKPOINT} has the current layout already; --weights-only strips it to its weights")

@@ -113,10 +113,14 @@ def parse_series(spec: str) -> tuple[str, str, list[str]]:
         panel_label, pattern = spec.split("=", 1)
         panel, label = panel_label.split(":", 1)
     except ValueError:
-        raise SystemExit(f"error: --series {spec!r} is not PANEL:LABEL=GLOB")
+        raise SystemExit(f"error: --series {spec!r} is not PANEL:LABEL=GLOB (a panel or task, a label, then a glob of "
+                         f"eval.csv files)")
     files = sorted(glob.glob(pattern), key=natural_order)  # seed2 before seed10
     if not files:
         raise SystemExit(f"error: --series {spec!r} matches no file")
+    if folder := next((path for path in files if not Path(path).is_file()), None):
+        raise SystemExit(f"error: --series {spec!r} matches {folder}, which is not a file: end the glob with the "
+                         f"runs' eval.csv (e.g. runs/off2on_seed*/eval.csv)")
     return panel, label, files
 
 

@@ -5,11 +5,14 @@
                  "Hopper medium-replay:UPQ beta 0.1=results/evidence/upq_beta0.1_seed*/eval.csv" \
         --table results/evidence/stats.md --csv results/evidence/stats.csv
 
-Each --series is TASK:LABEL=GLOB, as results/plot.py's PANEL:LABEL=GLOB; every eval.csv the glob matches is one seed
-(a fine-tuning run). A seed gives three numbers: its final score (the mean of its last --final-evals evaluations),
-its early-drop minimum (its lowest score at env steps 1 .. --early-steps), both from results/plot.py, and its drop
-from step 0 (that minimum minus its score at step 0, the pre-trained ensemble's on the run's own evaluation seeds:
-negative when fine-tuning first lost ground). For each label and each of the three, a score matrix
+Each --series is TASK:LABEL=GLOB (results/plot.py's PANEL:LABEL=GLOB, the task as the panel); every eval.csv the
+glob matches is one seed (a fine-tuning run). A seed gives three numbers:
+    final score                its mean over its last --final-evals evaluations (after step 0);
+    lowest early score         its lowest score at env steps 1 .. --early-steps, the early drop that the paper
+                               reports for Off2OnRL (both as results/plot.py computes them);
+    lowest early - step 0      that lowest score minus its score at step 0 (the pre-trained ensemble's, on the run's
+                               own evaluation seeds): how far fine-tuning first fell, negative when it lost ground.
+For each label and each of the three, a score matrix
 [num_seeds, num_tasks] gives the mean and the interquartile mean (IQM: the mean of the middle half of all its
 scores, scipy's trim_mean at 0.25), each with a 95% stratified bootstrap CI (rliable.library.get_interval_estimates,
 percentile method; seeds are resampled within each task); and each other label against --baseline gives the
@@ -33,7 +36,7 @@ import numpy as np
 import tyro
 from rliable import library, metrics
 
-import plot  # results/plot.py: the spec format, eval.csv reading, a seed's final score and early-drop minimum
+import plot  # results/plot.py: the spec format, eval.csv reading, a seed's final score and lowest early score
 
 
 @dataclass
@@ -43,9 +46,10 @@ class Args:
     baseline: str = "Off2OnRL"
     """the label every other label is compared against (probability of improvement)"""
     final_evals: int = 5
-    """a seed's final score: the mean of its last this many evaluations (results/evidence/run.sh's plot.py flag)"""
+    """a seed's final score: the mean of its last this many evaluations (as results/evidence/run.sh's plot.py
+    flag)"""
     early_steps: int = 5000
-    """a seed's early-drop minimum: its lowest score at env steps 1 .. early_steps (as run.sh's plot.py flag)"""
+    """a seed's lowest early score: its lowest score at env steps 1 .. early_steps (as run.sh's plot.py flag)"""
     reps: int = 50_000
     """bootstrap resamples per interval (rliable's default)"""
     seed: int = 0
@@ -56,7 +60,8 @@ class Args:
     """write the same numbers to this CSV file, one estimate a row, 4 decimals"""
 
 
-MEASURES = {"final": "final", "early_min": "early-drop min", "early_drop": "drop from step 0"}  # name: table heading
+MEASURES = {"final": "final score", "early_min": "lowest early score",  # the CSV's name of each: its heading
+            "early_drop": "lowest early - step 0"}
 
 
 def mean_and_iqm(scores: np.ndarray) -> np.ndarray:
@@ -104,10 +109,16 @@ def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]
                 raise SystemExit(f"error: {path} is not an eval.csv with numbers in columns step and normalized_score")
             if pretraining or len(steps) == 0:
                 raise SystemExit(f"error: {path} is not a fine-tuning run's eval.csv with evaluations")
-            if plot.early_minimum(steps, scores, args.early_steps) is None:
-                raise SystemExit(f"error: {path} has no evaluation at env steps 1-{args.early_steps:,}")
             if steps[0] != 0:
                 raise SystemExit(f"error: {path} has no evaluation at env step 0 (the pre-trained start)")
+            if steps[-1] < args.early_steps:
+                raise SystemExit(f"error: {path} ends at env step {steps[-1]:,}, before the end of the early window "
+                                 f"(--early-steps {args.early_steps:,})")
+            if plot.early_minimum(steps, scores, args.early_steps) is None:
+                raise SystemExit(f"error: {path} has no evaluation at env steps 1-{args.early_steps:,}")
+            if len(steps) - 1 < args.final_evals:
+                raise SystemExit(f"error: {path} has {len(steps) - 1} evaluations after step 0, fewer than "
+                                 f"--final-evals {args.final_evals}")
             curves.append((steps, scores))
         values["final", label, task] = [plot.final_score(scores, False, args.final_evals) for _, scores in curves]
         values["early_min", label, task] = [plot.early_minimum(*curve, args.early_steps) for curve in curves]
@@ -162,8 +173,8 @@ def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.n
     labels = list(scores["final"])
     n = {label: len(scores["final"][label]) for label in labels}
     header = (f"{', '.join(tasks)}: per seed, the final score (mean of its last {args.final_evals} evaluations), "
-              f"the early-drop minimum (its lowest score at env steps 1-{args.early_steps:,}) and the drop from step "
-              f"0 (that minimum minus the seed's step-0 score). Point estimate and 95% stratified-bootstrap CI "
+              f"the lowest early score (its lowest score at env steps 1-{args.early_steps:,}, the early drop) and "
+              f"the lowest early score minus the seed's step-0 score. Point estimate and 95% stratified-bootstrap CI "
               f"(rliable {version('rliable')}, percentile, {args.reps:,} resamples, numpy seed {args.seed}); n = "
               f"seeds{' per task' if len(tasks) > 1 else ''}.")
     columns = "".join(f" {heading}: {statistic} [95% CI] |" for heading in MEASURES.values()
@@ -174,14 +185,12 @@ def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.n
     others = [label for label in labels if label != args.baseline]
     if others:
         poi = (f"Probability of improvement over {args.baseline}, P(X > Y) + P(X = Y) / 2 over pairs of seeds (0.5: "
-               "neither ahead; for the early-drop minimum and the drop, above 0.5: a shallower drop), with its 95% "
-               "CI:")
-        lines += ["", poi, "", "| method | n vs n | final score | early-drop minimum | drop from step 0 |",
-                  "| --- | --- | --- | --- | --- |"]
+               "neither ahead; for the two early measures, above 0.5: a shallower drop), with its 95% CI:")
+        lines += ["", poi, "", f"| method | n vs n | {' | '.join(MEASURES.values())} |", "| --- |" * 5]
         lines += [f"| {label} | {n[label]} vs {n[args.baseline]} | "
                   + " | ".join(summary[label, measure, "poi"] for measure in MEASURES) + " |" for label in others]
     lines += ["", "Per seed, the numbers the estimates above come from (each run named by its folder):", "",
-              "| method | task | run | final score | early-drop minimum | drop from step 0 |",
+              f"| method | task | run | {' | '.join(MEASURES.values())} |",
               "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {label} | {task} | {run} | "
               + " | ".join(f"{scores[measure][label][seed, t]:.1f}" for measure in MEASURES) + " |"
@@ -203,4 +212,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))

@@ -4,6 +4,7 @@ final_eval.py scores fine-tuned runs as they evaluate themselves."""
 import importlib
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -86,7 +87,8 @@ def test_convert_joins_the_agents_back_into_the_checkpoint_they_were_cut_from(sa
     weights = {key: value for key, value in saved.items() if key not in ("optimizers", "generators")}
     # ... and so does the checkpoint.pt of the current layout, stripped (its meta and weights byte for byte)
     convert_set.convert(tmp_path / "new", tmp_path / "stripped", weights_only=True)
-    for folder in ("new_weights", "new_from_weights", "stripped"):
+    convert_set.convert(tmp_path / "new" / cql.CHECKPOINT, tmp_path / "stripped_file", weights_only=True)  # the file
+    for folder in ("new_weights", "new_from_weights", "stripped", "stripped_file"):
         loaded = plumbing.load_checkpoint(tmp_path / folder, (cql.CQL_FORMAT,))
         assert plumbing.digest(loaded) == plumbing.digest(weights)
     with pytest.raises(SystemExit, match="has the current layout already; --weights-only strips it"):
@@ -107,8 +109,9 @@ def test_converted_weights_only_checkpoint_cannot_be_resumed_and_convert_refuses
     assert_refused(run_script("results/convert_set.py", tmp_path / "old", tmp_path / "new"), "already holds")
     assert (tmp_path / "new" / cql.CHECKPOINT).read_bytes() == written
 
-    with pytest.raises(SystemExit, match="not a checkpoint set of the older layout"):
-        convert_set.convert(tmp_path, tmp_path / "elsewhere")  # a folder of neither layout
+    for neither in (tmp_path, tmp_path / "missing"):  # a folder of neither layout, and no folder
+        with pytest.raises(SystemExit, match="holds neither checkpoint.pt .* nor manifest.json"):
+            convert_set.convert(neither, tmp_path / "elsewhere", weights_only=True)
     agent = torch.load(tmp_path / "old" / "agent_1.pt", weights_only=True)
     torch.save({**agent, "meta": {**agent["meta"], "step": 40}}, tmp_path / "old" / "agent_1.pt")
     with pytest.raises(SystemExit, match="not agents 0 to 2 of one run at one step"):
@@ -202,3 +205,11 @@ def test_run_sh_parses_and_its_inline_python_imports_names_that_exist():
         assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
     for name in re.findall(r"\$POLICIES/([\w.-]+)", script.read_text()):  # the committed behaviour policies
         assert (REPO / "results/medium_expert/policies" / name).is_file(), name
+
+
+def test_run_sh_refuses_an_unknown_kind_before_anything_runs(tmp_path):
+    result = subprocess.run(["bash", REPO / "results/evidence/run.sh"], capture_output=True, text=True,
+                            env={**os.environ, "KIND": "medium", "STAGE": "analysis", "OUT": str(tmp_path / "out")})
+    assert result.returncode == 2
+    assert result.stderr == "error: KIND must be medium-replay or medium-expert, not medium\n"
+    assert not (tmp_path / "out").exists()

@@ -105,13 +105,17 @@ def test_table_from_eval_csv_files(tmp_path):
     ("no step 0", "has no evaluation at env step 0 (the pre-trained start)"),
     ("pre-training file", "is not a fine-tuning run's eval.csv"),
     ("other columns", "is not an eval.csv with numbers in columns step and normalized_score"),
+    ("short of the window", "ends at env step 3,000, before the end of the early window (--early-steps 5,000)"),
+    ("few evaluations", "has 3 evaluations after step 0, fewer than --final-evals 4"),
+    ("folders", "which is not a file: end the glob with the runs' eval.csv"),
 ])
 def test_bad_input_is_refused(tmp_path, case, message):
     for seed in (1, 2):
         write_eval(tmp_path / "a" / f"s{seed}" / "eval.csv", [50, 10, 20, 30])
         write_eval(tmp_path / "b" / f"s{seed}" / "eval.csv", [50, 10, 20, 30])
     series = [f"t:Off2OnRL={tmp_path}/a/s*/eval.csv", f"t:UPQ={tmp_path}/b/s*/eval.csv"]
-    early_steps = 500 if case == "no early evaluation" else 2000
+    early_steps = {"no early evaluation": 500, "short of the window": 5000}.get(case, 2000)
+    final_evals = 4 if case == "few evaluations" else 2  # (each run: 3 evaluations after step 0; "unfinished": 2)
     if case == "no match":
         series[1] = f"t:UPQ={tmp_path}/none/*.csv"
     elif case == "one seed":
@@ -126,9 +130,11 @@ def test_bad_input_is_refused(tmp_path, case, message):
         (tmp_path / "b" / "s2" / "eval.csv").write_text("step,agent,return,normalized_score\n0,0,1,1.0\n")
     elif case == "other columns":
         (tmp_path / "b" / "s2" / "eval.csv").write_text("step,return,score\n0,1,1.0\n")
+    elif case == "folders":  # the runs' folders, not their eval.csv files
+        series[1] = f"t:UPQ={tmp_path}/b/s*"
     with pytest.raises(SystemExit, match=re.escape(message)):
-        stats.main(stats.Args(series=series, early_steps=early_steps, reps=REPS, table=str(tmp_path / "t.md"),
-                              csv=str(tmp_path / "t.csv")))
+        stats.main(stats.Args(series=series, early_steps=early_steps, final_evals=final_evals, reps=REPS,
+                              table=str(tmp_path / "t.md"), csv=str(tmp_path / "t.csv")))
     assert not (tmp_path / "t.md").exists()
 
 

@@ -27,9 +27,11 @@
 #                                                 # the paper's online budget (200 epochs): runs in $OUT/budget200k/
 #                                                 # (PLOT_METHODS="off2on upq:0.001": the figure's and tables' methods)
 #   EARLY=10000 STAGE=analysis bash results/evidence/run.sh
-#                                                 # the figure and tables again, the early drop over env steps 1-10k
+#                                                 # the figure and tables again, the early drop over env steps 1-10k,
+#                                                 # over the files in $OUT (final_eval.* only when $CKPT holds the
+#                                                 # fine-tuned checkpoints: a clone has none, and keeps git's)
 #
-# KIND=medium-expert OUT=results/medium_expert runs the same stages on Hopper medium-expert (issue "Test the paper
+# KIND=medium-expert runs the same stages on Hopper medium-expert in $OUT=results/medium_expert (issue "Test the paper
 # where it claims most"): STAGE=data makes D4RL's medium and expert halves side by side (SAC seed 0 to the medium
 # level; SAC seed 1 for 150k steps, its best evaluation rolled out), 1M transitions each, then their union;
 # with POLICIES=results/medium_expert/policies it rolls out the two saved behaviour policies instead (no SAC).
@@ -41,12 +43,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 KIND=${KIND:-medium-replay}   # the D4RL-style dataset: medium-replay or medium-expert
-OUT=${OUT:-results/evidence}
+if [[ $KIND != medium-replay && $KIND != medium-expert ]]; then
+  echo "error: KIND must be medium-replay or medium-expert, not $KIND" >&2; exit 2
+fi
+OUT=${OUT:-results/$([[ $KIND == medium-replay ]] && echo evidence || echo medium_expert)}
 DATA=$OUT/hopper_${KIND//-/_}-v2.hdf5
 TASK="Hopper $KIND"
 CKPT=${CKPT:-runs/$(basename "$OUT")}
 STEPS=${STEPS:-20000}   # env steps of fine-tuning (the paper: 200,000)
 SUB=${SUB:-}            # a subfolder of $OUT and $CKPT for the runs (e.g. budget200k/)
+[[ -z $SUB || $SUB == */ ]] || SUB=$SUB/
 EARLY=${EARLY:-5000}    # the early drop: each run's lowest score at env steps 1 .. $EARLY
 read -r -a extra <<< "${EXTRA:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -115,9 +121,13 @@ finetune|analysis)  # analysis: the figure and tables alone, from the runs alrea
   done
   python results/plot.py --figure "${RUNS}fig2.png" --table "${RUNS}table.md" --ensemble-level --diagnostics \
     --final-evals 5 --early-steps "$EARLY" --series "${series[@]}"
-  python results/evidence/final_eval.py --episodes 100 --csv "${RUNS}final_eval.csv" --table "${RUNS}final_eval.md" \
-    --sets "${sets[@]}"
   python results/stats.py --early-steps "$EARLY" --table "${RUNS}stats.md" --csv "${RUNS}stats.csv" \
     --series "${series[@]:1}"  # rliable
+  if compgen -G "$CKPT/$SUB*_seed*/checkpoint.pt" > /dev/null; then
+    python results/evidence/final_eval.py --episodes 100 --csv "${RUNS}final_eval.csv" \
+      --table "${RUNS}final_eval.md" --sets "${sets[@]}"
+  else
+    echo "no fine-tuned checkpoints in $CKPT/$SUB: ${RUNS}final_eval.csv / .md left as they are"
+  fi
   ;;
 esac
