@@ -186,7 +186,7 @@ def write_outputs(args: Args, tasks: list[str], scores: dict[str, dict[str, np.n
     if others:
         poi = (f"Probability of improvement over {args.baseline}, P(X > Y) + P(X = Y) / 2 over pairs of seeds (0.5: "
                "neither ahead; for the two early measures, above 0.5: a shallower drop), with its 95% CI:")
-        lines += ["", poi, "", f"| method | n vs n | {' | '.join(MEASURES.values())} |", "| --- |" * 5]
+        lines += ["", poi, "", f"| method | n vs n | {' | '.join(MEASURES.values())} |", "|" + " --- |" * 5]
         lines += [f"| {label} | {n[label]} vs {n[args.baseline]} | "
                   + " | ".join(summary[label, measure, "poi"] for measure in MEASURES) + " |" for label in others]
     lines += ["", "Per seed, the numbers the estimates above come from (each run named by its folder):", "",

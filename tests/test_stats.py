@@ -82,6 +82,8 @@ def test_table_from_eval_csv_files(tmp_path):
     assert lines[6] == "| flat | 4 |" + " 50.0 [50.0, 50.0] |" * 2 + " 20.0 [20.0, 20.0] |" * 2 + \
         " -30.0 [-30.0, -30.0] |" * 2
     assert lines[8].startswith("Probability of improvement over Off2OnRL")
+    assert lines[10:12] == ["| method | n vs n | final score | lowest early score | lowest early - step 0 |",
+                            "| --- | --- | --- | --- | --- |"]
     # every UPQ final above every Off2OnRL final, every UPQ minimum below; flat's 50 beats 3 of the 4 finals
     assert lines[12] == "| UPQ | 4 vs 4 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00] |"
     assert lines[13].startswith("| flat | 4 vs 4 | 0.75 [") and lines[13].endswith(" 1.00 [1.00, 1.00] |" * 2)
