@@ -46,8 +46,7 @@ class Args:
     baseline: str = "Off2OnRL"
     """the label every other label is compared against (probability of improvement)"""
     final_evals: int = 5
-    """a seed's final score: the mean of its last this many evaluations (as results/evidence/run.sh's plot.py
-    flag)"""
+    """a seed's final score: the mean of its last this many evaluations (as results/evidence/run.sh's plot.py flag)"""
     early_steps: int = 5000
     """a seed's lowest early score: its lowest score at env steps 1 .. early_steps (as run.sh's plot.py flag)"""
     reps: int = 50_000

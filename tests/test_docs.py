@@ -89,7 +89,7 @@ def stats_cells(path: str) -> dict[str, dict[str, str]]:
     """method -> n, mean, IQM and P(> Off2OnRL) of the final score, as results/stats.py wrote them."""
     text = (REPO / path).read_text()
     cells = {row[0]: dict(n=row[1], mean=row[2], iqm=row[3], p="")
-             for row in table_rows(text, "| method | n | final: mean [95% CI] | final: IQM [95% CI] |")}
+             for row in table_rows(text, "| method | n | final score: mean [95% CI] | final score: IQM [95% CI] |")}
     for row in table_rows(text, "| method | n vs n | final score |"):
         cells[row[0]]["p"] = row[2]
     return cells
