@@ -59,6 +59,12 @@ class Args:
     """write the same numbers to this CSV file, one estimate a row, 4 decimals"""
 
 
+HELP = """IQM, mean and probability of improvement (rliable) of each method's seeds, from their eval.csv files.
+
+Each seed gives three numbers: its final score (the mean of its last --final-evals evaluations), its lowest early
+score (its lowest score at env steps 1 .. --early-steps, the early drop) and that lowest score minus its score at
+step 0 (how far fine-tuning first fell from the pre-trained start). The docstring of results/stats.py says how each
+estimate and interval is made."""
 MEASURES = {"final": "final score", "early_min": "lowest early score",  # the CSV's name of each: its heading
             "early_drop": "lowest early - step 0"}
 
@@ -211,4 +217,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__))
+    main(tyro.cli(Args, description=HELP))
