@@ -78,16 +78,16 @@ def convert(old: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="OL
     if (new / CHECKPOINT).exists() or (new / "manifest.json").exists():
         fail(f"{new} already holds a checkpoint; convert into a new folder")
     old = old.parent if old.is_file() and old.name == CHECKPOINT else old  # (the checkpoint.pt itself)
-    if not (old / CHECKPOINT).exists() and not (old / "manifest.json").exists():
+    if (old / "manifest.json").exists():
+        state = join_old_set(old, weights_only)
+    elif not (old / CHECKPOINT).exists():
         fail(f"OLD {old} holds neither {CHECKPOINT} (a --save-dir of cql_pretrain.py, for --weights-only) nor "
              f"manifest.json (a set of the older per-agent layout)")
-    if (old / CHECKPOINT).exists() and not (old / "manifest.json").exists():
-        if not weights_only:
-            fail(f"{old / CHECKPOINT} has the current layout already; --weights-only strips it to its weights")
+    elif not weights_only:
+        fail(f"{old / CHECKPOINT} has the current layout already; --weights-only strips it to its weights")
+    else:
         state = load_checkpoint(old, (CQL_FORMAT,), flag="OLD")  # (its digest checked)
         state = {key: value for key, value in state.items() if key not in ("optimizers", "generators")}
-    else:
-        state = join_old_set(old, weights_only)
     new.mkdir(parents=True, exist_ok=True)
     save_checkpoint(new / CHECKPOINT, state)
     meta = state["meta"]

@@ -106,7 +106,7 @@ def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]
             raise SystemExit(f"error: --series gives {label!r} on {task!r} twice")
         if len(files) < 2:
             raise SystemExit(f"error: --series {spec!r} matches one file; a confidence interval needs 2 seeds or more")
-        curves = []
+        seeds, last_steps = [], []  # per file: its three measures (in MEASURES' order), and its last env step
         for path in files:
             try:
                 steps, scores, pretraining = plot.read_curve(path)
@@ -119,17 +119,17 @@ def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]
             if steps[-1] < args.early_steps:
                 raise SystemExit(f"error: {path} ends at env step {steps[-1]:,}, before the end of the early window "
                                  f"(--early-steps {args.early_steps:,})")
-            if plot.early_minimum(steps, scores, args.early_steps) is None:
+            low = plot.early_minimum(steps, scores, args.early_steps)
+            if low is None:
                 raise SystemExit(f"error: {path} has no evaluation at env steps 1-{args.early_steps:,}")
             if len(steps) - 1 < args.final_evals:
                 raise SystemExit(f"error: {path} has {len(steps) - 1} evaluations after step 0, fewer than "
                                  f"--final-evals {args.final_evals}")
-            curves.append((steps, scores))
-        values["final", label, task] = [plot.final_score(scores, False, args.final_evals) for _, scores in curves]
-        values["early_min", label, task] = [plot.early_minimum(*curve, args.early_steps) for curve in curves]
-        values["early_drop", label, task] = [low - scores[0] for low, (_, scores) in
-                                             zip(values["early_min", label, task], curves)]
-        ends[task].update(int(steps[-1]) for steps, _ in curves)
+            seeds.append((plot.final_score(scores, False, args.final_evals), low, low - scores[0]))
+            last_steps.append(int(steps[-1]))
+        for measure, column in zip(MEASURES, zip(*seeds)):
+            values[measure, label, task] = list(column)
+        ends[task].update(last_steps)
         runs[label, task] = [Path(path).parent.name for path in files]
         tasks += [task] if task not in tasks else []
         labels += [label] if label not in labels else []
