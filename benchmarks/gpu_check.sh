@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's Speed section, in one go (about 5 minutes on an H100):
+# The GPU figures of docs/speed.md, in one go (about 5 minutes on an H100):
 #   bash benchmarks/gpu_check.sh OUT_DIR HOPPER_DATASET.hdf5
 # 1. the CUDA tests (CUDA graph == eager updates, for CQL and fine-tuning),
 # 2. benchmarks/bench_updates.py --device cuda (-> OUT_DIR/results_cuda.csv),
