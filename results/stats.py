@@ -6,21 +6,16 @@
         --table results/evidence/stats.md --csv results/evidence/stats.csv
 
 Each --series is TASK:LABEL=GLOB (results/plot.py's PANEL:LABEL=GLOB, the task as the panel); every eval.csv the
-glob matches is one seed (a fine-tuning run). A seed gives three numbers:
-    final score                its mean over its last --final-evals evaluations (after step 0);
-    lowest early score         its lowest score at env steps 1 .. --early-steps, the early drop that the paper
-                               reports for Off2OnRL (both as results/plot.py computes them);
-    lowest early - step 0      that lowest score minus its score at step 0 (the pre-trained ensemble's, on the run's
-                               own evaluation seeds): how far fine-tuning first fell, negative when it lost ground.
-For each label and each of the three, a score matrix
-[num_seeds, num_tasks] gives the mean and the interquartile mean (IQM: the mean of the middle half of all its
-scores, scipy's trim_mean at 0.25), each with a 95% stratified bootstrap CI (rliable.library.get_interval_estimates,
-percentile method; seeds are resampled within each task); and each other label against --baseline gives the
-probability of improvement P(X > Y) + P(X = Y) / 2 over pairs of their seeds
-(rliable.metrics.probability_of_improvement, averaged over tasks), with its CI from the two labels' seeds resampled
-independently. rliable 1.2.0 draws its resamples from numpy's global generator (np.random.choice) whatever
-random_state it is given, so every estimate seeds that generator with --seed first (and puts its state back after):
-each interval depends only on its own data and --seed, and the table is the same byte for byte from run to run.
+glob matches is one seed (a fine-tuning run). A seed gives three numbers, which HELP below defines (it is what
+--help prints). For each label and each of the three, a score matrix [num_seeds, num_tasks] gives the mean and the
+interquartile mean (IQM: the mean of the middle half of all its scores, scipy's trim_mean at 0.25), each with a 95%
+stratified bootstrap CI (rliable.library.get_interval_estimates, percentile method; seeds are resampled within each
+task); and each other label against --baseline gives the probability of improvement P(X > Y) + P(X = Y) / 2 over
+pairs of their seeds (rliable.metrics.probability_of_improvement, averaged over tasks), with its CI from the two
+labels' seeds resampled independently. rliable 1.2.0 draws its resamples from numpy's global generator
+(np.random.choice) whatever random_state it is given, so every estimate seeds that generator with --seed first (and
+puts its state back after): each interval depends only on its own data and --seed, and the table is the same byte
+for byte from run to run.
 """
 
 from __future__ import annotations
@@ -61,10 +56,11 @@ class Args:
 
 HELP = """IQM, mean and probability of improvement (rliable) of each method's seeds, from their eval.csv files.
 
-Each seed gives three numbers: its final score (the mean of its last --final-evals evaluations), its lowest early
-score (its lowest score at env steps 1 .. --early-steps, the early drop) and that lowest score minus its score at
-step 0 (how far fine-tuning first fell from the pre-trained start). The docstring of results/stats.py says how each
-estimate and interval is made."""
+Each seed gives three numbers: its final score, the mean of its last --final-evals evaluations (after step 0); its
+lowest early score, its lowest score at env steps 1 .. --early-steps, the early drop that the paper reports for
+Off2OnRL (both as results/plot.py computes them); and "lowest early - step 0", that lowest score minus its score at
+step 0 (the pre-trained ensemble's, on the run's own evaluation seeds): how far fine-tuning first fell, negative
+when it lost ground. The docstring of results/stats.py says how each estimate and interval is made."""
 MEASURES = {"final": "final score", "early_min": "lowest early score",  # the CSV's name of each: its heading
             "early_drop": "lowest early - step 0"}
 
@@ -106,7 +102,7 @@ def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]
             raise SystemExit(f"error: --series gives {label!r} on {task!r} twice")
         if len(files) < 2:
             raise SystemExit(f"error: --series {spec!r} matches one file; a confidence interval needs 2 seeds or more")
-        seeds, last_steps = [], []  # per file: its three measures (in MEASURES' order), and its last env step
+        seeds = []  # per file: its three measures, in MEASURES' order
         for path in files:
             try:
                 steps, scores, pretraining = plot.read_curve(path)
@@ -126,10 +122,9 @@ def read_scores(args: Args) -> tuple[list[str], dict[str, dict[str, np.ndarray]]
                 raise SystemExit(f"error: {path} has {len(steps) - 1} evaluations after step 0, fewer than "
                                  f"--final-evals {args.final_evals}")
             seeds.append((plot.final_score(scores, False, args.final_evals), low, low - scores[0]))
-            last_steps.append(int(steps[-1]))
+            ends[task].add(int(steps[-1]))
         for measure, column in zip(MEASURES, zip(*seeds)):
             values[measure, label, task] = list(column)
-        ends[task].update(last_steps)
         runs[label, task] = [Path(path).parent.name for path in files]
         tasks += [task] if task not in tasks else []
         labels += [label] if label not in labels else []
