@@ -213,3 +213,39 @@ def test_run_sh_refuses_an_unknown_kind_before_anything_runs(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: KIND must be medium-replay or medium-expert, not medium\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_run_sh_analysis_scores_only_the_runs_that_reached_their_last_step(tmp_path):
+    """A study stopped part-way: final_eval.py once got every checkpoint and refused the mix of env steps (after the
+    figure and stats were written). It now gets the finished runs alone, seed2 before seed10, or none at all."""
+    out, ckpt, log = tmp_path / "out", tmp_path / "ckpt", tmp_path / "calls"
+    runs = {"off2on_seed1": 3000, "off2on_seed2": 2000, "off2on_seed10": 3000, "upq_beta0.1_seed1": 3000,
+            "upq_beta0.01_seed1": 3000}  # each run's last logged env step
+    for name, last in runs.items():
+        (out / name).mkdir(parents=True)
+        (out / name / "eval.csv").write_text("step,return,normalized_score\n" +
+                                             "".join(f"{step},1.0,2.0\n" for step in range(0, last + 1, 1000)))
+        if name != "upq_beta0.1_seed1":  # the one finished run whose checkpoint is not here
+            (ckpt / name).mkdir(parents=True)
+            (ckpt / name / "checkpoint.pt").write_bytes(b"")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')  # each call's arguments, and no run
+    (bin_dir / "python").chmod(0o755)
+
+    def analysis(steps: int) -> tuple[str, list[str]]:
+        log.unlink(missing_ok=True)
+        result = subprocess.run(["bash", REPO / "results/evidence/run.sh"], capture_output=True, text=True, check=True,
+                                env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STAGE": "analysis",
+                                     "OUT": str(out), "CKPT": str(ckpt), "STEPS": str(steps),
+                                     "PLOT_METHODS": "off2on upq:0.1"})
+        return result.stdout, log.read_text().splitlines()
+
+    stdout, calls = analysis(3000)
+    assert [call.split()[0] for call in calls] == ["results/plot.py", "results/stats.py",
+                                                   "results/evidence/final_eval.py"]
+    assert calls[2].split(" --sets ")[1].split() == [str(ckpt / "off2on_seed1"), str(ckpt / "off2on_seed10")]
+    stdout, calls = analysis(4000)
+    assert [call.split()[0] for call in calls] == ["results/plot.py", "results/stats.py"]
+    assert stdout == (f"no checkpoint in {ckpt}/ of a run at env step 4000: {out}/final_eval.csv / .md left as they "
+                      f"are\n")

@@ -28,8 +28,9 @@
 #                                                 # (PLOT_METHODS="off2on upq:0.001": the figure's and tables' methods)
 #   EARLY=10000 STAGE=analysis bash results/evidence/run.sh
 #                                                 # the figure and tables again, the early drop over env steps 1-10k,
-#                                                 # over the files in $OUT (final_eval.* only when $CKPT holds the
-#                                                 # fine-tuned checkpoints: a clone has none, and keeps git's)
+#                                                 # over the files in $OUT (final_eval.* over the runs at env step
+#                                                 # $STEPS whose checkpoints are in $CKPT: a clone has none, and
+#                                                 # keeps git's)
 #
 # KIND=medium-expert runs the same stages on Hopper medium-expert in $OUT=results/medium_expert (issue "Test the paper
 # where it claims most"): STAGE=data makes D4RL's medium and expert halves side by side (SAC seed 0 to the medium
@@ -117,17 +118,22 @@ finetune|analysis)  # analysis: the figure and tables alone, from the runs alrea
   for method in ${PLOT_METHODS:-off2on upq:0.1 upq:0.01 upq:0.001}; do  # the methods of the figure and tables
     label=Off2OnRL; [[ $method == upq:* ]] && label="UPQ beta ${method#upq:}"
     series+=("$TASK:$label=${RUNS}${method/:/_beta}_seed*/eval.csv")
-    sets+=("$CKPT/$SUB${method/:/_beta}_seed*")
+    while read -r run; do  # final_eval.py scores the runs that reached $STEPS (seed2 before seed10)
+      name=$SUB$(basename "$run")
+      if grep -q "^$STEPS," "$run/eval.csv" 2>/dev/null && [[ -f $CKPT/$name/checkpoint.pt ]]; then
+        sets+=("$CKPT/$name")
+      fi
+    done < <(compgen -G "${RUNS}${method/:/_beta}_seed*" | sort -V)
   done
   python results/plot.py --figure "${RUNS}fig2.png" --table "${RUNS}table.md" --ensemble-level --diagnostics \
     --final-evals 5 --early-steps "$EARLY" --series "${series[@]}"
   python results/stats.py --early-steps "$EARLY" --table "${RUNS}stats.md" --csv "${RUNS}stats.csv" \
     --series "${series[@]:1}"  # rliable
-  if compgen -G "$CKPT/$SUB*_seed*/checkpoint.pt" > /dev/null; then
+  if (( ${#sets[@]} )); then
     python results/evidence/final_eval.py --episodes 100 --csv "${RUNS}final_eval.csv" \
       --table "${RUNS}final_eval.md" --sets "${sets[@]}"
   else
-    echo "no fine-tuned checkpoints in $CKPT/$SUB: ${RUNS}final_eval.csv / .md left as they are"
+    echo "no checkpoint in $CKPT/$SUB of a run at env step $STEPS: ${RUNS}final_eval.csv / .md left as they are"
   fi
   ;;
 esac
