@@ -57,6 +57,7 @@ SUB=${SUB:-}            # a subfolder of $OUT and $CKPT for the runs (e.g. budge
 EARLY=${EARLY:-5000}    # the early drop: each run's lowest score at env steps 1 .. $EARLY
 read -r -a extra <<< "${EXTRA:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+finished() { grep -q "^$STEPS," "$1/eval.csv" 2>/dev/null; }  # the run folder $1 has logged its last evaluation
 
 case ${STAGE:?STAGE=data, cql, finetune or analysis} in
 data)
@@ -101,7 +102,7 @@ finetune|analysis)  # analysis: the figure and tables alone, from the runs alrea
     for seed in ${SEEDS:-1 2 3}; do
       for method in ${METHODS:-off2on upq:0.1 upq:0.01 upq:0.001}; do
         name=$SUB${method/:/_beta}_seed$seed
-        grep -q "^$STEPS," "$OUT/$name/eval.csv" 2>/dev/null && continue  # done: its last evaluation is logged
+        finished "$OUT/$name" && continue  # done
         script=${method%%:*}_finetune.py
         flags=(); [[ $method == upq:* ]] && flags=(--beta "${method#upq:}")
         if [[ -f $CKPT/$name/checkpoint.pt ]]; then flags+=(--resume)  # a run stopped or cut short continues
@@ -120,7 +121,7 @@ finetune|analysis)  # analysis: the figure and tables alone, from the runs alrea
     series+=("$TASK:$label=${RUNS}${method/:/_beta}_seed*/eval.csv")
     while read -r run; do  # final_eval.py scores the runs that reached $STEPS (seed2 before seed10)
       name=$SUB$(basename "$run")
-      if grep -q "^$STEPS," "$run/eval.csv" 2>/dev/null && [[ -f $CKPT/$name/checkpoint.pt ]]; then
+      if finished "$run" && [[ -f $CKPT/$name/checkpoint.pt ]]; then
         sets+=("$CKPT/$name")
       fi
     done < <(compgen -G "${RUNS}${method/:/_beta}_seed*" | sort -V)
